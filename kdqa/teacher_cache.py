@@ -1,0 +1,445 @@
+"""The teacher-logits cache: the teacher runs once over the training features, never again.
+
+The teacher's start/end logits are stored for the unpadded tokens of every feature only, in fp16
+or bf16, in flat memory-mapped .npy files, under a folder named by a fingerprint of everything the
+logits depend on. A changed input therefore lands in a new folder instead of silently reusing stale
+logits, and a cache is written in a temporary folder and renamed into place whole, so a crash never
+leaves a folder that `load` would accept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from kdqa.modeling import forward_qa
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_NUMPY_STORAGE = {"float16": np.float16, "bfloat16": np.uint16}  # numpy has no bf16: raw bits
+_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Config entries that name where or with what a model was saved, not what it computes.
+_CONFIG_IGNORED = ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype")
+_TMP_PREFIX = ".tmp-"
+
+
+def _update_tensor(h, name: str, tensor: torch.Tensor) -> None:
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+    h.update(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def _tokenizer_description(tokenizer) -> bytes:
+    parts = {"class": type(tokenizer).__name__, "do_lower_case": getattr(tokenizer, "do_lower_case", None)}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # Set as a side effect of every call with truncation/padding: not a property of the tokenizer.
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        parts["backend"] = state
+    parts["vocab"] = sorted(tokenizer.get_vocab().items())
+    return json.dumps(parts, sort_keys=True, default=str).encode()
+
+
+def fingerprint(
+    *,
+    data_files: Sequence[str] | None,
+    dataset_fingerprint: str | None,
+    tokenizer,
+    teacher,
+    max_seq_length: int,
+    doc_stride: int,
+    max_query_length: int,
+    num_features: int,
+    storage_dtype: torch.dtype,
+    extra: dict | None = None,
+) -> str:
+    """sha256 (hex) of everything the cached logits depend on; the cache folder's name.
+
+    data_files are hashed by content (streamed), in the order given, so moving a file keeps its
+    cache; dataset_fingerprint stands in when the data came from the hub. extra takes anything
+    else the logits depend on (e.g. the teacher's autocast dtype), as JSON-serialisable values.
+    """
+    if not data_files and not dataset_fingerprint:
+        raise ValueError("fingerprint needs data_files or dataset_fingerprint: stale logits could not be detected")
+    if storage_dtype not in _DTYPES:
+        raise ValueError(f"storage_dtype must be torch.float16 or torch.bfloat16, got {storage_dtype}")
+    h = hashlib.sha256()
+    h.update(f"kdqa-teacher-logits-v{FORMAT_VERSION}\n".encode())
+    for path in data_files or ():
+        h.update(b"file\n")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(f"|{os.path.getsize(path)}\n".encode())
+    if dataset_fingerprint:
+        h.update(f"dataset|{dataset_fingerprint}\n".encode())
+    h.update(b"tokenizer\n" + _tokenizer_description(tokenizer) + b"\n")
+    config = teacher.config.to_dict() if hasattr(teacher, "config") else {}
+    for name in _CONFIG_IGNORED:
+        config.pop(name, None)
+    h.update(f"{type(teacher).__name__}\n".encode() + json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in teacher.state_dict().items():
+        _update_tensor(h, name, tensor)
+    settings = {
+        "max_seq_length": int(max_seq_length),
+        "doc_stride": int(doc_stride),
+        "max_query_length": int(max_query_length),
+        "num_features": int(num_features),
+        "storage_dtype": _DTYPES[storage_dtype],
+        "extra": extra or {},
+    }
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class TeacherLogitsCache:
+    """Read side of a built cache: `lookup` turns feature indices into padded float32 logits."""
+
+    def __init__(self, path: str, meta: dict, offsets: np.ndarray, start: np.ndarray, end: np.ndarray):
+        self.path = path
+        self.meta = meta
+        self.key = meta["key"]
+        self.dtype = meta["dtype"]
+        self.num_features = int(meta["num_features"])
+        self.total_tokens = int(meta["total_tokens"])
+        self._offsets = offsets
+        self._start = start
+        self._end = end
+
+    def __len__(self) -> int:
+        return self.num_features
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens of every feature (int64): the lengths TrainBatchSampler(group_by_length) needs."""
+        return np.diff(self._offsets)
+
+    # The memory maps pickle as full in-memory copies; a DataLoader worker reopens the files instead.
+    def __getstate__(self):
+        return {"path": self.path, "key": self.key}
+
+    def __setstate__(self, state):
+        cache, reason = self._open(os.path.dirname(state["path"]), state["key"])
+        if cache is None:
+            raise RuntimeError(f"teacher logits cache {state['path']} cannot be reopened: {reason}")
+        self.__dict__.update(cache.__dict__)
+
+    def lookup(
+        self, feature_index: torch.Tensor | Sequence[int], seq_len: int, pin_memory: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, seq_len] float32 start and end logits: a feature's cached values, then zeros.
+
+        The zeros sit under padding that the loss masks out. A cached feature longer than seq_len
+        or an unknown index means the cache was built for other features: that is an error.
+        """
+        idx = torch.as_tensor(feature_index, dtype=torch.int64).reshape(-1).cpu().numpy()
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_features):
+            bad = idx[(idx < 0) | (idx >= self.num_features)][:5].tolist()
+            raise IndexError(
+                f"feature indices {bad} are out of range for the teacher logits cache {self.path} "
+                f"({self.num_features} features): the cache is stale or built for another data set"
+            )
+        starts = self._offsets[idx]
+        lens = self._offsets[idx + 1] - starts
+        if lens.size and lens.max() > seq_len:
+            i = int(np.argmax(lens))
+            raise ValueError(
+                f"feature {int(idx[i])} has {int(lens[i])} cached tokens but its batch is {seq_len} long: "
+                f"the teacher logits cache {self.path} does not match these features (stale cache?)"
+            )
+        rows = np.repeat(np.arange(idx.size), lens)
+        first = np.repeat(np.cumsum(lens) - lens, lens)
+        cols = np.arange(rows.size) - first
+        src = np.repeat(starts, lens) + cols
+        out = []
+        for flat in (self._start, self._end):
+            values = np.zeros((idx.size, seq_len), dtype=np.float32)
+            values[rows, cols] = self._to_float32(flat[src])
+            tensor = torch.from_numpy(values)
+            out.append(tensor.pin_memory() if pin_memory else tensor)
+        return out[0], out[1]
+
+    def _to_float32(self, stored: np.ndarray) -> np.ndarray:
+        if self.dtype == "bfloat16":
+            return (stored.astype(np.uint32) << 16).view(np.float32)
+        return stored.astype(np.float32)
+
+    @classmethod
+    def load(cls, cache_dir: str, key: str) -> TeacherLogitsCache | None:
+        """The complete cache at cache_dir/key, memory-mapped, or None when absent or not intact."""
+        cache, reason = cls._open(cache_dir, key)
+        if cache is None:
+            logger.debug("teacher logits cache %s not used: %s", os.path.join(cache_dir, key), reason)
+        return cache
+
+    @classmethod
+    def _open(cls, cache_dir: str, key: str) -> tuple[TeacherLogitsCache | None, str]:
+        _check_key(key)
+        path = os.path.join(cache_dir, key)
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.isdir(path):
+            return None, "no cache for this fingerprint"
+        if not os.path.isfile(meta_path):
+            return None, "incomplete cache (no meta.json)"
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            if meta.get("format_version") != FORMAT_VERSION:
+                return None, f"format version {meta.get('format_version')}, expected {FORMAT_VERSION}"
+            if meta.get("key") != key:
+                return None, f"meta.json names key {meta.get('key')!r}"
+            if meta.get("dtype") not in _NUMPY_STORAGE:
+                return None, f"unknown storage dtype {meta.get('dtype')!r}"
+            n, total = int(meta["num_features"]), int(meta["total_tokens"])
+            offsets = np.load(os.path.join(path, "offsets.npy"), mmap_mode="r", allow_pickle=False)
+            if offsets.dtype != np.int64 or offsets.shape != (n + 1,):
+                return None, f"offsets.npy has shape {offsets.shape} ({offsets.dtype}), expected ({n + 1},) int64"
+            offsets = np.array(offsets)  # small; checked once, then read on every lookup
+            if offsets[0] != 0 or offsets[-1] != total or (np.diff(offsets) < 0).any():
+                return None, "offsets.npy is inconsistent with meta.json"
+            arrays = []
+            for name in ("start_logits.npy", "end_logits.npy"):
+                arr = np.load(os.path.join(path, name), mmap_mode="r", allow_pickle=False)
+                if arr.dtype != _NUMPY_STORAGE[meta["dtype"]] or arr.shape != (total,):
+                    return None, f"{name} has shape {arr.shape} ({arr.dtype}), expected ({total},)"
+                arrays.append(arr)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return None, f"unreadable cache ({type(err).__name__}: {err})"
+        return cls(path, meta, offsets, arrays[0], arrays[1]), "ok"
+
+    @classmethod
+    def build(
+        cls,
+        cache_dir: str,
+        key: str,
+        features,
+        teacher: torch.nn.Module,
+        collate_fn: Callable[[list[dict]], dict],
+        *,
+        batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+        storage_dtype: torch.dtype = torch.float16,
+        progress: bool = True,
+    ) -> TeacherLogitsCache:
+        """Run the teacher over every feature once and write cache_dir/key atomically.
+
+        features: a datasets.Dataset or a list of dicts with input_ids, attention_mask (right
+        padding or none) and optionally token_type_ids; feature i's logits are stored at index i.
+        The teacher must already be on `device`; it is put in eval mode and its mode restored.
+        Batches are formed from length-sorted features so little is computed on padding.
+        """
+        _check_key(key)
+        if storage_dtype not in _DTYPES:
+            raise ValueError(f"storage_dtype must be torch.float16 or torch.bfloat16, got {storage_dtype}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        rows = _Rows(features)
+        n = len(rows)
+        if n == 0:
+            raise ValueError("no features to run the teacher on")
+        lengths = rows.lengths()
+        if (lengths < 1).any():
+            raise ValueError(f"feature {int(np.argmin(lengths))} has no tokens (attention_mask all zero)")
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        dtype_name = _DTYPES[storage_dtype]
+
+        os.makedirs(cache_dir, exist_ok=True)
+        _remove_dead_temp_dirs(cache_dir, key)
+        tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key}-{socket.gethostname()}-{os.getpid()}-", dir=cache_dir)
+        try:
+            np.save(os.path.join(tmp, "offsets.npy"), offsets, allow_pickle=False)
+            flat = {
+                name: np.lib.format.open_memmap(
+                    os.path.join(tmp, f"{name}.npy"), mode="w+", dtype=_NUMPY_STORAGE[dtype_name], shape=(total,)
+                )
+                for name in ("start_logits", "end_logits")
+            }
+            order = np.argsort(-lengths, kind="stable")
+            batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+            autocast = (
+                torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
+                if autocast_dtype is not None
+                else contextlib.nullcontext()
+            )
+            was_training = teacher.training
+            teacher.eval()
+            try:
+                with torch.inference_mode(), autocast:
+                    for batch_idx in _progress(batches, progress):
+                        batch = collate_fn(rows.rows(batch_idx))
+                        batch = {k: v.to(device) for k, v in batch.items() if k in _MODEL_INPUTS}
+                        logits = forward_qa(teacher, batch)
+                        for name, values in zip(("start_logits", "end_logits"), logits):
+                            stored = _to_storage(values.float(), storage_dtype)
+                            for row, i in enumerate(batch_idx):
+                                flat[name][offsets[i] : offsets[i + 1]] = stored[row, : lengths[i]]
+            finally:
+                teacher.train(was_training)
+            for arr in flat.values():
+                if dtype_name == "float16" and not np.isfinite(arr).all():
+                    raise ValueError("teacher logits overflow float16; build the cache with storage_dtype=torch.bfloat16")
+                arr.flush()
+            del flat
+            meta = {
+                "key": key,
+                "format_version": FORMAT_VERSION,
+                "dtype": dtype_name,
+                "num_features": n,
+                "total_tokens": total,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "teacher": type(teacher).__name__,
+            }
+            for name in ("offsets.npy", "start_logits.npy", "end_logits.npy"):
+                _fsync(os.path.join(tmp, name))
+            with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:  # last: marks it complete
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            final = os.path.join(cache_dir, key)
+            if os.path.lexists(final):  # an incomplete or mismatching cache under this key
+                stale = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}stale-{key}-", dir=cache_dir)
+                os.replace(final, os.path.join(stale, "old"))
+                shutil.rmtree(stale, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync(cache_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        cache = cls.load(cache_dir, key)
+        if cache is None:
+            raise RuntimeError(f"the teacher logits cache just written to {final} does not load back")
+        return cache
+
+    @classmethod
+    def load_or_build(
+        cls,
+        cache_dir: str,
+        key: str,
+        features,
+        teacher: torch.nn.Module,
+        collate_fn: Callable[[list[dict]], dict],
+        **build_kwargs,
+    ) -> TeacherLogitsCache:
+        """The cache for this key, built first when there is none or it does not fit the features."""
+        path = os.path.join(cache_dir, key)
+        cache, reason = cls._open(cache_dir, key)
+        if cache is not None and len(cache) != len(features):
+            cache, reason = None, f"it holds {len(cache)} features, the data has {len(features)}"
+        if cache is not None:
+            logger.info("teacher logits cache: using %s (%d features, %d tokens, %s)", path, len(cache), cache.total_tokens, cache.dtype)
+            return cache
+        logger.info("teacher logits cache: building %s (%s)", path, reason)
+        return cls.build(cache_dir, key, features, teacher, collate_fn, **build_kwargs)
+
+
+class _Rows:
+    """Batched access to a datasets.Dataset or a list of dicts: model inputs only, as python lists."""
+
+    def __init__(self, features):
+        self._is_dataset = hasattr(features, "with_format") and hasattr(features, "column_names")
+        if self._is_dataset:
+            missing = {"input_ids", "attention_mask"} - set(features.column_names)
+            if missing:
+                raise ValueError(f"features lack the columns {sorted(missing)}")
+            keep = [c for c in _MODEL_INPUTS if c in features.column_names]
+            features = features.select_columns(keep).with_format(None)
+        self._features = features
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def rows(self, indices: Sequence[int]) -> list[dict]:
+        if self._is_dataset:
+            columns = self._features[[int(i) for i in indices]]  # one batched read
+            return [dict(zip(columns, values)) for values in zip(*columns.values())]
+        return [{k: _as_list(row[k]) for k in _MODEL_INPUTS if k in row} for row in (self._features[int(i)] for i in indices)]
+
+    def lengths(self, chunk: int = 2048) -> np.ndarray:
+        """Real tokens per feature (sum of attention_mask), read in chunks."""
+        out = []
+        for lo in range(0, len(self), chunk):
+            rows = self.rows(range(lo, min(lo + chunk, len(self))))
+            out.extend(sum(_as_list(row["attention_mask"])) for row in rows)
+        return np.asarray(out, dtype=np.int64)
+
+
+def _as_list(values):
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+def _to_storage(values: torch.Tensor, storage_dtype: torch.dtype) -> np.ndarray:
+    stored = values.to(storage_dtype).cpu()
+    if storage_dtype == torch.bfloat16:
+        return stored.view(torch.int16).numpy().view(np.uint16)
+    return stored.numpy()
+
+
+def _progress(items, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="teacher logits", unit="batch")
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise ValueError(f"cache key must be a plain folder name (letters, digits, _ . -), got {key!r}")
+
+
+def _fsync(path: str) -> None:
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_dead_temp_dirs(cache_dir: str, key: str) -> None:
+    """Delete temp folders that crashed builds of this key left on this host; live builds are kept."""
+    host = socket.gethostname()
+    pattern = re.compile(re.escape(f"{_TMP_PREFIX}{key}-{host}-") + r"(\d+)-")
+    for name in os.listdir(cache_dir):
+        match = pattern.match(name)
+        if match and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a folder of ours from an earlier, failed build in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,327 @@
+"""Teacher-logits cache: equal to the online teacher, keyed by what the logits depend on, crash-safe."""
+
+import json
+import os
+import pickle
+import socket
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertForQuestionAnswering
+
+from kdqa.modeling import forward_qa
+from kdqa.teacher_cache import TeacherLogitsCache, fingerprint
+
+N_FEATURES = 37
+
+
+def _teacher(seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    return BertForQuestionAnswering(config).eval()
+
+
+def _features(n=N_FEATURES, seed=0):
+    """Unpadded features of many lengths, as the feature builder stores them."""
+    g = torch.Generator().manual_seed(seed)
+    features = []
+    for _ in range(n):
+        length = int(torch.randint(5, 60, (1,), generator=g))
+        question = int(torch.randint(2, length - 1, (1,), generator=g))
+        features.append(
+            {
+                "input_ids": torch.randint(5, 100, (length,), generator=g).tolist(),
+                "attention_mask": [1] * length,
+                "token_type_ids": [0] * question + [1] * (length - question),
+                "offset_mapping": [None] * length,  # not a model input: must be ignored
+            }
+        )
+    return features
+
+
+def _collate(rows, pad_to_multiple_of=8):
+    """Dynamic padding to the batch max (a multiple of 8), like the project's QACollator."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    batch = {}
+    for name in ("input_ids", "attention_mask", "token_type_ids"):
+        batch[name] = torch.tensor([r[name] + [0] * (longest - len(r[name])) for r in rows])
+    if "feature_index" in rows[0]:
+        batch["feature_index"] = torch.tensor([r["feature_index"] for r in rows])
+    return batch
+
+
+def _online_batches(features, batch_size, seed=1):
+    """Shuffled batches (so padded lengths differ from the build's), with feature_index."""
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)).tolist()
+    for lo in range(0, len(order), batch_size):
+        yield _collate([dict(features[i], feature_index=i) for i in order[lo : lo + batch_size]])
+
+
+def _rounded(x, dtype):
+    return x.to(dtype).float()
+
+
+def _kd_loss(student_start, student_end, teacher_start, teacher_end, mask, temperature=2.0):
+    """KL(teacher || student) of the span distributions, softmax over real tokens only."""
+    neg = torch.finfo(torch.float32).min
+    total = 0.0
+    for s, t in ((student_start, teacher_start), (student_end, teacher_end)):
+        s = (s / temperature).masked_fill(~mask, neg)
+        t = (t / temperature).masked_fill(~mask, neg)
+        p_t = t.softmax(-1)
+        total = total + (p_t * (t.log_softmax(-1) - s.log_softmax(-1))).masked_fill(~mask, 0).sum(-1).mean()
+    return total * temperature**2 / 2
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return _teacher()
+
+
+@pytest.fixture(scope="module")
+def features():
+    return _features()
+
+
+@pytest.fixture(scope="module", params=[torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def built(request, tmp_path_factory, teacher, features):
+    cache_dir = str(tmp_path_factory.mktemp("cache"))
+    cache = TeacherLogitsCache.build(
+        cache_dir, "k", features, teacher, _collate, batch_size=4, storage_dtype=request.param, progress=False
+    )
+    return cache, request.param, cache_dir
+
+
+def test_cached_logits_equal_online_teacher(built, teacher, features):
+    cache, dtype, _ = built
+    assert len(cache) == N_FEATURES
+    assert cache.lengths.tolist() == [len(f["input_ids"]) for f in features]
+    # One ulp of the storage format, plus float32 noise from a different padded length.
+    rtol = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+    seen = set()
+    padded_lengths = set()
+    for batch in _online_batches(features, batch_size=5):
+        with torch.no_grad():
+            start, end = forward_qa(teacher, batch)
+        seq_len = batch["input_ids"].shape[1]
+        padded_lengths.add(seq_len)
+        cached_start, cached_end = cache.lookup(batch["feature_index"], seq_len)
+        assert cached_start.dtype == torch.float32 and cached_start.shape == start.shape
+        mask = batch["attention_mask"].bool()
+        for cached, online in ((cached_start, start), (cached_end, end)):
+            torch.testing.assert_close(cached[mask], _rounded(online[mask], dtype), rtol=rtol, atol=1e-4)
+            assert (cached[~mask] == 0).all()
+        seen.update(batch["feature_index"].tolist())
+    assert seen == set(range(N_FEATURES)) and len(padded_lengths) > 2
+
+
+def test_loss_from_cache_matches_online_teacher(built, teacher, features):
+    cache, dtype, _ = built
+    student = _teacher(seed=1)
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    for batch in _online_batches(features, batch_size=8, seed=2):
+        mask = batch["attention_mask"].bool()
+        with torch.no_grad():
+            s_start, s_end = forward_qa(student, batch)
+            t_start, t_end = forward_qa(teacher, batch)
+        c_start, c_end = cache.lookup(batch["feature_index"].tolist(), batch["input_ids"].shape[1])
+        online = _kd_loss(s_start, s_end, t_start, t_end, mask)
+        cached = _kd_loss(s_start, s_end, c_start, c_end, mask)
+        assert online > 0
+        torch.testing.assert_close(cached, online, rtol=tol, atol=1e-4)
+
+
+def test_files_are_plain_npy_and_never_pickled(built, monkeypatch):
+    cache, _, cache_dir = built
+    assert sorted(os.listdir(cache.path)) == ["end_logits.npy", "meta.json", "offsets.npy", "start_logits.npy"]
+    for name in ("end_logits.npy", "offsets.npy", "start_logits.npy"):
+        np.load(os.path.join(cache.path, name), allow_pickle=False, mmap_mode="r")
+    meta = json.load(open(os.path.join(cache.path, "meta.json")))
+    assert meta["key"] == "k" and meta["num_features"] == N_FEATURES and meta["total_tokens"] == cache.total_tokens
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    loaded = TeacherLogitsCache.load(cache_dir, "k")
+    assert loaded is not None
+    a, b = loaded.lookup([0, 1], 64), cache.lookup([0, 1], 64)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_survives_pickling_for_dataloader_workers_without_copying(built):
+    cache, _, _ = built
+    blob = pickle.dumps(cache)
+    assert len(blob) < 1000
+    clone = pickle.loads(blob)
+    assert torch.equal(clone.lookup([3, 4], 64)[1], cache.lookup([3, 4], 64)[1])
+
+
+def test_stale_cache_errors(built):
+    cache, _, _ = built
+    longest = int(cache.lengths.max())
+    with pytest.raises(ValueError, match="stale"):
+        cache.lookup([int(cache.lengths.argmax())], longest - 1)
+    with pytest.raises(IndexError, match="out of range"):
+        cache.lookup([0, N_FEATURES], 64)
+    with pytest.raises(IndexError, match="out of range"):
+        cache.lookup([-1], 64)
+
+
+def test_half_written_caches_are_not_used(tmp_path, teacher, features, caplog):
+    cache_dir = str(tmp_path)
+    # A crashed build: only a temp folder from a process that is gone (removed by the next build),
+    # and one of a build on another host that may still be running (ignored, left alone).
+    dead = tmp_path / f".tmp-k-{socket.gethostname()}-999999999-abc"
+    foreign = tmp_path / ".tmp-k-otherhost-1-abc"
+    for folder in (dead, foreign):
+        folder.mkdir()
+        (folder / "offsets.npy").write_bytes(b"junk")
+    assert TeacherLogitsCache.load(cache_dir, "k") is None
+    with caplog.at_level("INFO", logger="kdqa.teacher_cache"):
+        cache = TeacherLogitsCache.load_or_build(cache_dir, "k", features, teacher, _collate, progress=False)
+    assert "building" in caplog.text and "no cache for this fingerprint" in caplog.text
+    assert len(cache) == N_FEATURES
+    reference = cache.lookup(list(range(N_FEATURES)), 64)
+
+    # meta.json is written last: without it the folder is incomplete and gets rebuilt.
+    os.remove(os.path.join(cache.path, "meta.json"))
+    assert TeacherLogitsCache.load(cache_dir, "k") is None
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kdqa.teacher_cache"):
+        rebuilt = TeacherLogitsCache.load_or_build(cache_dir, "k", features, teacher, _collate, progress=False)
+    assert "no meta.json" in caplog.text
+    assert torch.equal(rebuilt.lookup(list(range(N_FEATURES)), 64)[0], reference[0])
+
+    # A file cut short or a meta.json for another key: not used either.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kdqa.teacher_cache"):
+        assert TeacherLogitsCache.load_or_build(cache_dir, "k", features, teacher, _collate) is not None
+    assert "using" in caplog.text
+    path = os.path.join(cache_dir, "k", "end_logits.npy")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 2)
+    assert TeacherLogitsCache.load(cache_dir, "k") is None
+    TeacherLogitsCache.build(cache_dir, "k", features, teacher, _collate, progress=False)
+    meta_path = os.path.join(cache_dir, "k", "meta.json")
+    meta = json.load(open(meta_path))
+    json.dump(dict(meta, key="other"), open(meta_path, "w"))
+    assert TeacherLogitsCache.load(cache_dir, "k") is None
+    # No temp folders are left behind by the builds.
+    assert sorted(os.listdir(cache_dir)) == [foreign.name, "k"]
+
+
+def test_failed_build_leaves_no_cache(tmp_path, teacher, features):
+    def broken_collate(rows):
+        if len(rows) < 4:
+            raise RuntimeError("crash in the last batch")
+        return _collate(rows)
+
+    with pytest.raises(RuntimeError, match="crash"):
+        TeacherLogitsCache.build(str(tmp_path), "k", features, teacher, broken_collate, batch_size=4, progress=False)
+    assert TeacherLogitsCache.load(str(tmp_path), "k") is None
+    assert os.listdir(tmp_path) == []
+
+
+def test_build_restores_training_mode_and_accepts_a_dataset(tmp_path, features):
+    datasets = pytest.importorskip("datasets")
+    teacher = _teacher().train()
+    dataset = datasets.Dataset.from_list([{k: v for k, v in f.items() if k != "offset_mapping"} for f in features])
+    cache = TeacherLogitsCache.build(str(tmp_path), "k", dataset, teacher, _collate, batch_size=8, progress=False)
+    assert teacher.training
+    teacher.eval()
+    reference = TeacherLogitsCache.build(str(tmp_path), "ref", features, teacher, _collate, progress=False)
+    assert torch.equal(cache.lookup(list(range(N_FEATURES)), 64)[0], reference.lookup(list(range(N_FEATURES)), 64)[0])
+
+
+def test_bad_keys_rejected(tmp_path):
+    for key in ("", "../x", "a/b", ".hidden"):
+        with pytest.raises(ValueError, match="cache key"):
+            TeacherLogitsCache.load(str(tmp_path), key)
+
+
+# ---- fingerprint ---------------------------------------------------------------------------------
+
+
+def _tokenizer(extra_tokens=(), lowercase=True):
+    """A tiny WordPiece fast tokenizer built offline."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "##s", *extra_tokens]
+    backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+@pytest.fixture()
+def fp_inputs(tmp_path):
+    data = tmp_path / "train.json"
+    data.write_bytes(b'{"data": []}' * 1000)
+    return dict(
+        data_files=[str(data)],
+        dataset_fingerprint=None,
+        tokenizer=_tokenizer(),
+        teacher=_teacher(),
+        max_seq_length=384,
+        doc_stride=128,
+        max_query_length=64,
+        num_features=N_FEATURES,
+        storage_dtype=torch.float16,
+    )
+
+
+def test_fingerprint_is_stable(fp_inputs, tmp_path):
+    key = fingerprint(**fp_inputs)
+    assert len(key) == 64 and key == fingerprint(**fp_inputs)
+    # Same weights in a fresh model, same bytes at another path, a tokenizer that has been used
+    # with truncation and padding (which change its backend's settings): same key.
+    twin = _teacher(seed=5)
+    twin.load_state_dict(fp_inputs["teacher"].state_dict())
+    moved = tmp_path / "moved.json"
+    moved.write_bytes(open(fp_inputs["data_files"][0], "rb").read())
+    used = _tokenizer()
+    used(["the cat sat"] * 2, truncation=True, max_length=4, padding="max_length")
+    assert fingerprint(**dict(fp_inputs, teacher=twin, data_files=[str(moved)], tokenizer=used)) == key
+
+
+def test_fingerprint_changes_with_what_the_logits_depend_on(fp_inputs):
+    key = fingerprint(**fp_inputs)
+    changed_teacher = _teacher()
+    changed_teacher.load_state_dict(fp_inputs["teacher"].state_dict())
+    with torch.no_grad():
+        changed_teacher.qa_outputs.bias[0] += 1e-3
+    data = fp_inputs["data_files"][0]
+    changed_data = data + ".changed"
+    content = bytearray(open(data, "rb").read())
+    content[5] ^= 1
+    open(changed_data, "wb").write(bytes(content))
+    variants = {
+        "weights": dict(teacher=changed_teacher),
+        "vocab": dict(tokenizer=_tokenizer(extra_tokens=["dog"])),
+        "lowercase": dict(tokenizer=_tokenizer(lowercase=False)),
+        "data bytes": dict(data_files=[changed_data]),
+        "hub data": dict(data_files=None, dataset_fingerprint="abc123"),
+        "max_seq_length": dict(max_seq_length=256),
+        "doc_stride": dict(doc_stride=64),
+        "max_query_length": dict(max_query_length=32),
+        "num_features": dict(num_features=N_FEATURES + 1),
+        "storage dtype": dict(storage_dtype=torch.bfloat16),
+        "extra": dict(extra={"autocast": "bf16"}),
+    }
+    keys = {name: fingerprint(**dict(fp_inputs, **change)) for name, change in variants.items()}
+    assert all(k != key for k in keys.values()), [n for n, k in keys.items() if k == key]
+    assert len(set(keys.values())) == len(keys)
+
+
+def test_fingerprint_needs_data_identity(fp_inputs):
+    with pytest.raises(ValueError, match="data_files or dataset_fingerprint"):
+        fingerprint(**dict(fp_inputs, data_files=None, dataset_fingerprint=None))

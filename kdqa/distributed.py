@@ -1,0 +1,89 @@
+"""Process group set-up for `torchrun`, and the few collective helpers the loop needs.
+
+One process per GPU with PyTorch's own DistributedDataParallel: NCCL on CUDA, gloo on the CPU.
+A run started without torchrun is a world of one and every helper here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistState:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> this process's CUDA device if there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device_spec: str = "auto") -> DistState:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"rank {rank} wants {device} but this machine has {torch.cuda.device_count()} GPU(s); "
+                    "launch with --nproc_per_node at most the number of GPUs"
+                )
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    elif device.type == "cuda":
+        torch.cuda.set_device(device)
+    return DistState(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def barrier(state: DistState) -> None:
+    if state.enabled:
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor, state: DistState) -> torch.Tensor:
+    """Mean of a tensor over ranks (for logging the global loss)."""
+    if not state.enabled:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / state.world_size
+
+
+def broadcast_object(obj, state: DistState):
+    """Rank 0's value of a small picklable object on every rank."""
+    if not state.enabled:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def cleanup(state: DistState) -> None:
+    if state.enabled and dist.is_initialized():
+        dist.destroy_process_group()

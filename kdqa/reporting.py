@@ -1,0 +1,96 @@
+"""What a run writes for people: metrics.jsonl, eval_results.json, predictions.json, the curves PNG."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+
+import torch
+
+logger = logging.getLogger("kdqa")
+
+
+def write_json(path: str, obj, indent: int | None = 2) -> None:
+    """Write JSON through a temporary file so a crash never leaves half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl and keeps them for the plot."""
+
+    def __init__(self, path: str, enabled: bool = True, resume: bool = False):
+        self.path = path
+        self.enabled = enabled
+        self.records: list[dict] = []
+        if enabled and resume and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                self.records = [json.loads(line) for line in f if line.strip()]
+        elif enabled:
+            open(path, "w").close()
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, forget what an interrupted run logged after its checkpoint."""
+        if not self.enabled:
+            return
+        self.records = [r for r in self.records if r.get("step", 0) <= step]
+        with open(self.path, "w", encoding="utf-8") as f:
+            for r in self.records:
+                f.write(json.dumps(r) + "\n")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.records.append(record)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plot_curves(records: list[dict], path: str, title: str = "") -> str | None:
+    """Training loss (and its CE/KD parts) and dev F1/EM against the step, as a PNG."""
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_f1" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        steps = [r["step"] for r in train]
+        ax_loss.plot(steps, [r["loss"] for r in train], label="loss")
+        if any(r.get("kd", 0) for r in train):
+            ax_loss.plot(steps, [r["ce"] for r in train], label="ce", alpha=0.7)
+            ax_loss.plot(steps, [r["kd"] for r in train], label="kd", alpha=0.7)
+        ax_loss.set_xlabel("optimizer step")
+        ax_loss.set_ylabel("training loss")
+        ax_loss.legend()
+        ax_loss.grid(alpha=0.3)
+    if evals:
+        steps = [r["step"] for r in evals]
+        ax_f1.plot(steps, [r["eval_f1"] for r in evals], marker="o", label="F1")
+        ax_f1.plot(steps, [r["eval_exact_match"] for r in evals], marker="s", label="EM")
+        ax_f1.set_xlabel("optimizer step")
+        ax_f1.set_ylabel("dev score (%)")
+        ax_f1.legend()
+        ax_f1.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

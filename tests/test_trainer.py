@@ -1,0 +1,368 @@
+"""The training loop on the CPU: learning, distillation, accumulation, exact resume, outputs, errors.
+
+Tiny BERT models and a synthetic task (tests/tiny_models.py); each run takes a few seconds.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdqa.config import ConfigError, parse_args
+from tiny_models import make_model_folder, make_name_task, make_tokenizer, tiny_bert_config, write_squad
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    train = write_squad(str(root / "train.json"), make_name_task(400, seed=1, prefix="t"))
+    dev = write_squad(str(root / "dev.json.gz"), make_name_task(60, seed=2, prefix="d"))
+    return {"root": root, "train": train, "dev": dev}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_folder(str(tmp_path_factory.mktemp("bert")), tiny_bert_config(dropout=0.1))
+
+
+@pytest.fixture(scope="module")
+def model_dir_nodrop(tmp_path_factory):
+    return make_model_folder(str(tmp_path_factory.mktemp("bert0")), tiny_bert_config(dropout=0.0))
+
+
+def run(command, task, out, *extra, interrupt=None):
+    """Parse flags exactly as train.py does, then train in-process."""
+    from kdqa.trainer import train
+
+    argv = [command, "--train_file", task["train"], "--validation_file", task["dev"], "--output_dir", str(out),
+            "--max_seq_length", "64", "--doc_stride", "32", "--loss_impl", "torch", "--disable_tqdm",
+            "--per_device_eval_batch_size", "32", *map(str, extra)]
+    return train(parse_args(argv), _interrupt_at_step=interrupt)
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if "loss" in r], [r for r in records if "eval_f1" in r]
+
+
+def final_params(out):
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def test_finetune_learns_the_synthetic_task_and_writes_outputs(task, model_dir, tmp_path):
+    out = tmp_path / "ft"
+    results = run("finetune", task, out, "--model_name_or_path", model_dir, "--learning_rate", "2e-3",
+                  "--per_device_train_batch_size", "16", "--num_train_epochs", "10", "--logging_steps", "5",
+                  "--warmup_ratio", "0.1", "--save_steps", "0")
+    train_log, eval_log = read_metrics(out)
+    assert results["global_step"] == 250
+    first, last = train_log[0]["loss"], train_log[-1]["loss"]
+    assert last < 0.25 * first, (first, last)
+    # Chance: a random in-context span; the answer is one word among ~20, so F1 well under 20.
+    assert results["f1"] > 80 and results["exact_match"] > 70, results
+    assert len(eval_log) == 10  # one evaluation per epoch
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "eval_results.json",
+                 "predictions.json", "training_args.json", "training_curves.png"):
+        assert (out / name).is_file(), name
+    eval_results = json.loads((out / "eval_results.json").read_text())
+    assert {"exact_match", "f1", "total", "missing", "runtime_s"} <= set(eval_results)
+    assert eval_results["total"] == 60 and eval_results["missing"] == 0
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert set(predictions) == {f"d{i}" for i in range(60)} and all(isinstance(v, str) for v in predictions.values())
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = train_log[-1]
+    assert {"step", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "features_per_second", "peak_memory_mb"} <= set(record)
+    assert record["kd"] == 0.0 and record["lr"] == pytest.approx(0.0, abs=1e-9)
+
+    # The saved model reloads with plain transformers and answers.
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    model = AutoModelForQuestionAnswering.from_pretrained(str(out)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    example = make_name_task(1, seed=99)[0]
+    enc = tokenizer(example["question"], example["context"], return_tensors="pt", return_offsets_mapping=True)
+    offsets = enc.pop("offset_mapping")[0]
+    with torch.no_grad():
+        logits = model(**enc)
+    start, end = int(logits.start_logits.argmax()), int(logits.end_logits.argmax())
+    answer = example["context"][int(offsets[start][0]):int(offsets[end][1])]
+    assert answer == example["answers"]["text"][0]
+    trained_dirs["finetuned"] = str(out)
+
+
+trained_dirs = {}
+
+
+def test_saved_model_answers_through_the_transformers_pipeline(task, model_dir, tmp_path):
+    from transformers import pipeline
+
+    out = trained_dirs.get("finetuned")
+    if out is None:
+        pytest.skip("needs the model trained by test_finetune_learns_the_synthetic_task_and_writes_outputs")
+    try:
+        qa = pipeline("question-answering", model=out, tokenizer=out, device="cpu")
+    except KeyError as err:
+        import transformers
+
+        pytest.skip(f"transformers {transformers.__version__} has no question-answering pipeline ({err})")
+    example = make_name_task(1, seed=99)[0]
+    answer = qa(question=example["question"], context=example["context"])
+    assert answer["answer"].strip() == example["answers"]["text"][0]
+
+
+def test_distill_calls_fused_loss_with_nonzero_kd(task, model_dir, tmp_path, monkeypatch):
+    import kdqa.trainer as trainer
+
+    calls = []
+    real = trainer.qa_distillation_loss
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((kwargs["impl"], args[4] is not None, float(out.kd)))
+        return out
+
+    monkeypatch.setattr(trainer, "qa_distillation_loss", spy)
+    teacher = tmp_path / "teacher"
+    make_model_folder(str(teacher), tiny_bert_config(), seed=3)
+    out = tmp_path / "kd"
+    run("distill", task, out, "--teacher_model_name_or_path", teacher, "--model_name_or_path", model_dir,
+        "--max_steps", "4", "--max_train_samples", "64", "--loss_impl", "triton", "--logging_steps", "1",
+        "--eval_strategy", "no")
+    assert len(calls) == 4 and all(impl == "triton" and has_teacher for impl, has_teacher, _ in calls)
+    assert all(kd > 0 for _, _, kd in calls)
+    train_log, _ = read_metrics(out)
+    assert all(r["kd"] > 0 for r in train_log)
+
+
+def test_distill_with_alpha_kd_zero_matches_finetune_step_for_step(task, model_dir, tmp_path):
+    teacher = tmp_path / "teacher"
+    make_model_folder(str(teacher), tiny_bert_config(), seed=4)
+    common = ["--model_name_or_path", model_dir, "--max_steps", "6", "--max_train_samples", "64",
+              "--logging_steps", "1", "--eval_strategy", "no", "--per_device_train_batch_size", "8"]
+    run("finetune", task, tmp_path / "ft", *common)
+    run("distill", task, tmp_path / "kd", *common, "--teacher_model_name_or_path", teacher, "--alpha_ce", "1.0",
+        "--alpha_kd", "0.0")
+    ft, _ = read_metrics(tmp_path / "ft")
+    kd, _ = read_metrics(tmp_path / "kd")
+    assert [r["loss"] for r in ft] == pytest.approx([r["loss"] for r in kd], rel=1e-6, abs=1e-7)
+    a, b = final_params(tmp_path / "ft"), final_params(tmp_path / "kd")
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+
+
+def test_gradient_accumulation_4x8_matches_1x32(task, model_dir_nodrop, tmp_path):
+    # Adam turns float-rounding noise in near-zero gradients into full-size updates (m / sqrt(v) ~ 1);
+    # a larger epsilon keeps the comparison about the gradients, which is what accumulation changes.
+    common = ["--adam_epsilon", "1e-4", "--model_name_or_path", model_dir_nodrop, "--max_steps", "4", "--max_train_samples", "200",
+              "--logging_steps", "1", "--eval_strategy", "no", "--learning_rate", "1e-3", "--save_steps", "0"]
+    run("finetune", task, tmp_path / "acc", *common, "--per_device_train_batch_size", "8",
+        "--gradient_accumulation_steps", "4")
+    run("finetune", task, tmp_path / "big", *common, "--per_device_train_batch_size", "32")
+    acc, _ = read_metrics(tmp_path / "acc")
+    big, _ = read_metrics(tmp_path / "big")
+    assert [r["loss"] for r in acc] == pytest.approx([r["loss"] for r in big], rel=1e-5)
+    a, b = final_params(tmp_path / "acc"), final_params(tmp_path / "big")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, worst
+    # And it is not trivially equal: a different batch size gives different parameters.
+    run("finetune", task, tmp_path / "small", *common, "--per_device_train_batch_size", "8")
+    c = final_params(tmp_path / "small")
+    assert max((c[k] - b[k]).abs().max().item() for k in c) > 1e-4
+
+
+def test_interrupted_and_resumed_run_ends_bit_for_bit_identical(task, model_dir, tmp_path):
+    # 40 examples, batch 8, accumulation 2: 3 optimizer steps an epoch (windows of 2, 2 and 1
+    # micro-batches), so checkpoints land mid-epoch and at epoch ends; dropout is on.
+    common = ["--model_name_or_path", model_dir, "--max_train_samples", "40", "--per_device_train_batch_size", "8",
+              "--gradient_accumulation_steps", "2", "--num_train_epochs", "4", "--save_steps", "2",
+              "--logging_steps", "1", "--eval_strategy", "no", "--learning_rate", "1e-3", "--warmup_ratio", "0.2"]
+    full = tmp_path / "full"
+    run("finetune", task, full, *common)
+    part = tmp_path / "part"
+    first = run("finetune", task, part, *common, interrupt=4)
+    assert first == {"interrupted_at_step": 4}
+    assert "checkpoint-4" in os.listdir(part)
+    assert not (part / "model.safetensors").exists()
+    run("finetune", task, part, *common, "--resume_from_checkpoint", "latest")
+    a, b = final_params(full), final_params(part)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full_log, _ = read_metrics(full)
+    part_log, _ = read_metrics(part)
+    assert [r["step"] for r in part_log] == list(range(1, 13))
+    assert [r["loss"] for r in part_log] == [r["loss"] for r in full_log]
+    # Only the last --save_total_limit (2) checkpoints are kept, never a *.tmp one.
+    names = sorted(n for n in os.listdir(part) if n.startswith("checkpoint-"))
+    assert names == ["checkpoint-10", "checkpoint-12"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_run_shape(task, model_dir, tmp_path):
+    from kdqa.checkpoint import CheckpointError
+
+    common = ["--model_name_or_path", model_dir, "--max_train_samples", "40", "--per_device_train_batch_size", "8",
+              "--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no"]
+    run("finetune", task, tmp_path / "a", *common, interrupt=2)
+    with pytest.raises(CheckpointError, match="same data, batch size"):
+        run("finetune", task, tmp_path / "a", *common[:-6], "--max_steps", "6", "--save_steps", "2",
+            "--eval_strategy", "no", "--resume_from_checkpoint", "latest")
+    with pytest.raises(FileExistsError, match="resume_from_checkpoint latest"):
+        run("finetune", task, tmp_path / "a", *common)
+
+
+def test_half_written_checkpoint_is_never_the_latest(tmp_path):
+    from kdqa.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint
+
+    good = tmp_path / "checkpoint-4"
+    good.mkdir()
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json"):
+        (good / name).write_text("x")
+    (tmp_path / "checkpoint-6.tmp").mkdir()  # a crash mid-write
+    (tmp_path / "checkpoint-8").mkdir()  # no trainer_state.json: incomplete
+    assert list_checkpoints(str(tmp_path)) == [str(good)]
+    assert resolve_checkpoint("latest", str(tmp_path)) == str(good)
+    with pytest.raises(CheckpointError, match="not a complete kdqa checkpoint"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-8"), str(tmp_path))
+
+
+def test_non_finite_loss_stops_naming_the_step(task, model_dir, tmp_path, monkeypatch):
+    import kdqa.trainer as trainer
+    from kdqa.loss import QALoss
+
+    real = trainer.qa_distillation_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            return QALoss(out.loss * float("nan"), out.ce, out.kd)
+        return out
+
+    monkeypatch.setattr(trainer, "qa_distillation_loss", poisoned)
+    with pytest.raises(trainer.NonFiniteLossError, match="at optimizer step 3"):
+        run("finetune", task, tmp_path / "nan", "--model_name_or_path", model_dir, "--max_train_samples", "64",
+            "--per_device_train_batch_size", "8", "--max_steps", "6", "--logging_steps", "1",
+            "--eval_strategy", "no")
+    assert not (tmp_path / "nan" / "model.safetensors").exists()
+
+
+def test_student_layers_carry_the_teacher_weights(task, tmp_path):
+    from kdqa.trainer import load_student_and_teacher
+
+    teacher = make_model_folder(str(tmp_path / "t"), tiny_bert_config(layers=4), seed=5)
+    args = parse_args(["distill", "--teacher_model_name_or_path", teacher, "--student_layers", "0,2,3",
+                       "--output_dir", str(tmp_path / "o"), "--train_file", task["train"],
+                       "--validation_file", task["dev"]])
+    student, teacher_model, _ = load_student_and_teacher(args, None)
+    assert student.config.num_hidden_layers == 3
+    t_state, s_state = teacher_model.state_dict(), student.state_dict()
+    for s_index, t_index in enumerate((0, 2, 3)):
+        prefix_s, prefix_t = f"bert.encoder.layer.{s_index}.", f"bert.encoder.layer.{t_index}."
+        keys = [k for k in s_state if k.startswith(prefix_s)]
+        assert keys
+        for k in keys:
+            assert torch.equal(s_state[k], t_state[prefix_t + k[len(prefix_s):]])
+    assert torch.equal(s_state["bert.embeddings.word_embeddings.weight"], t_state["bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(s_state["qa_outputs.weight"], t_state["qa_outputs.weight"])
+
+
+def test_teacher_and_student_must_share_a_vocabulary(task, model_dir, tmp_path):
+    from transformers import BertConfig
+
+    other = tmp_path / "other"
+    make_model_folder(str(other), tiny_bert_config(), seed=6)
+    tok = make_tokenizer()
+    tok.add_tokens(["zzz"])
+    tok.save_pretrained(str(other))
+    with pytest.raises(ValueError, match="do not share a tokenizer vocabulary"):
+        run("distill", task, tmp_path / "o", "--teacher_model_name_or_path", other, "--model_name_or_path",
+            model_dir, "--max_steps", "1")
+    assert BertConfig  # imported for the config class the folder uses
+
+
+def test_distill_from_teacher_cache_gives_the_online_losses(task, model_dir, tmp_path):
+    teacher = tmp_path / "teacher"
+    make_model_folder(str(teacher), tiny_bert_config(), seed=7)
+    common = ["--teacher_model_name_or_path", teacher, "--model_name_or_path", model_dir, "--max_steps", "5",
+              "--max_train_samples", "64", "--logging_steps", "1", "--eval_strategy", "no",
+              "--per_device_train_batch_size", "8"]
+    run("distill", task, tmp_path / "online", *common)
+    cache_dir = tmp_path / "cache"
+    run("distill", task, tmp_path / "cached", *common, "--teacher_logits_cache", cache_dir)
+    online, _ = read_metrics(tmp_path / "online")
+    cached, _ = read_metrics(tmp_path / "cached")
+    assert [r["kd"] for r in cached] == pytest.approx([r["kd"] for r in online], rel=2e-3, abs=1e-5)
+    assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in online], rel=2e-3)
+    assert len(os.listdir(cache_dir)) == 1
+    # A second run reuses the cache (same fingerprint) and gives the same losses again.
+    run("distill", task, tmp_path / "cached2", *common, "--teacher_logits_cache", cache_dir)
+    again, _ = read_metrics(tmp_path / "cached2")
+    assert [r["loss"] for r in again] == [r["loss"] for r in cached]
+    assert len(os.listdir(cache_dir)) == 1
+
+
+def test_group_by_length_trains(task, model_dir, tmp_path):
+    results = run("finetune", task, tmp_path / "g", "--model_name_or_path", model_dir, "--max_train_samples", "64",
+                  "--per_device_train_batch_size", "8", "--num_train_epochs", "1", "--group_by_length")
+    assert results["global_step"] == 8 and "f1" in results
+
+
+def test_evaluate_command_writes_results(task, model_dir, tmp_path, capsys):
+    from kdqa.trainer import evaluate
+
+    args = parse_args(["evaluate", "--model_name_or_path", model_dir, "--validation_file", task["dev"],
+                       "--output_dir", str(tmp_path / "ev"), "--max_seq_length", "64", "--doc_stride", "32",
+                       "--disable_tqdm"])
+    metrics = evaluate(args)
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == {"exact_match": metrics["exact_match"], "f1": metrics["f1"]}
+    assert (tmp_path / "ev" / "predictions.json").is_file() and metrics["total"] == 60
+
+
+def test_help_documents_every_flag_with_its_default():
+    out = subprocess.run([sys.executable, "train.py", "distill", "--help"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    for flag in ("--train_file", "--validation_file", "--max_seq_length", "--doc_stride", "--max_query_length",
+                 "--per_device_train_batch_size", "--per_device_eval_batch_size", "--gradient_accumulation_steps",
+                 "--learning_rate", "--weight_decay", "--warmup_ratio", "--num_train_epochs", "--max_steps",
+                 "--max_grad_norm", "--max_train_samples", "--max_eval_samples", "--precision", "--loss_impl",
+                 "--seed", "--logging_steps", "--eval_strategy", "--eval_steps", "--save_steps",
+                 "--resume_from_checkpoint", "--n_best_size", "--max_answer_length", "--student_layers", "--config",
+                 "--temperature", "--alpha_ce", "--alpha_kd", "--teacher_logits_cache", "--group_by_length",
+                 "--torch_compile"):
+        assert flag in out, flag
+    assert "(default: 384)" in out and "(default: 2.0)" in out
+
+
+def test_config_file_sets_flags_and_flags_override_it(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 0.001\ntemperature: 4.0\nmodel_name_or_path: m\noutput_dir: o\n")
+    args = parse_args(["distill", "--config", str(cfg), "--teacher_model_name_or_path", "t", "--temperature", "3"])
+    assert args.learning_rate == 0.001 and args.temperature == 3.0 and args.model_name_or_path == "m"
+    cfg.write_text('{"learning_rat": 0.1}')
+    os.rename(cfg, tmp_path / "c.json")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rat'\]"):
+        parse_args(["finetune", "--config", str(tmp_path / "c.json"), "--model_name_or_path", "m"])
+    with pytest.raises(ConfigError, match="--temperature must be > 0"):
+        parse_args(["distill", "--teacher_model_name_or_path", "t", "--model_name_or_path", "m", "--output_dir",
+                    "o", "--temperature", "0"])
+
+
+def test_recipe_without_hub_stops_within_seconds_naming_the_offline_flags(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="0")
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--output_dir", str(tmp_path / "r")],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 1, proc.stderr
+    assert "hub cannot be reached" in proc.stderr or "hub" in proc.stderr
+    for flag in ("--train_file", "--validation_file", "--model_name_or_path", "--teacher_model_name_or_path"):
+        assert flag in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 30, elapsed

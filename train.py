@@ -1,0 +1,56 @@
+"""kdqa's entry point: fine-tune, distil or evaluate extractive QA models on SQuAD v1.1.
+
+    python train.py finetune --model_name_or_path M --output_dir D
+    python train.py distill --teacher_model_name_or_path T --model_name_or_path S --output_dir D
+    python train.py evaluate --model_name_or_path M --validation_file F --output_dir D
+    python train.py            # the seed recipe: teacher, student, distilled student, and their table
+
+Several GPUs: torchrun --nproc_per_node N train.py distill ...
+`python train.py <command> --help` lists every flag with its default.
+"""
+
+import logging
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    from kdqa.config import ConfigError, parse_args
+
+    try:
+        args = parse_args(argv)
+    except ConfigError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="[kdqa] %(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from kdqa.checkpoint import CheckpointError
+    from kdqa.data import SquadDataError
+    from kdqa.modeling import ModelLoadError
+    from kdqa.trainer import NonFiniteLossError
+
+    user_errors = (ConfigError, SquadDataError, ModelLoadError, CheckpointError, NonFiniteLossError,
+                   FileExistsError, FileNotFoundError, ValueError)
+    try:
+        if args.command == "recipe":
+            from kdqa.recipe import run_recipe
+            run_recipe(args)
+        elif args.command == "evaluate":
+            from kdqa.trainer import evaluate
+            evaluate(args)
+        else:
+            from kdqa.trainer import train
+            train(args)
+    except user_errors as err:
+        # Bad input or a stopped run: one clear line, not a traceback from deep inside a library
+        # (KDQA_TRACEBACK=1 shows the traceback too).
+        if os.environ.get("KDQA_TRACEBACK"):
+            raise
+        print(f"train.py {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -71,22 +71,30 @@ def _qa_distill_fwd_kernel(
     B, L, temperature, alpha_ce, kd_row_scale, kd_grad_scale,
     HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr, STORE_GRAD: tl.constexpr,
     SINGLE: tl.constexpr, BLOCK: tl.constexpr, OFF64: tl.constexpr,
+    S_COL1: tl.constexpr, T_COL1: tl.constexpr,
 ):
     b = tl.program_id(0)
     which = tl.program_id(1)  # 0: start rows, 1: end rows
     b64 = b.to(tl.int64)
     row = which.to(tl.int64) * B + b64
 
-    # Pick this row's tensors; strides are selected arithmetically so that a stride specialised to
-    # the constant 1 in one tensor and not in the other cannot give the branches different types.
+    # Pick this row's tensors.  Column strides are selected arithmetically (a stride specialised
+    # to the constant 1 in one tensor only would give if-branches different types); when both are
+    # 1 the launcher says so with a constexpr, which keeps loads vectorisable in the usual case.
     is_end = which.to(tl.int64)
-    s_sl = s0_sl + (s1_sl - s0_sl) * is_end
+    if S_COL1:
+        s_sl = 1
+    else:
+        s_sl = s0_sl + (s1_sl - s0_sl) * is_end
     if which == 0:
         s_base = S0 + b64 * s0_sb
     else:
         s_base = S1 + b64 * s1_sb
     if HAS_TEACHER:
-        t_sl = t0_sl + (t1_sl - t0_sl) * is_end
+        if T_COL1:
+            t_sl = 1
+        else:
+            t_sl = t0_sl + (t1_sl - t0_sl) * is_end
         if which == 0:
             t_base = T0 + b64 * t0_sb
         else:
@@ -264,7 +272,9 @@ def qa_distill_forward(s_start, s_end, start_positions, end_positions, t_start=N
             t0.stride(0), t0.stride(1), t1.stride(0), t1.stride(1), m_sb, m_sl,
             B, L, T, float(alpha_ce), kd_row_scale, kd_grad_scale,
             HAS_TEACHER=has_teacher, HAS_MASK=mask is not None, STORE_GRAD=store_grad,
-            SINGLE=single, BLOCK=block, OFF64=off64, num_warps=_num_warps(block),
+            SINGLE=single, BLOCK=block, OFF64=off64,
+            S_COL1=s_start.stride(1) == 1 and s_end.stride(1) == 1,
+            T_COL1=t0.stride(1) == 1 and t1.stride(1) == 1, num_warps=_num_warps(block),
         )
 
     if device.type == "cuda":

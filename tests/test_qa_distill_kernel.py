@@ -78,7 +78,8 @@ def _grid():
             ignore=r.choice(["none", "some", "some", "all"]),
             mask=r.random() < 0.35, noncontig=r.random() < 0.35, extreme=r.random() < 0.15,
             grad_out=r.choice([1.0, 0.37, 1024.0]),
-            block=(r.choice([128, 256]) if L > 256 and r.random() < 0.3 else None),
+            block=((r.choice([128, 256]) if L <= 512 else 1024) if L > 256 and r.random() < 0.3
+                   else None),
             seed=i))
     return cases
 

@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 MAX_SEQ_LENGTH = 384
 DOC_STRIDE = 128
 MAX_QUERY_LENGTH = 64
+# Inputs up to this many examples are converted in one go without Dataset.map; it is also the
+# map's batch size.
+DIRECT_LIMIT = 1000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +129,19 @@ def _model_inputs(enc) -> dict:
     return out
 
 
+def _as_columns(examples) -> dict | None:
+    """A dict of columns for a small in-memory input, else None (then Dataset.map is used)."""
+    if isinstance(examples, Dataset):
+        return examples[:] if 0 < len(examples) <= DIRECT_LIMIT else None
+    if isinstance(examples, dict):
+        n = len(next(iter(examples.values()), []))
+        return examples if 0 < n <= DIRECT_LIMIT else None
+    rows = list(examples)
+    if not 0 < len(rows) <= DIRECT_LIMIT:
+        return None
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
 def _as_dataset(examples) -> Dataset:
     if isinstance(examples, Dataset):
         return examples
@@ -135,14 +151,20 @@ def _as_dataset(examples) -> Dataset:
 
 
 def _map(examples, function, num_proc, desc: str) -> Dataset:
-    examples = _as_dataset(examples)
-    missing = [c for c in ("id", "context", "question") if c not in examples.column_names]
+    """Apply a batched conversion. Small inputs (one batch) are converted directly: Dataset.map
+    costs ~0.2 s of fingerprinting per call, which would dominate one-question inference."""
+    columns = _as_columns(examples) if not num_proc or num_proc == 1 else None
+    names = list(columns) if columns is not None else _as_dataset(examples).column_names
+    missing = [c for c in ("id", "context", "question") if c not in names]
     if missing:
-        raise ValueError(f"the examples lack the SQuAD columns {missing} (they have {examples.column_names})")
+        raise ValueError(f"the examples lack the SQuAD columns {missing} (they have {names})")
+    if columns is not None:
+        return Dataset.from_dict(function(columns))
+    examples = _as_dataset(examples)
     return examples.map(
         function,
         batched=True,
-        batch_size=1000,
+        batch_size=DIRECT_LIMIT,
         num_proc=num_proc,
         remove_columns=examples.column_names,
         desc=desc,

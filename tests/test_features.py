@@ -242,3 +242,16 @@ def test_minilm_tokenizer_windows_map_back(minilm_dir, long_examples):
         assert ex["context"][off[feat["start_positions"]][0] : off[feat["end_positions"]][1]] == ex["answers"]["text"][0]
         hits += 1
     assert hits >= 40
+
+
+def test_small_inputs_skip_dataset_map_with_identical_features(tokenizer, long_examples, both_features, monkeypatch):
+    """Inputs of one batch are converted without Dataset.map (fast one-question inference); the
+    result must equal the Dataset.map path's."""
+    import kdqa.features as features_module
+
+    args = dict(max_seq_length=MAX_LEN, doc_stride=STRIDE, max_query_length=MAX_Q)
+    monkeypatch.setattr(features_module, "DIRECT_LIMIT", 0)  # force Dataset.map
+    via_map = (prepare_train_features(long_examples, tokenizer, **args), prepare_eval_features(long_examples, tokenizer, **args))
+    for direct, mapped in zip(both_features, via_map):
+        assert direct.features == mapped.features
+        assert direct[:] == mapped[:]

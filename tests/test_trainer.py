@@ -366,3 +366,30 @@ def test_recipe_without_hub_stops_within_seconds_naming_the_offline_flags(tmp_pa
         assert flag in proc.stderr
     assert "Traceback" not in proc.stderr
     assert elapsed < 30, elapsed
+
+
+def test_recipe_runs_teacher_student_and_distilled_student_and_prints_the_table(task, tmp_path, capsys):
+    from kdqa.recipe import run_recipe
+
+    base = make_model_folder(str(tmp_path / "base"), tiny_bert_config(layers=4), seed=8)
+    args = parse_args(["--teacher_model_name_or_path", base, "--student_layers", "0,2", "--train_file", task["train"],
+                       "--validation_file", task["dev"], "--output_dir", str(tmp_path / "recipe"),
+                       "--max_seq_length", "64", "--doc_stride", "32", "--max_train_samples", "48",
+                       "--teacher_num_train_epochs", "1", "--num_train_epochs", "1", "--loss_impl", "torch",
+                       "--per_device_train_batch_size", "8", "--disable_tqdm"])
+    assert args.command == "recipe"
+    results = run_recipe(args)
+    assert set(results) == {"teacher", "student", "distilled student"}
+    table = capsys.readouterr().out
+    assert "| teacher (" in table and "| student (layers 0,2 of base" in table and "| distilled student (" in table
+    out = tmp_path / "recipe"
+    for run_dir in ("teacher", "student", "distilled"):
+        assert (out / run_dir / "eval_results.json").is_file()
+    distilled_args = json.loads((out / "distilled" / "training_args.json").read_text())
+    assert distilled_args["teacher_model_name_or_path"] == str(out / "teacher")
+    assert distilled_args["student_layers"] == "0,2"
+    assert json.loads((out / "results.json").read_text())["teacher"]["f1"] == results["teacher"]["f1"]
+    assert (out / "teacher_logits_cache").is_dir()
+    # Student and distilled student start from the same weights: layers 0 and 2 of the base model.
+    kd_log, _ = read_metrics(out / "distilled")
+    assert kd_log[-1]["kd"] > 0

@@ -337,7 +337,10 @@ def parse_args(argv=None):
 
 def environment(args):
     import triton
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if args.device == "cuda":
+        dev = torch.cuda.get_device_name()
+    else:
+        dev = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
         "device": dev,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -535,11 +538,15 @@ def main(argv=None):
                     times, peak_mb, extra_mb = bench_case(fn, inputs, args, timer, args.passes)
                     note = ""
                 except torch.cuda.OutOfMemoryError:
-                    times, peak_mb, extra_mb, loss_err, grad_err, agrees, note = {}, float("nan"), float("nan"), None, None, None, "OOM"
+                    times, peak_mb, extra_mb = {}, float("nan"), float("nan")
+                    loss_err = grad_err = agrees = None
+                    note = "OOM"
                 except Exception as err:  # an impl that cannot run this case is recorded, not fatal
                     if args.smoke:
                         raise
-                    times, peak_mb, extra_mb, loss_err, grad_err, agrees, note = {}, float("nan"), float("nan"), None, None, None, f"error: {type(err).__name__}"
+                    times, peak_mb, extra_mb = {}, float("nan"), float("nan")
+                    loss_err = grad_err = agrees = None
+                    note = f"error: {type(err).__name__}"
                     print(f"  {impl} {kind} {dname} {batch}x{length}: {type(err).__name__}: {err}")
                 finally:
                     inputs = None

@@ -218,7 +218,7 @@ def non_embedding_params(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if "embeddings" not in name)
 
 
-def student_flops(n_params: int, layers: int, hidden: int, batch: int, seq_len_sq_sum: float, tokens: int) -> float:
+def student_flops(n_params: int, layers: int, hidden: int, seq_len_sq_sum: float, tokens: int) -> float:
     """Training FLOPs of one student step: 6 N T for the weights + 12 * layers * hidden * sum L^2
     for attention (QK^T and AV, 2 * 2 * L^2 * hidden each layer forward, times 3 with backward)."""
     return 6.0 * n_params * tokens + 12.0 * layers * hidden * seq_len_sq_sum
@@ -378,8 +378,8 @@ def run_variant(name, flags, pool, pad_id, args, env, cfgs):
     loss_value = float(last_loss)
     peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
 
-    tflops_pad = student_flops(n_params, layers, hidden, 0, sq_pad, tokens_pad) / elapsed / 1e12
-    tflops_real = student_flops(n_params, layers, hidden, 0, sq_real, tokens_real) / elapsed / 1e12
+    tflops_pad = student_flops(n_params, layers, hidden, sq_pad, tokens_pad) / elapsed / 1e12
+    tflops_real = student_flops(n_params, layers, hidden, sq_real, tokens_real) / elapsed / 1e12
     peak = env["peak_tflops"]
     row = {
         "variant": name,
@@ -581,7 +581,10 @@ def main(argv=None):
 
     device_name = (torch.cuda.get_device_name() if args.device == "cuda"
                    else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    peak, peak_source = peak_tflops(device_name, args.peak_tflops) if args.device == "cuda" else (args.peak_tflops, "CPU: no MFU" if not args.peak_tflops else "--peak_tflops")
+    if args.device == "cuda":
+        peak, peak_source = peak_tflops(device_name, args.peak_tflops)
+    else:
+        peak, peak_source = args.peak_tflops, ("--peak_tflops" if args.peak_tflops else "CPU: no MFU")
     from transformers import AutoModelForQuestionAnswering
     with torch.device("meta"):
         probe = AutoModelForQuestionAnswering.from_config(s_cfg)

@@ -44,6 +44,16 @@ class NonFiniteLossError(RuntimeError):
 
 # ----------------------------------------------------------------------------- set-up helpers
 
+def quiet_progress_bars(quiet: bool) -> None:
+    """--disable_tqdm (and ranks other than 0) silence the tokenisation bars of `datasets` too."""
+    import datasets
+
+    if quiet:
+        datasets.disable_progress_bars()
+    else:
+        datasets.enable_progress_bars()
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -202,6 +212,7 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
     device = dist.device
     main = dist.is_main
     show = main and not args.disable_tqdm
+    quiet_progress_bars(not show)
     prepare_output_dir(args, dist)
     autocast_dtype, use_scaler = resolve_precision(args.precision, device)
     set_seed(args.seed)
@@ -466,6 +477,7 @@ def save_model(model, tokenizer, args) -> None:
 def evaluate(args: argparse.Namespace) -> dict:
     """Score a saved model on the dev set: eval_results.json and predictions.json in --output_dir."""
     device = init_distributed(args.device).device
+    quiet_progress_bars(args.disable_tqdm)
     autocast_dtype, _ = resolve_precision(args.precision, device)
     model = load_qa_model(args.model_name_or_path, attn_implementation=args.attn_implementation).to(device)
     tokenizer = load_tokenizer(args.model_name_or_path)

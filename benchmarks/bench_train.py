@@ -68,8 +68,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_TRAIN_FILE = REPO_ROOT.parent / "shared" / "data" / "squad" / "train-v1.1-reconstructed.json.gz"
@@ -106,18 +104,7 @@ DESCRIPTIONS = {
 }
 
 
-def seed_distillation_loss(s_start, s_end, start_positions, end_positions, t_start, t_end,
-                           temperature: float = 2.0, alpha_ce: float = 0.5, alpha_kd: float = 0.5):
-    """The seed notebook's loss (same as benchmarks/bench_loss.py): KLDivLoss(batchmean) * T^2 and
-    CrossEntropyLoss, each averaged over start and end, mixed with alpha_ce / alpha_kd."""
-    ce_fct = nn.CrossEntropyLoss()
-    kd_fct = nn.KLDivLoss(reduction="batchmean")
-    T = temperature
-    kd_start = kd_fct(F.log_softmax(s_start / T, dim=-1), F.softmax(t_start / T, dim=-1)) * (T ** 2)
-    kd_end = kd_fct(F.log_softmax(s_end / T, dim=-1), F.softmax(t_end / T, dim=-1)) * (T ** 2)
-    kd = (kd_start + kd_end) / 2.0
-    ce = (ce_fct(s_start, start_positions) + ce_fct(s_end, end_positions)) / 2.0
-    return alpha_ce * ce + alpha_kd * kd
+from bench_loss import seed_distillation_loss  # noqa: E402  (one definition of the seed's loss)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -104,6 +104,7 @@ DESCRIPTIONS = {
 }
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling script, also when imported by path
 from bench_loss import seed_distillation_loss  # noqa: E402  (one definition of the seed's loss)
 
 

@@ -85,7 +85,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_distill_args(p: argparse.ArgumentParser, teacher_required: bool) -> None:
-    g = p.add_argument_group("distillation")
+    g = p.add_argument_group("distillation", "used in distill mode (the distill command, the recipe's last stage); "
+                                             "every command has these keys, finetune and evaluate ignore them")
     g.add_argument("--teacher_model_name_or_path", required=teacher_required, default=None,
                    help="the fine-tuned teacher (folder or hub name)")
     g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of the KD term")
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML or JSON file with flag values (flags override it)")
     _add_data_args(p)
     _add_train_args(p)
-    p.add_argument("--teacher_model_name_or_path", default=None, help=argparse.SUPPRESS)
+    _add_distill_args(p, teacher_required=False)
 
     p = sub.add_parser("distill", formatter_class=_HelpFormatter, help="distil a student from a fine-tuned teacher")
     p.add_argument("--model_name_or_path", default=None,
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML or JSON file with flag values (flags override it)")
     _add_data_args(p)
     _add_train_args(p)
+    _add_distill_args(p, teacher_required=False)
 
     p = sub.add_parser(
         "recipe", formatter_class=_HelpFormatter,
@@ -202,6 +204,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     else:
         args = first
     args.command = command
+    # The one place the mode is decided: the trainer uses a teacher exactly when mode is "distill".
+    # The recipe has no single mode and sets one per stage.
+    args.mode = command if command in ("finetune", "distill") else None
     validate_args(args)
     return args
 
@@ -224,7 +229,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.eval_strategy == "steps":
         need(args.eval_steps is not None and args.eval_steps >= 1,
              "--eval_strategy steps needs --eval_steps N (N >= 1)")
-    if getattr(args, "temperature", None) is not None:
+    if args.mode == "distill" or args.command == "recipe":
         need(args.temperature > 0, f"--temperature must be > 0, got {args.temperature}")
         need(args.alpha_ce >= 0 and args.alpha_kd >= 0, "--alpha_ce and --alpha_kd must be >= 0")
     if args.command in ("finetune", "evaluate"):

@@ -17,7 +17,6 @@ import torch.distributed as dist
 class DistState:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -58,7 +57,7 @@ def init_distributed(device_spec: str = "auto") -> DistState:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     elif device.type == "cuda":
         torch.cuda.set_device(device)
-    return DistState(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistState(rank=rank, world_size=world_size, device=device)
 
 
 def barrier(state: DistState) -> None:

@@ -4,33 +4,14 @@ benchmarks so that both report the same numbers the same way.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
 import torch
 
 from .metric import squad_v1_score
-from .modeling import forward_qa
+from .modeling import logits_over_features
 from .postprocess import postprocess_qa_predictions
-
-MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def _model_rows(features) -> tuple[list[dict], list[int]]:
-    """Rows with only the model's inputs (cheap to fetch and collate), and their lengths."""
-    if hasattr(features, "column_names") and not isinstance(features, dict):
-        columns = [c for c in MODEL_COLUMNS if c in features.column_names]
-        if "input_ids" not in columns:
-            raise ValueError(f"the features have no input_ids column (they have {features.column_names})")
-        table = features.select_columns(columns).with_format("arrow")[:]
-        values = [table.column(c).to_pylist() for c in columns]
-        rows = [dict(zip(columns, row)) for row in zip(*values)]
-    else:
-        rows = list(features)
-    lengths = [len(row["input_ids"]) for row in rows]
-    return rows, lengths
-
 
 def predict_logits(
     model,
@@ -44,47 +25,19 @@ def predict_logits(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Start and end logits per feature, unpadded float32 numpy arrays in feature order.
 
-    Batches are formed from features sorted by length, so dynamic padding pads little; the result
-    is put back in feature order. The model runs in eval mode under no_grad (its previous mode is
-    restored after), with autocast when autocast_dtype is given.
+    The model runs over length-sorted batches (modeling.logits_over_features); the result is put
+    back in feature order.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    device = torch.device(device)
-    rows, lengths = _model_rows(features)
-    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
-    all_start: list[np.ndarray | None] = [None] * len(rows)
-    all_end: list[np.ndarray | None] = [None] * len(rows)
+    all_start: list[np.ndarray | None] = [None] * len(features)
+    all_end: list[np.ndarray | None] = [None] * len(features)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    def keep(indices, lengths, start_logits, end_logits):
+        start_logits, end_logits = start_logits.float().cpu().numpy(), end_logits.float().cpu().numpy()
+        for j, (i, n) in enumerate(zip(indices.tolist(), lengths.tolist())):
+            all_start[i], all_end[i] = start_logits[j, :n].copy(), end_logits[j, :n].copy()
 
-        bar = tqdm(total=len(rows), desc=desc, unit="feature")
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast:
-            for begin in range(0, len(rows), batch_size):
-                indices = order[begin : begin + batch_size].tolist()
-                batch = collate_fn([rows[i] for i in indices])
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-                start_logits, end_logits = forward_qa(model, batch)
-                start_logits = start_logits.float().cpu().numpy()
-                end_logits = end_logits.float().cpu().numpy()
-                for j, i in enumerate(indices):
-                    all_start[i] = start_logits[j, : lengths[i]].copy()
-                    all_end[i] = end_logits[j, : lengths[i]].copy()
-                if bar is not None:
-                    bar.update(len(indices))
-    finally:
-        model.train(was_training)
-        if bar is not None:
-            bar.close()
+    logits_over_features(model, features, collate_fn, keep, batch_size=batch_size, device=torch.device(device),
+                         autocast_dtype=autocast_dtype, progress=progress, desc=desc)
     return all_start, all_end
 
 

@@ -34,14 +34,20 @@ DIRECT_LIMIT = 1000
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_setup(tokenizer, max_seq_length: int, doc_stride: int, max_query_length: int) -> int:
-    """Fail early, with the fix, on set-ups the windowing cannot handle; return max_seq_length."""
+def check_fast_tokenizer(tokenizer, source: str | None = None) -> None:
+    """SQuAD features need offset mappings and overflowing windows: only fast (Rust) tokenizers give them."""
     if not getattr(tokenizer, "is_fast", False):
+        of = f" of {source!r}" if source else ""
         raise ValueError(
-            f"{type(tokenizer).__name__} is not a fast tokenizer; SQuAD features need offset mappings and "
-            "overflowing windows, which only fast (Rust) tokenizers give. Load the tokenizer with "
+            f"the tokenizer{of} ({type(tokenizer).__name__}) is not a fast tokenizer; SQuAD features need "
+            "offset mappings and overflowing windows, which only fast (Rust) tokenizers give. Load it with "
             "AutoTokenizer.from_pretrained(..., use_fast=True) from a folder that has a tokenizer.json."
         )
+
+
+def _check_setup(tokenizer, max_seq_length: int, doc_stride: int, max_query_length: int) -> int:
+    """Fail early, with the fix, on set-ups the windowing cannot handle; return max_seq_length."""
+    check_fast_tokenizer(tokenizer)
     if getattr(tokenizer, "padding_side", "right") != "right":
         raise ValueError(
             f"the tokenizer pads on the {tokenizer.padding_side!r}; kdqa supports only right padding "
@@ -287,21 +293,28 @@ class QACollator:
     start_positions, end_positions and feature_index (where present) become int64 [B] tensors.
     Every other key (example_id, offset_mapping, ...) is ignored. Values may be lists, numpy
     arrays or tensors. Shared by training, evaluation, the teacher-logits cache and benchmarks.
+
+    With `teacher_logits` (a TeacherLogitsCache) the batch also gets the cached teacher logits of
+    its features, `teacher_start_logits` / `teacher_end_logits` (float32 [B, width]), looked up by
+    feature_index here, in the DataLoader's workers and pinned with the batch: the training step
+    then never waits for the host to read the cache.
     """
 
     SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
     SCALAR_KEYS = ("start_positions", "end_positions", "feature_index")
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8, teacher_logits=None):
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: the tokenizer has no pad token; set tokenizer.pad_token first")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {pad_to_multiple_of}")
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of or 1
+        self.teacher_logits = teacher_logits
 
     def __repr__(self) -> str:
-        return f"QACollator(pad_token_id={self.pad_token_id}, pad_to_multiple_of={self.pad_to_multiple_of})"
+        cache = f", teacher_logits={self.teacher_logits.path!r}" if self.teacher_logits is not None else ""
+        return f"QACollator(pad_token_id={self.pad_token_id}, pad_to_multiple_of={self.pad_to_multiple_of}{cache})"
 
     @staticmethod
     def _flat(values: list, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -354,4 +367,51 @@ class QACollator:
             except KeyError:
                 raise KeyError(f"QACollator: some features have {key} and others do not") from None
             batch[key] = torch.tensor(values, dtype=torch.int64)
+        if self.teacher_logits is not None:
+            if "feature_index" not in batch:
+                raise KeyError("QACollator: cached teacher logits are looked up by feature_index, which the features lack")
+            start, end = self.teacher_logits.lookup(batch["feature_index"], width)
+            batch["teacher_start_logits"], batch["teacher_end_logits"] = start, end
         return batch
+
+
+class FeatureRows:
+    """Batched access to features (a datasets.Dataset or a list of dicts): model inputs only, as lists.
+
+    What running a model over features needs (evaluation, the teacher-logits cache): rows by
+    index, read a batch at a time, and each feature's number of real tokens.
+    """
+
+    MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+    def __init__(self, features):
+        self._is_dataset = hasattr(features, "with_format") and hasattr(features, "column_names")
+        if self._is_dataset:
+            if "input_ids" not in features.column_names:
+                raise ValueError(f"the features have no input_ids column (they have {features.column_names})")
+            keep = [c for c in self.MODEL_INPUTS if c in features.column_names]
+            features = features.select_columns(keep).with_format(None)
+        self._features = features
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def rows(self, indices: Sequence[int]) -> list[dict]:
+        if self._is_dataset:
+            columns = self._features[[int(i) for i in indices]]  # one batched read
+            return [dict(zip(columns, values)) for values in zip(*columns.values())]
+        rows = (self._features[int(i)] for i in indices)
+        return [{k: _as_list(row[k]) for k in self.MODEL_INPUTS if k in row} for row in rows]
+
+    def lengths(self, chunk: int = 2048) -> np.ndarray:
+        """Real tokens per feature (int64): the sum of attention_mask, else the length of input_ids."""
+        out = []
+        for lo in range(0, len(self), chunk):
+            for row in self.rows(range(lo, min(lo + chunk, len(self)))):
+                mask = row.get("attention_mask")
+                out.append(sum(_as_list(mask)) if mask is not None else len(row["input_ids"]))
+        return np.asarray(out, dtype=np.int64)
+
+
+def _as_list(values):
+    return values.tolist() if hasattr(values, "tolist") else list(values)

@@ -11,8 +11,14 @@ import re
 import socket
 from urllib.parse import urlparse
 
+from typing import Callable
+
+import numpy as np
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, PreTrainedTokenizerFast
+
+from kdqa.features import FeatureRows, check_fast_tokenizer
+from kdqa.precision import autocast
 
 OFFLINE_HELP = (
     "Without internet, give local folders and files instead: --model_name_or_path DIR "
@@ -75,11 +81,7 @@ def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """A fast tokenizer (offset mappings and overflowing windows need one)."""
     tokenizer = _from_pretrained(AutoTokenizer, name_or_path, "tokenizer")
-    if not getattr(tokenizer, "is_fast", False):
-        raise ModelLoadError(
-            f"the tokenizer of {name_or_path!r} is not a fast tokenizer; kdqa needs offset mappings, "
-            "which only fast (Rust) tokenizers give. Use a model whose folder has a tokenizer.json."
-        )
+    check_fast_tokenizer(tokenizer, name_or_path)
     return tokenizer
 
 
@@ -178,6 +180,53 @@ def forward_qa(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(out, tuple):
         return out[0], out[1]
     return out.start_logits, out.end_logits
+
+
+def logits_over_features(
+    model,
+    features,
+    collate_fn: Callable[[list[dict]], dict],
+    on_batch: Callable[[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor], None],
+    *,
+    batch_size: int,
+    device,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    desc: str = "running the model",
+) -> None:
+    """Run a QA model over features, calling on_batch(indices, lengths, start, end) per batch.
+
+    Batches are cut from the features sorted by length, longest first, so dynamic padding pads
+    little and an out-of-memory error shows in the first batch. The logits are [B, L] on `device`
+    in the model's output dtype; row j belongs to feature indices[j], whose real tokens are the
+    first lengths[j]. The model runs in eval mode under inference_mode (its mode is restored).
+    Shared by evaluation and the teacher-logits cache.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    rows = FeatureRows(features)
+    lengths = rows.lengths()
+    order = np.argsort(-lengths, kind="stable")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows), desc=desc, unit="feature")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast(device, autocast_dtype):
+            for begin in range(0, len(rows), batch_size):
+                indices = order[begin : begin + batch_size]
+                batch = collate_fn(rows.rows(indices))
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in FeatureRows.MODEL_INPUTS}
+                on_batch(indices, lengths[indices], *forward_qa(model, batch))
+                if bar is not None:
+                    bar.update(len(indices))
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
 
 
 def check_same_vocab(teacher_tokenizer, student_tokenizer, teacher_name: str = "teacher", student_name: str = "student"):

@@ -55,6 +55,7 @@ def run_recipe(args: argparse.Namespace) -> dict:
 
     teacher_args = copy.deepcopy(base)
     teacher_args.command = "finetune"
+    teacher_args.mode = "finetune"
     teacher_args.model_name_or_path = args.teacher_model_name_or_path
     teacher_args.student_layers = None
     teacher_args.num_train_epochs = args.teacher_num_train_epochs
@@ -63,6 +64,7 @@ def run_recipe(args: argparse.Namespace) -> dict:
 
     student_args = copy.deepcopy(base)
     student_args.command = "finetune"
+    student_args.mode = "finetune"
     student_args.output_dir = os.path.join(out, "student")
     if args.student_layers:
         # The student is those layers of the teacher's *base* model, as DistilBERT was built from BERT.
@@ -70,6 +72,7 @@ def run_recipe(args: argparse.Namespace) -> dict:
 
     distill_args = copy.deepcopy(student_args)
     distill_args.command = "distill"
+    distill_args.mode = "distill"
     distill_args.teacher_model_name_or_path = teacher_args.output_dir
     distill_args.output_dir = os.path.join(out, "distilled")
     if distill_args.teacher_logits_cache is None:

@@ -58,8 +58,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def plot_curves(records: list[dict], path: str, title: str = "") -> str | None:
-    """Training loss (and its CE/KD parts) and dev F1/EM against the step, as a PNG."""
+def plot_curves(records: list[dict], path: str, title: str = "", loss_terms: list[str] = ()) -> str | None:
+    """Training loss (and each named term that is ever nonzero) and dev F1/EM against the step, as a PNG.
+
+    loss_terms: the names of the loss's terms as the trainer logs them (e.g. ["ce", "kd"]).
+    """
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_f1" in r]
     if not train and not evals:
@@ -73,9 +76,10 @@ def plot_curves(records: list[dict], path: str, title: str = "") -> str | None:
     if train:
         steps = [r["step"] for r in train]
         ax_loss.plot(steps, [r["loss"] for r in train], label="loss")
-        if any(r.get("kd", 0) for r in train):
-            ax_loss.plot(steps, [r["ce"] for r in train], label="ce", alpha=0.7)
-            ax_loss.plot(steps, [r["kd"] for r in train], label="kd", alpha=0.7)
+        shown = [name for name in loss_terms if any(r.get(name, 0) for r in train)]
+        if len(shown) > 1:  # one term alone is the loss itself
+            for name in shown:
+                ax_loss.plot(steps, [r.get(name, float("nan")) for r in train], label=name, alpha=0.7)
         ax_loss.set_xlabel("optimizer step")
         ax_loss.set_ylabel("training loss")
         ax_loss.legend()

@@ -93,14 +93,10 @@ class TrainBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.start_batch = int(start_batch)
 
     def __len__(self) -> int:
-        """This rank's batches in a whole epoch, ignoring start_batch (see remaining())."""
+        """This rank's batches in a whole epoch, ignoring start_batch."""
         if self.drop_last:
             return self.num_samples // self.global_batch_size
         return math.ceil(self.num_samples / self.global_batch_size)
-
-    def remaining(self) -> int:
-        """Batches the next iteration yields: len(self) minus the start_batch skipped."""
-        return len(self) - self.start_batch
 
     def global_batches(self) -> list[list[int]]:
         """All global batches of the current epoch (before the start_batch skip), for every rank."""

@@ -9,7 +9,6 @@ leaves a folder that `load` would accept.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -24,7 +23,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from kdqa.modeling import forward_qa
+from kdqa.features import FeatureRows
+from kdqa.modeling import logits_over_features
+from kdqa.precision import PRECISION_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ FORMAT_VERSION = 1
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _NUMPY_STORAGE = {"float16": np.float16, "bfloat16": np.uint16}  # numpy has no bf16: raw bits
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Config entries that name where or with what a model was saved, not what it computes.
 _CONFIG_IGNORED = ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype")
 _TMP_PREFIX = ".tmp-"
@@ -70,18 +70,20 @@ def fingerprint(
     max_query_length: int,
     num_features: int,
     storage_dtype: torch.dtype,
-    extra: dict | None = None,
+    autocast_dtype: torch.dtype | None,
 ) -> str:
     """sha256 (hex) of everything the cached logits depend on; the cache folder's name.
 
     data_files are hashed by content (streamed), in the order given, so moving a file keeps its
-    cache; dataset_fingerprint stands in when the data came from the hub. extra takes anything
-    else the logits depend on (e.g. the teacher's autocast dtype), as JSON-serialisable values.
+    cache; dataset_fingerprint stands in when the data came from the hub. autocast_dtype is the
+    dtype the teacher runs in (None: fp32): logits computed in fp16 are not those of fp32.
     """
     if not data_files and not dataset_fingerprint:
         raise ValueError("fingerprint needs data_files or dataset_fingerprint: stale logits could not be detected")
     if storage_dtype not in _DTYPES:
         raise ValueError(f"storage_dtype must be torch.float16 or torch.bfloat16, got {storage_dtype}")
+    if autocast_dtype not in PRECISION_NAMES:
+        raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {autocast_dtype}")
     h = hashlib.sha256()
     h.update(f"kdqa-teacher-logits-v{FORMAT_VERSION}\n".encode())
     for path in data_files or ():
@@ -105,7 +107,7 @@ def fingerprint(
         "max_query_length": int(max_query_length),
         "num_features": int(num_features),
         "storage_dtype": _DTYPES[storage_dtype],
-        "extra": extra or {},
+        "teacher_precision": PRECISION_NAMES[autocast_dtype],
     }
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -128,11 +130,6 @@ class TeacherLogitsCache:
     def __len__(self) -> int:
         return self.num_features
 
-    @property
-    def lengths(self) -> np.ndarray:
-        """Tokens of every feature (int64): the lengths TrainBatchSampler(group_by_length) needs."""
-        return np.diff(self._offsets)
-
     # The memory maps pickle as full in-memory copies; a DataLoader worker reopens the files instead.
     def __getstate__(self):
         return {"path": self.path, "key": self.key}
@@ -143,13 +140,12 @@ class TeacherLogitsCache:
             raise RuntimeError(f"teacher logits cache {state['path']} cannot be reopened: {reason}")
         self.__dict__.update(cache.__dict__)
 
-    def lookup(
-        self, feature_index: torch.Tensor | Sequence[int], seq_len: int, pin_memory: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, feature_index: torch.Tensor | Sequence[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, seq_len] float32 start and end logits: a feature's cached values, then zeros.
 
         The zeros sit under padding that the loss masks out. A cached feature longer than seq_len
         or an unknown index means the cache was built for other features: that is an error.
+        Called by QACollator with CPU feature indices, in the DataLoader's workers.
         """
         idx = torch.as_tensor(feature_index, dtype=torch.int64).reshape(-1).cpu().numpy()
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_features):
@@ -174,8 +170,7 @@ class TeacherLogitsCache:
         for flat in (self._start, self._end):
             values = np.zeros((idx.size, seq_len), dtype=np.float32)
             values[rows, cols] = self._to_float32(flat[src])
-            tensor = torch.from_numpy(values)
-            out.append(tensor.pin_memory() if pin_memory else tensor)
+            out.append(torch.from_numpy(values))
         return out[0], out[1]
 
     def _to_float32(self, stored: np.ndarray) -> np.ndarray:
@@ -253,7 +248,7 @@ class TeacherLogitsCache:
             raise ValueError(f"storage_dtype must be torch.float16 or torch.bfloat16, got {storage_dtype}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        rows = _Rows(features)
+        rows = FeatureRows(features)
         n = len(rows)
         if n == 0:
             raise ValueError("no features to run the teacher on")
@@ -276,27 +271,14 @@ class TeacherLogitsCache:
                 )
                 for name in ("start_logits", "end_logits")
             }
-            order = np.argsort(-lengths, kind="stable")
-            batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-            autocast = (
-                torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
-                if autocast_dtype is not None
-                else contextlib.nullcontext()
-            )
-            was_training = teacher.training
-            teacher.eval()
-            try:
-                with torch.inference_mode(), autocast:
-                    for batch_idx in _progress(batches, progress):
-                        batch = collate_fn(rows.rows(batch_idx))
-                        batch = {k: v.to(device) for k, v in batch.items() if k in _MODEL_INPUTS}
-                        logits = forward_qa(teacher, batch)
-                        for name, values in zip(("start_logits", "end_logits"), logits):
-                            stored = _to_storage(values.float(), storage_dtype)
-                            for row, i in enumerate(batch_idx):
-                                flat[name][offsets[i] : offsets[i + 1]] = stored[row, : lengths[i]]
-            finally:
-                teacher.train(was_training)
+            def store(indices, batch_lengths, start_logits, end_logits):
+                for name, values in (("start_logits", start_logits), ("end_logits", end_logits)):
+                    stored = _to_storage(values.float(), storage_dtype)
+                    for row, (i, length) in enumerate(zip(indices.tolist(), batch_lengths.tolist())):
+                        flat[name][offsets[i] : offsets[i + 1]] = stored[row, :length]
+
+            logits_over_features(teacher, features, collate_fn, store, batch_size=batch_size, device=device,
+                                 autocast_dtype=autocast_dtype, progress=progress, desc="teacher logits")
             for arr in flat.values():
                 if dtype_name == "float16" and not np.isfinite(arr).all():
                     raise ValueError(
@@ -359,55 +341,11 @@ class TeacherLogitsCache:
         return cls.build(cache_dir, key, features, teacher, collate_fn, **build_kwargs)
 
 
-class _Rows:
-    """Batched access to a datasets.Dataset or a list of dicts: model inputs only, as python lists."""
-
-    def __init__(self, features):
-        self._is_dataset = hasattr(features, "with_format") and hasattr(features, "column_names")
-        if self._is_dataset:
-            missing = {"input_ids", "attention_mask"} - set(features.column_names)
-            if missing:
-                raise ValueError(f"features lack the columns {sorted(missing)}")
-            keep = [c for c in _MODEL_INPUTS if c in features.column_names]
-            features = features.select_columns(keep).with_format(None)
-        self._features = features
-
-    def __len__(self) -> int:
-        return len(self._features)
-
-    def rows(self, indices: Sequence[int]) -> list[dict]:
-        if self._is_dataset:
-            columns = self._features[[int(i) for i in indices]]  # one batched read
-            return [dict(zip(columns, values)) for values in zip(*columns.values())]
-        rows = (self._features[int(i)] for i in indices)
-        return [{k: _as_list(row[k]) for k in _MODEL_INPUTS if k in row} for row in rows]
-
-    def lengths(self, chunk: int = 2048) -> np.ndarray:
-        """Real tokens per feature (sum of attention_mask), read in chunks."""
-        out = []
-        for lo in range(0, len(self), chunk):
-            rows = self.rows(range(lo, min(lo + chunk, len(self))))
-            out.extend(sum(_as_list(row["attention_mask"])) for row in rows)
-        return np.asarray(out, dtype=np.int64)
-
-
-def _as_list(values):
-    return values.tolist() if hasattr(values, "tolist") else list(values)
-
-
 def _to_storage(values: torch.Tensor, storage_dtype: torch.dtype) -> np.ndarray:
     stored = values.to(storage_dtype).cpu()
     if storage_dtype == torch.bfloat16:
         return stored.view(torch.int16).numpy().view(np.uint16)
     return stored.numpy()
-
-
-def _progress(items, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc="teacher logits", unit="batch")
 
 
 def _check_key(key: str) -> None:

@@ -1,9 +1,18 @@
 """The training loop: fine-tuning and distillation of extractive QA models, top to bottom.
 
-One function, `train(args)`, does what Hugging Face's Trainer does for this job and nothing hidden:
-data -> features -> models -> optimizer and schedule -> (resume) -> the loop (AMP, gradient
-accumulation, clipping, the fused loss, logging, evaluation, checkpoints) -> the saved model.
-Fine-tuning is distillation without a teacher: both go through `qa_distillation_loss`.
+`train(args)` does what Hugging Face's Trainer does for this job and nothing hidden, in phases
+that read in order:
+
+    set_up           data -> features -> models -> loader -> schedule -> optimizer: one `Run`
+    resume           the checkpoint's weights, optimizer, schedule and position in the data
+    train_loop       the loop itself (a screenful), calling per micro-batch and per step:
+      forward_backward   student forward, teacher logits, named loss terms, backward
+      optimizer_step     clip, step (fp16 scaler), schedule, zero grads
+      log_eval_save      metrics.jsonl, dev evaluation, checkpoints
+    finish           final evaluation, the saved model, train_results.json
+
+The mode is stated by the caller (`args.mode`, set by kdqa.config): "finetune" uses no teacher,
+"distill" uses the online teacher or its cached logits. Both go through `qa_distillation_loss`.
 `evaluate(args)` scores a saved model.
 """
 
@@ -17,6 +26,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,14 +42,101 @@ from kdqa.features import QACollator, prepare_eval_features, prepare_train_featu
 from kdqa.loss import qa_distillation_loss
 from kdqa.modeling import (build_student_from_layers, check_same_vocab, forward_qa, load_qa_model,
                            load_tokenizer, parse_layers)
+from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
 from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, write_json
 from kdqa.samplers import TrainBatchSampler
 
 logger = logging.getLogger("kdqa")
 
+TRAIN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions",
+                 "feature_index")
+
+INTERRUPT_AFTER_STEP: int | None = None
+"""Tests only: stop right after the first checkpoint at or after this step, as a crash would."""
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf: training stops instead of burning GPU-hours on garbage."""
+
+
+# ----------------------------------------------------------------------------- the run's pieces
+
+@dataclass
+class Schedule:
+    """How long the run is: micro-batches per epoch, accumulation, optimizer steps, epochs."""
+    batches_per_epoch: int
+    accumulation: int
+    total_steps: int
+    num_epochs: int
+
+
+@dataclass
+class Progress:
+    """Where the run is, and what it has summed since the last log line (device tensors: no sync)."""
+    step: int = 0                 # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0       # micro-batches of `epoch` done
+    skipped_steps: int = 0        # fp16 overflow steps the gradient scaler skipped
+    running: dict = field(default_factory=dict)  # name -> summed per-step term since the last log
+    steps_since_log: int = 0
+    features_since_log: int = 0
+    log_time: float = field(default_factory=time.perf_counter)
+    grad_norm: torch.Tensor | None = None
+    first_bad_step: torch.Tensor | None = None  # first step with a non-finite loss, or -1
+    last_eval: dict | None = None
+    last_eval_step: int = -1
+
+
+@dataclass
+class TrainData:
+    train_examples: object
+    train_features: object
+    eval_examples: object
+    eval_features: object
+    collator: QACollator
+    sampler: TrainBatchSampler
+    loader: DataLoader
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: built by `set_up` (or `make_run`), read by every phase.
+
+    `student` is the raw model (saved, evaluated, checkpointed); `student_wrapped` is what the
+    step calls (the student compiled and/or wrapped in DistributedDataParallel, or itself).
+    """
+    args: argparse.Namespace
+    dist: DistState
+    autocast_dtype: torch.dtype | None
+    student: torch.nn.Module
+    student_wrapped: torch.nn.Module
+    teacher: torch.nn.Module | None  # online teacher; None when fine-tuning or reading cached logits
+    loss_weights: dict                # term name -> weight; the loss is sum(weight * term)
+    loss_modules: torch.nn.ModuleDict  # trainable modules of loss terms (e.g. a hidden-state projection)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    tokenizer: object = None
+    data: TrainData | None = None
+    schedule: Schedule | None = None
+    metrics_log: MetricsLog | None = None
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def show_progress(self) -> bool:
+        return self.dist.is_main and not self.args.disable_tqdm
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates and clipping sees: the student's, then the loss modules'."""
+        return [p for p in trainable_modules(self.student, self.loss_modules).parameters() if p.requires_grad]
+
+
+def trainable_modules(student: torch.nn.Module, loss_modules: torch.nn.ModuleDict) -> torch.nn.ModuleList:
+    return torch.nn.ModuleList([student, *loss_modules.values()])
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -58,29 +155,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether fp16's gradient scaler is on)."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None, False
-        return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
-    if precision == "fp32":
-        return None, False
-    if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("--precision bf16: this GPU does not support bfloat16; use --precision fp16")
-        return torch.bfloat16, False
-    if device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA GPU; on the CPU use --precision fp32 or bf16")
-    return torch.float16, True
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
@@ -149,8 +223,8 @@ def load_datasets(args, tokenizer, need_train: bool = True):
 
 
 def load_student_and_teacher(args, dist: DistState):
-    """The student (from --model_name_or_path, or --student_layers of it / of the teacher) and the teacher."""
-    distill = getattr(args, "teacher_model_name_or_path", None) is not None and args.command != "finetune"
+    """The student (from --model_name_or_path, or --student_layers of it / of the teacher), and the
+    teacher in distill mode (None in finetune mode, even where a teacher is named)."""
     attn = args.attn_implementation
     # The student is built first, right after seeding, so its fresh QA head (if any) is the same
     # whether or not a teacher follows: fine-tuned and distilled students start identical.
@@ -162,7 +236,7 @@ def load_student_and_teacher(args, dist: DistState):
         logger.info("student: layers %s of %s (%d layers)", args.student_layers, source,
                     student.config.num_hidden_layers)
     teacher = None
-    if distill:
+    if args.mode == "distill":
         teacher = load_qa_model(args.teacher_model_name_or_path, attn_implementation=attn)
         teacher_tokenizer = load_tokenizer(args.teacher_model_name_or_path)
         check_same_vocab(teacher_tokenizer, tokenizer, args.teacher_model_name_or_path, source)
@@ -170,22 +244,34 @@ def load_student_and_teacher(args, dist: DistState):
     return student, teacher, tokenizer
 
 
+def teacher_cache_key(args, teacher, tokenizer, num_features: int, autocast_dtype) -> str:
+    """The cache folder's name: a fingerprint of the data, tokenizer, teacher, windows and the
+    precision the teacher runs in (so fp32 and fp16/bf16 logits never share a folder)."""
+    from kdqa.teacher_cache import fingerprint
+
+    data_files = [args.train_file] if args.train_file else None
+    return fingerprint(data_files=data_files,
+                       dataset_fingerprint=None if data_files else f"{args.dataset_name}:{args.max_train_samples}",
+                       tokenizer=tokenizer, teacher=teacher, max_seq_length=args.max_seq_length,
+                       doc_stride=args.doc_stride, max_query_length=args.max_query_length,
+                       num_features=num_features, storage_dtype=cache_storage_dtype(autocast_dtype),
+                       autocast_dtype=autocast_dtype)
+
+
+def cache_storage_dtype(autocast_dtype) -> torch.dtype:
+    """bf16 logits are stored as bf16 (fp16 could overflow them); everything else as fp16."""
+    return torch.bfloat16 if autocast_dtype == torch.bfloat16 else torch.float16
+
+
 def teacher_logits_from_cache(args, teacher, tokenizer, train_features, collator, dist, autocast_dtype):
     """Compute the teacher's logits once (rank 0), then every rank memory-maps them."""
-    from kdqa.teacher_cache import TeacherLogitsCache, fingerprint
+    from kdqa.teacher_cache import TeacherLogitsCache
 
-    storage = torch.bfloat16 if autocast_dtype == torch.bfloat16 else torch.float16
-    data_files = [args.train_file] if args.train_file else None
-    key = fingerprint(data_files=data_files,
-                      dataset_fingerprint=None if data_files else f"{args.dataset_name}:{args.max_train_samples}",
-                      tokenizer=tokenizer, teacher=teacher, max_seq_length=args.max_seq_length,
-                      doc_stride=args.doc_stride, max_query_length=args.max_query_length,
-                      num_features=len(train_features), storage_dtype=storage)
-    key = broadcast_object(key, dist)
+    key = broadcast_object(teacher_cache_key(args, teacher, tokenizer, len(train_features), autocast_dtype), dist)
     if dist.is_main:
-        TeacherLogitsCache.load_or_build(args.teacher_logits_cache, key, train_features, teacher, collator,
-                                         batch_size=args.per_device_eval_batch_size, device=dist.device,
-                                         autocast_dtype=autocast_dtype, storage_dtype=storage,
+        TeacherLogitsCache.load_or_build(args.teacher_logits_cache, key, train_features, teacher.to(dist.device),
+                                         collator, batch_size=args.per_device_eval_batch_size, device=dist.device,
+                                         autocast_dtype=autocast_dtype, storage_dtype=cache_storage_dtype(autocast_dtype),
                                          progress=not args.disable_tqdm)
     barrier(dist)
     cache = TeacherLogitsCache.load(args.teacher_logits_cache, key)
@@ -194,262 +280,361 @@ def teacher_logits_from_cache(args, teacher, tokenizer, train_features, collator
     return cache
 
 
-# ----------------------------------------------------------------------------- training
+def make_train_loader(features, collator: QACollator, *, batch_size: int, group_by_length: bool, seed: int,
+                      dist: DistState, num_workers: int = 0) -> tuple[TrainBatchSampler, DataLoader]:
+    """This rank's batches: shuffled (optionally length-grouped), collated in the workers, pinned on CUDA."""
+    lengths = [len(ids) for ids in features["input_ids"]]
+    sampler = TrainBatchSampler(len(features), batch_size, lengths=lengths, shuffle=True,
+                                group_by_length=group_by_length, seed=seed, num_replicas=dist.world_size,
+                                rank=dist.rank)
+    keep = [c for c in TRAIN_COLUMNS if c in features.column_names]
+    loader = DataLoader(features.select_columns(keep), batch_sampler=sampler, collate_fn=collator,
+                        num_workers=num_workers, pin_memory=dist.device.type == "cuda",
+                        generator=torch.Generator())  # own generator: iterating never draws from the global RNG
+    return sampler, loader
 
-def train(args: argparse.Namespace, _interrupt_at_step: int | None = None) -> dict:
-    """Fine-tune (no teacher) or distil (teacher given) a QA model; returns the final metrics.
 
-    `_interrupt_at_step` stops the loop right after that step's checkpoint, as a crash would (tests).
-    """
-    dist = init_distributed(args.device)
-    try:
-        return _train(args, dist, _interrupt_at_step)
-    finally:
-        cleanup(dist)
+def plan_schedule(args, batches_per_epoch: int) -> Schedule:
+    accum = args.gradient_accumulation_steps
+    updates_per_epoch = math.ceil(batches_per_epoch / accum)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * updates_per_epoch)
+    return Schedule(batches_per_epoch=batches_per_epoch, accumulation=accum, total_steps=total_steps,
+                    num_epochs=math.ceil(total_steps / updates_per_epoch))
 
 
-def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
-    device = dist.device
-    main = dist.is_main
-    show = main and not args.disable_tqdm
-    quiet_progress_bars(not show)
+def build_loss_modules(args, student, teacher) -> torch.nn.ModuleDict:
+    """Trainable modules that loss terms own (none today; a hidden-state projection would go here),
+    created before the optimizer so that it trains them."""
+    return torch.nn.ModuleDict()
+
+
+def make_run(args, dist: DistState, student, teacher, *, autocast_dtype, use_scaler: bool, total_steps: int,
+             tokenizer=None) -> Run:
+    """The step's pieces around models already on the device: loss weights and modules, optimizer,
+    schedule, scaler and the wrapped student. Also what bench_train.py times the step with."""
+    loss_weights = {"ce": args.alpha_ce, "kd": args.alpha_kd} if args.mode == "distill" else {"ce": 1.0, "kd": 0.0}
+    loss_modules = build_loss_modules(args, student, teacher).to(dist.device)
+    optimizer = build_optimizer(trainable_modules(student, loss_modules), args)
+    scheduler = linear_schedule(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=use_scaler)
+    return Run(args=args, dist=dist, autocast_dtype=autocast_dtype, student=student, student_wrapped=student,
+               teacher=teacher, loss_weights=loss_weights, loss_modules=loss_modules, optimizer=optimizer,
+               scheduler=scheduler, scaler=scaler, tokenizer=tokenizer)
+
+
+def wrap_student(run: Run) -> None:
+    """torch.compile and/or DDP around the student; the raw `run.student` stays what is saved."""
+    wrapped = run.student
+    if run.args.torch_compile:
+        wrapped = torch.compile(wrapped)
+    if run.dist.enabled:
+        device = run.device
+        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    run.student_wrapped = wrapped
+
+
+# ----------------------------------------------------------------------------- phase 1: set-up
+
+def set_up(args, dist: DistState) -> Run:
+    """Output folder, precision, seed, models, data, teacher logits, loader, schedule, optimizer."""
+    quiet_progress_bars(not (dist.is_main and not args.disable_tqdm))
     prepare_output_dir(args, dist)
-    autocast_dtype, use_scaler = resolve_precision(args.precision, device)
+    autocast_dtype, use_scaler = resolve_precision(args.precision, dist.device)
     set_seed(args.seed)
-
-    # --- models and data
     student, teacher, tokenizer = load_student_and_teacher(args, dist)
-    distill = teacher is not None
     train_examples, train_features, eval_examples, eval_features = load_datasets(args, tokenizer)
     if len(train_features) == 0:
         raise ValueError("no training features: the training set is empty after filtering")
     collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
-    student.to(device)
-    cache = None
-    if distill:
-        if args.teacher_logits_cache:
-            cache = teacher_logits_from_cache(args, teacher.to(device), tokenizer, train_features, collator, dist,
-                                              autocast_dtype)
-            teacher = None  # distillation now runs no teacher at all
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        else:
-            teacher.to(device)
-            if args.torch_compile:
-                teacher = torch.compile(teacher)
+    student.to(dist.device)
+    train_collator = collator
+    if teacher is not None and args.teacher_logits_cache:
+        cache = teacher_logits_from_cache(args, teacher, tokenizer, train_features, collator, dist, autocast_dtype)
+        train_collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8, teacher_logits=cache)
+        teacher = None  # distillation now runs no teacher at all
+        if dist.device.type == "cuda":
+            torch.cuda.empty_cache()
+    elif teacher is not None:
+        teacher.to(dist.device)
+        if args.torch_compile:
+            teacher = torch.compile(teacher)
+    sampler, loader = make_train_loader(train_features, train_collator, batch_size=args.per_device_train_batch_size,
+                                        group_by_length=args.group_by_length, seed=args.seed, dist=dist,
+                                        num_workers=args.dataloader_num_workers)
+    schedule = plan_schedule(args, len(sampler))
+    run = make_run(args, dist, student, teacher, autocast_dtype=autocast_dtype, use_scaler=use_scaler,
+                   total_steps=schedule.total_steps, tokenizer=tokenizer)
+    run.data = TrainData(train_examples, train_features, eval_examples, eval_features, collator, sampler, loader)
+    run.schedule = schedule
+    return run
 
-    lengths = [len(ids) for ids in train_features["input_ids"]]
-    sampler = TrainBatchSampler(len(train_features), args.per_device_train_batch_size, lengths=lengths,
-                                shuffle=True, group_by_length=args.group_by_length, seed=args.seed,
-                                num_replicas=dist.world_size, rank=dist.rank)
-    keep = [c for c in ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions",
-                        "feature_index") if c in train_features.column_names]
-    loader = DataLoader(train_features.select_columns(keep), batch_sampler=sampler, collate_fn=collator,
-                        num_workers=args.dataloader_num_workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator())  # own generator: iterating never draws from the global RNG
 
-    # --- optimisation schedule
-    accum = args.gradient_accumulation_steps
-    batches_per_epoch = len(sampler)
-    updates_per_epoch = math.ceil(batches_per_epoch / accum)
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * updates_per_epoch)
-    num_epochs = math.ceil(total_steps / updates_per_epoch)
-    optimizer = build_optimizer(student, args)
-    scheduler = linear_schedule(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+# ----------------------------------------------------------------------------- phase 2: resume
 
-    # --- resume
-    global_step, start_epoch, start_batch = 0, 0, 0
-    resume_path = None
-    if args.resume_from_checkpoint:
-        resume_path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-        state = ckpt.load_checkpoint(resume_path, model=student, optimizer=optimizer, scheduler=scheduler,
-                                     scaler=scaler, map_location=device)
-        if state["world_size"] != dist.world_size:
-            raise ckpt.CheckpointError(
-                f"{resume_path} was written by a run with {state['world_size']} process(es), this run has "
-                f"{dist.world_size}: the data order depends on it. Resume with torchrun --nproc_per_node "
-                f"{state['world_size']}, or start a new run without --resume_from_checkpoint"
-            )
-        if state["total_steps"] != total_steps or state["batches_per_epoch"] != batches_per_epoch:
-            raise ckpt.CheckpointError(
-                f"{resume_path} belongs to a run with {state['total_steps']} steps of {state['batches_per_epoch']} "
-                f"batches per epoch, this one has {total_steps} and {batches_per_epoch}: resume with the same "
-                "data, batch size, accumulation and epochs"
-            )
-        global_step, start_epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, global_step, start_epoch,
-                    start_batch)
+def resume(run: Run) -> str | None:
+    """Load --resume_from_checkpoint into the run (weights, optimizer, schedule, scaler, position)."""
+    args, dist, schedule, p = run.args, run.dist, run.schedule, run.progress
+    if not args.resume_from_checkpoint:
+        return None
+    path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    state = ckpt.load_checkpoint(path, model=run.student, optimizer=run.optimizer, scheduler=run.scheduler,
+                                 scaler=run.scaler, map_location=run.device)
+    if state["world_size"] != dist.world_size:
+        raise ckpt.CheckpointError(
+            f"{path} was written by a run with {state['world_size']} process(es), this run has "
+            f"{dist.world_size}: the data order depends on it. Resume with torchrun --nproc_per_node "
+            f"{state['world_size']}, or start a new run without --resume_from_checkpoint"
+        )
+    if state["total_steps"] != schedule.total_steps or state["batches_per_epoch"] != schedule.batches_per_epoch:
+        raise ckpt.CheckpointError(
+            f"{path} belongs to a run with {state['total_steps']} steps of {state['batches_per_epoch']} "
+            f"batches per epoch, this one has {schedule.total_steps} and {schedule.batches_per_epoch}: resume "
+            "with the same data, batch size, accumulation and epochs"
+        )
+    p.step, p.epoch, p.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    p.skipped_steps = state.get("skipped_steps", 0)
+    logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, p.step, p.epoch, p.batch_in_epoch)
+    return path
 
-    model = student
-    if args.torch_compile:
-        model = torch.compile(model)
-    if dist.enabled:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    metrics_log = MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), enabled=main,
-                             resume=resume_path is not None)
-    metrics_log.truncate_after(global_step)
-    loss_kwargs = dict(temperature=getattr(args, "temperature", 2.0), impl=args.loss_impl)
-    if distill:
-        loss_kwargs.update(alpha_ce=args.alpha_ce, alpha_kd=args.alpha_kd)
-    else:
-        loss_kwargs.update(alpha_ce=1.0, alpha_kd=0.0)
-    if main:
-        logger.info("%s: %d examples -> %d features, %d epochs, %d steps (%d micro-batches of %d x %d ranks, "
-                    "accumulation %d), precision %s, loss impl %s%s",
-                    "distill" if distill else "finetune", len(train_examples), len(train_features), num_epochs,
-                    total_steps, batches_per_epoch, args.per_device_train_batch_size, dist.world_size, accum,
-                    {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype],
-                    args.loss_impl, ", teacher logits from cache" if cache is not None else "")
+def open_metrics_log(run: Run, resumed: bool) -> None:
+    run.metrics_log = MetricsLog(os.path.join(run.args.output_dir, "metrics.jsonl"), enabled=run.dist.is_main,
+                                 resume=resumed)
+    run.metrics_log.truncate_after(run.progress.step)
 
-    def run_eval(epoch_float: float) -> dict | None:
-        if main:
-            metrics, predictions = evaluate_model(
-                student, eval_examples, eval_features, collator, batch_size=args.per_device_eval_batch_size,
-                device=device, n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
-                autocast_dtype=autocast_dtype, progress=show)
-            student.train()
-            metrics_log.write({"step": global_step, "epoch": round(epoch_float, 4),
-                               **{f"eval_{k}": v for k, v in metrics.items()}})
-            logger.info("eval at step %d (epoch %.2f): exact_match %.2f f1 %.2f on %d questions (%.1f s)",
-                        global_step, epoch_float, metrics["exact_match"], metrics["f1"], metrics["total"],
-                        metrics["runtime_s"])
-            result = {"metrics": metrics, "predictions": predictions}
-        else:
-            result = None
-        barrier(dist)
-        return result
 
-    def check_finite() -> None:
-        bad = int(first_bad_step.item())
-        if bad >= 0:
-            latest = ckpt.list_checkpoints(args.output_dir)
-            raise NonFiniteLossError(
-                f"the training loss became non-finite (NaN or inf) at optimizer step {bad}; training stopped "
-                f"and wrote nothing after it. Last good checkpoint: {latest[-1] if latest else 'none'}. Lower "
-                "--learning_rate, try --precision bf16 or fp32, or check the data for broken features."
-            )
+# ----------------------------------------------------------------------------- phase 3: the step
 
-    def save(epoch: int, batch_in_epoch: int) -> None:
-        check_finite()
-        if main:
-            ckpt.save_checkpoint(args.output_dir, global_step, model=student, optimizer=optimizer,
-                                 scheduler=scheduler, scaler=scaler, save_total_limit=args.save_total_limit,
-                                 trainer_state={"epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                                                "world_size": dist.world_size, "total_steps": total_steps,
-                                                "batches_per_epoch": batches_per_epoch,
-                                                "skipped_steps": skipped_steps})
-        barrier(dist)
+def teacher_logits(run: Run, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """From the batch (the collator looked them up in the cache), from the online teacher, or none."""
+    if "teacher_start_logits" in batch:
+        return batch["teacher_start_logits"], batch["teacher_end_logits"]
+    if run.teacher is None:
+        return None, None
+    with torch.no_grad(), autocast(run.device, run.autocast_dtype):
+        return forward_qa(run.teacher, batch)
 
-    # --- the loop
-    student.train()
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    running = torch.zeros(3, device=device)  # loss, ce, kd summed over optimizer steps since the last log
-    steps_since_log, features_since_log, skipped_steps = 0, 0, 0
-    grad_norm = torch.zeros((), device=device)
-    last_eval, last_eval_step = None, -1
-    epoch = start_epoch
-    log_time = time.perf_counter()
-    progress = tqdm(total=total_steps, initial=global_step, desc="training", disable=not show, dynamic_ncols=True)
-    done = global_step >= total_steps
-    for epoch in range(start_epoch, num_epochs):
-        if done:
-            break
-        sampler.set_epoch(epoch, start_batch=start_batch if epoch == start_epoch else 0)
-        batch_idx = start_batch if epoch == start_epoch else 0
-        window_loss = torch.zeros(3, device=device)
-        for batch in loader:
-            window_start = batch_idx - batch_idx % accum
-            window_size = min(accum, batches_per_epoch - window_start)
-            is_update = batch_idx + 1 == window_start + window_size
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            sync = contextlib.nullcontext() if is_update or not dist.enabled else model.no_sync()
-            with sync:
-                with autocast(device, autocast_dtype):
-                    s_start, s_end = forward_qa(model, batch)
-                t_start = t_end = None
-                if cache is not None:
-                    t_start, t_end = cache.lookup(batch["feature_index"].cpu(), s_start.shape[1])
-                    t_start, t_end = t_start.to(device, non_blocking=True), t_end.to(device, non_blocking=True)
-                elif teacher is not None:
-                    with torch.no_grad(), autocast(device, autocast_dtype):
-                        t_start, t_end = forward_qa(teacher, batch)
-                out = qa_distillation_loss(s_start, s_end, batch["start_positions"], batch["end_positions"],
-                                           t_start, t_end, mask=batch["attention_mask"].bool(), **loss_kwargs)
-                scaler.scale(out.loss / window_size).backward()
-            window_loss += torch.stack([out.loss.detach(), out.ce.detach(), out.kd.detach()]) / window_size
-            features_since_log += batch["input_ids"].shape[0] * dist.world_size
-            batch_idx += 1
+
+def loss_terms(run: Run, batch: dict, student_logits, teacher_logits_) -> tuple[torch.Tensor, dict]:
+    """(the weighted total, {name: unweighted term}); a new term adds its value here and its weight
+    to run.loss_weights (its trainable parts to build_loss_modules)."""
+    weights = run.loss_weights
+    out = qa_distillation_loss(*student_logits, batch["start_positions"], batch["end_positions"], *teacher_logits_,
+                               mask=batch["attention_mask"].bool(), temperature=run.args.temperature,
+                               alpha_ce=weights["ce"], alpha_kd=weights["kd"], impl=run.args.loss_impl)
+    return out.loss, {"ce": out.ce, "kd": out.kd}
+
+
+def forward_backward(run: Run, batch: dict, *, loss_divisor: int = 1, sync: bool = True) -> dict:
+    """One micro-batch on the device: forward, teacher logits, loss terms, backward of loss / divisor.
+
+    Returns the named terms, detached: "loss" (the weighted total the gradient comes from) and each
+    term by name, unweighted (run.loss_weights holds the weights). Nothing here waits for the
+    device. sync=False skips DDP's gradient all-reduce (inside an accumulation window).
+    """
+    no_sync = run.student_wrapped.no_sync() if run.dist.enabled and not sync else contextlib.nullcontext()
+    with no_sync:
+        with autocast(run.device, run.autocast_dtype):
+            student_logits = forward_qa(run.student_wrapped, batch)
+        total, terms = loss_terms(run, batch, student_logits, teacher_logits(run, batch))
+        run.scaler.scale(total / loss_divisor).backward()
+    return {"loss": total.detach(), **{name: value.detach() for name, value in terms.items()}}
+
+
+def optimizer_step(run: Run) -> None:
+    """Clip, step (the fp16 scaler skips a step whose gradients overflowed), schedule, zero grads."""
+    if run.args.max_grad_norm and run.args.max_grad_norm > 0:
+        run.scaler.unscale_(run.optimizer)
+        run.progress.grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable_parameters(), run.args.max_grad_norm)
+    scale_before = run.scaler.get_scale() if run.scaler.is_enabled() else None
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if scale_before is not None and run.scaler.get_scale() < scale_before:
+        run.progress.skipped_steps += 1
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def add_terms(total: dict, terms: dict, divisor: int = 1) -> dict:
+    """total[name] += terms[name] / divisor, for every name (device tensors: no sync)."""
+    for name, value in terms.items():
+        total[name] = total[name] + value / divisor if name in total else value / divisor
+    return total
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- phase 4: the loop
+
+def train_loop(run: Run) -> bool:
+    """Micro-batches accumulate into windows; each window ends in one optimizer step, then
+    log/eval/save. Returns False when a test interruption stopped it."""
+    p, s = run.progress, run.schedule
+    bar = tqdm(total=s.total_steps, initial=p.step, desc="training", disable=not run.show_progress,
+               dynamic_ncols=True)
+    run.student.train()
+    p.first_bad_step = torch.full((), -1, dtype=torch.long, device=run.device)
+    while p.epoch < s.num_epochs and p.step < s.total_steps:
+        run.data.sampler.set_epoch(p.epoch, start_batch=p.batch_in_epoch)
+        window = {}
+        for batch in run.data.loader:
+            window_size, is_update = accumulation_window(p.batch_in_epoch, s)
+            terms = forward_backward(run, to_device(batch, run.device), loss_divisor=window_size, sync=is_update)
+            add_terms(window, terms, window_size)
+            p.batch_in_epoch += 1
+            p.features_since_log += batch["input_ids"].shape[0] * run.dist.world_size
             if not is_update:
                 continue
-
-            # one optimizer step
-            if args.max_grad_norm and args.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-            scale_before = scaler.get_scale() if use_scaler else None
-            scaler.step(optimizer)
-            scaler.update()
-            if use_scaler and scaler.get_scale() < scale_before:
-                skipped_steps += 1  # fp16 overflow: the scaler skipped this step and lowered its scale
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            progress.update(1)
-            first_bad_step = torch.where((~torch.isfinite(window_loss[0])) & (first_bad_step < 0),
-                                         torch.full_like(first_bad_step, global_step), first_bad_step)
-            running += window_loss
-            window_loss = torch.zeros(3, device=device)
-            steps_since_log += 1
-            epoch_float = epoch + batch_idx / batches_per_epoch
-
-            if global_step % args.logging_steps == 0 or global_step == total_steps:
-                check_finite()
-                mean = all_reduce_mean(running / steps_since_log, dist).tolist()
-                elapsed = time.perf_counter() - log_time
-                record = {"step": global_step, "epoch": round(epoch_float, 4), "loss": mean[0], "ce": mean[1],
-                          "kd": mean[2], "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                          "features_per_second": features_since_log / max(elapsed, 1e-9),
-                          "peak_memory_mb": peak_memory_mb(device), "skipped_steps": skipped_steps}
-                metrics_log.write(record)
-                progress.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{record['lr']:.2e}")
-                running.zero_()
-                steps_since_log, features_since_log, log_time = 0, 0, time.perf_counter()
-            if args.eval_strategy == "steps" and global_step % args.eval_steps == 0:
-                last_eval = run_eval(epoch_float) or last_eval
-                last_eval_step = global_step
-            epoch_done = batch_idx == batches_per_epoch
-            if (args.save_steps and global_step % args.save_steps == 0) or epoch_done or global_step == total_steps:
-                save(epoch + 1 if epoch_done else epoch, 0 if epoch_done else batch_idx)
-                if _interrupt_at_step is not None and global_step >= _interrupt_at_step:
-                    progress.close()
-                    return {"interrupted_at_step": global_step}
-            if global_step >= total_steps:
-                done = True
+            optimizer_step(run)
+            record_step(run, window)
+            bar.update(1)
+            window = {}
+            if not log_eval_save(run, bar):
+                bar.close()
+                return False
+            if p.step >= s.total_steps:
                 break
-        if args.eval_strategy == "epoch" and (done or batch_idx == batches_per_epoch):
-            last_eval = run_eval(epoch + batch_idx / batches_per_epoch) or last_eval
-            last_eval_step = global_step
-    progress.close()
-    check_finite()
+        end_of_epoch(run)
+    bar.close()
+    return True
 
-    # --- final evaluation and outputs
-    if args.eval_strategy != "no" and last_eval_step != global_step:  # same decision on every rank
-        last_eval = run_eval(num_epochs if done else epoch) or last_eval
-    results = {"global_step": global_step, "skipped_steps": skipped_steps}
-    if dist.enabled:
-        results["rank_param_checksums"] = check_ranks_in_sync(student, dist)
-    if main:
-        save_model(student, tokenizer, args)
-        if last_eval is not None:
-            results.update(last_eval["metrics"])
-            write_json(os.path.join(args.output_dir, "eval_results.json"), last_eval["metrics"])
-            write_json(os.path.join(args.output_dir, "predictions.json"), last_eval["predictions"])
-        plot_curves(metrics_log.records, os.path.join(args.output_dir, "training_curves.png"),
-                    title=f"{args.command}: {os.path.basename(os.path.normpath(args.output_dir))}")
+
+def accumulation_window(batch_in_epoch: int, s: Schedule) -> tuple[int, bool]:
+    """(micro-batches in this batch's window, whether it is the window's last); an epoch's last
+    window may be short."""
+    window_start = batch_in_epoch - batch_in_epoch % s.accumulation
+    window_size = min(s.accumulation, s.batches_per_epoch - window_start)
+    return window_size, batch_in_epoch + 1 == window_start + window_size
+
+
+def record_step(run: Run, window: dict) -> None:
+    """Count the step, remember the first non-finite loss (on the device), sum the terms for the log."""
+    p = run.progress
+    p.step += 1
+    bad = (~torch.isfinite(window["loss"])) & (p.first_bad_step < 0)
+    p.first_bad_step = torch.where(bad, torch.full_like(p.first_bad_step, p.step), p.first_bad_step)
+    add_terms(p.running, window)
+    p.steps_since_log += 1
+
+
+def epoch_float(run: Run) -> float:
+    return run.progress.epoch + run.progress.batch_in_epoch / run.schedule.batches_per_epoch
+
+
+def end_of_epoch(run: Run) -> None:
+    """Evaluate at the epoch's end (--eval_strategy epoch), or where the run ends mid-epoch."""
+    p, s = run.progress, run.schedule
+    finished = p.batch_in_epoch == s.batches_per_epoch
+    if run.args.eval_strategy == "epoch" and (p.step >= s.total_steps or finished):
+        score_on_dev(run, epoch_float(run))
+    if finished:
+        p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------- phase 5: log, eval, save
+
+def log_eval_save(run: Run, bar) -> bool:
+    """After an optimizer step: log, evaluate and checkpoint as the flags say. False: stop (tests)."""
+    args, p, s = run.args, run.progress, run.schedule
+    if p.step % args.logging_steps == 0 or p.step == s.total_steps:
+        log_training(run, bar)
+    if args.eval_strategy == "steps" and p.step % args.eval_steps == 0:
+        score_on_dev(run, epoch_float(run))
+    epoch_done = p.batch_in_epoch == s.batches_per_epoch
+    if (args.save_steps and p.step % args.save_steps == 0) or epoch_done or p.step == s.total_steps:
+        save_checkpoint(run, p.epoch + 1 if epoch_done else p.epoch, 0 if epoch_done else p.batch_in_epoch)
+        if INTERRUPT_AFTER_STEP is not None and p.step >= INTERRUPT_AFTER_STEP:
+            return False
+    return True
+
+
+def log_training(run: Run, bar) -> None:
+    """One metrics.jsonl record: the mean of every named term since the last record, lr, speed."""
+    check_finite(run)
+    p = run.progress
+    names = list(p.running)
+    means = all_reduce_mean(torch.stack([p.running[n] for n in names]) / p.steps_since_log, run.dist).tolist()
+    elapsed = time.perf_counter() - p.log_time
+    record = {"step": p.step, "epoch": round(epoch_float(run), 4), **dict(zip(names, means)),
+              "lr": run.scheduler.get_last_lr()[0],
+              "grad_norm": float(p.grad_norm) if p.grad_norm is not None else 0.0,
+              "features_per_second": p.features_since_log / max(elapsed, 1e-9),
+              "peak_memory_mb": peak_memory_mb(run.device), "skipped_steps": p.skipped_steps}
+    run.metrics_log.write(record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+    p.running, p.steps_since_log, p.features_since_log, p.log_time = {}, 0, 0, time.perf_counter()
+
+
+def score_on_dev(run: Run, epoch: float) -> None:
+    """EM/F1 of the student on the dev set (rank 0), logged to metrics.jsonl; every rank waits."""
+    p, data, args = run.progress, run.data, run.args
+    if run.dist.is_main:
+        metrics, predictions = evaluate_model(
+            run.student, data.eval_examples, data.eval_features, data.collator,
+            batch_size=args.per_device_eval_batch_size, device=run.device, n_best_size=args.n_best_size,
+            max_answer_length=args.max_answer_length, autocast_dtype=run.autocast_dtype,
+            progress=run.show_progress)
+        run.student.train()
+        run.metrics_log.write({"step": p.step, "epoch": round(epoch, 4),
+                               **{f"eval_{k}": v for k, v in metrics.items()}})
+        logger.info("eval at step %d (epoch %.2f): exact_match %.2f f1 %.2f on %d questions (%.1f s)",
+                    p.step, epoch, metrics["exact_match"], metrics["f1"], metrics["total"], metrics["runtime_s"])
+        p.last_eval = {"metrics": metrics, "predictions": predictions}
+    p.last_eval_step = p.step
+    barrier(run.dist)
+
+
+def check_finite(run: Run) -> None:
+    """Stop with the first step whose loss was NaN or inf (one device read, only when logging/saving)."""
+    bad = int(run.progress.first_bad_step.item())
+    if bad >= 0:
+        latest = ckpt.list_checkpoints(run.args.output_dir)
+        raise NonFiniteLossError(
+            f"the training loss became non-finite (NaN or inf) at optimizer step {bad}; training stopped "
+            f"and wrote nothing after it. Last good checkpoint: {latest[-1] if latest else 'none'}. Lower "
+            "--learning_rate, try --precision bf16 or fp32, or check the data for broken features."
+        )
+
+
+def save_checkpoint(run: Run, epoch: int, batch_in_epoch: int) -> None:
+    """A resumable checkpoint (rank 0) of a run whose loss is finite so far; every rank waits."""
+    check_finite(run)
+    s = run.schedule
+    if run.dist.is_main:
+        ckpt.save_checkpoint(run.args.output_dir, run.progress.step, model=run.student, optimizer=run.optimizer,
+                             scheduler=run.scheduler, scaler=run.scaler, save_total_limit=run.args.save_total_limit,
+                             trainer_state={"epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                            "world_size": run.dist.world_size, "total_steps": s.total_steps,
+                                            "batches_per_epoch": s.batches_per_epoch,
+                                            "skipped_steps": run.progress.skipped_steps})
+    barrier(run.dist)
+
+
+# ----------------------------------------------------------------------------- phase 6: finish
+
+def finish(run: Run) -> dict:
+    """Final evaluation (unless the last step was just evaluated), the model and the result files."""
+    args, p, s = run.args, run.progress, run.schedule
+    if p.first_bad_step is not None:
+        check_finite(run)
+    if args.eval_strategy != "no" and p.last_eval_step != p.step:  # same decision on every rank
+        score_on_dev(run, s.num_epochs if p.step >= s.total_steps else p.epoch)
+    results = {"global_step": p.step, "skipped_steps": p.skipped_steps}
+    if run.dist.enabled:
+        results["rank_param_checksums"] = check_ranks_in_sync(run.student, run.dist)
+    if run.dist.is_main:
+        save_model(run.student, run.tokenizer, args)
+        if p.last_eval is not None:
+            results.update(p.last_eval["metrics"])
+            write_json(os.path.join(args.output_dir, "eval_results.json"), p.last_eval["metrics"])
+            write_json(os.path.join(args.output_dir, "predictions.json"), p.last_eval["predictions"])
+        plot_curves(run.metrics_log.records, os.path.join(args.output_dir, "training_curves.png"),
+                    title=f"{args.command}: {os.path.basename(os.path.normpath(args.output_dir))}",
+                    loss_terms=list(run.loss_weights))
         write_json(os.path.join(args.output_dir, "train_results.json"), results)
-    barrier(dist)
+    barrier(run.dist)
     return results
 
 
@@ -470,6 +655,36 @@ def save_model(model, tokenizer, args) -> None:
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     write_json(os.path.join(args.output_dir, "training_args.json"), {k: v for k, v in vars(args).items()})
+
+
+# ----------------------------------------------------------------------------- training, start to end
+
+def train(args: argparse.Namespace) -> dict:
+    """Fine-tune (args.mode "finetune") or distil ("distill") a QA model; returns the final metrics."""
+    dist = init_distributed(args.device)
+    try:
+        run = set_up(args, dist)
+        resumed = resume(run)
+        wrap_student(run)
+        open_metrics_log(run, resumed is not None)
+        log_plan(run)
+        if not train_loop(run):
+            return {"interrupted_at_step": run.progress.step}
+        return finish(run)
+    finally:
+        cleanup(dist)
+
+
+def log_plan(run: Run) -> None:
+    if not run.dist.is_main:
+        return
+    args, s, data = run.args, run.schedule, run.data
+    logger.info("%s: %d examples -> %d features, %d epochs, %d steps (%d micro-batches of %d x %d ranks, "
+                "accumulation %d), precision %s, loss impl %s%s", args.mode, len(data.train_examples),
+                len(data.train_features), s.num_epochs, s.total_steps, s.batches_per_epoch,
+                args.per_device_train_batch_size, run.dist.world_size, s.accumulation,
+                PRECISION_NAMES[run.autocast_dtype], args.loss_impl,
+                ", teacher logits from cache" if data.loader.collate_fn.teacher_logits is not None else "")
 
 
 # ----------------------------------------------------------------------------- evaluation only

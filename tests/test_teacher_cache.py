@@ -99,7 +99,7 @@ def built(request, tmp_path_factory, teacher, features):
 def test_cached_logits_equal_online_teacher(built, teacher, features):
     cache, dtype, _ = built
     assert len(cache) == N_FEATURES
-    assert cache.lengths.tolist() == [len(f["input_ids"]) for f in features]
+    assert cache.total_tokens == sum(len(f["input_ids"]) for f in features)
     # One ulp of the storage format, plus float32 noise from a different padded length.
     rtol = 2.0**-10 if dtype == torch.float16 else 2.0**-7
     seen = set()
@@ -162,11 +162,12 @@ def test_survives_pickling_for_dataloader_workers_without_copying(built):
     assert torch.equal(clone.lookup([3, 4], 64)[1], cache.lookup([3, 4], 64)[1])
 
 
-def test_stale_cache_errors(built):
+def test_stale_cache_errors(built, features):
     cache, _, _ = built
-    longest = int(cache.lengths.max())
+    lengths = np.array([len(f["input_ids"]) for f in features])
+    longest = int(lengths.max())
     with pytest.raises(ValueError, match="stale"):
-        cache.lookup([int(cache.lengths.argmax())], longest - 1)
+        cache.lookup([int(lengths.argmax())], longest - 1)
     with pytest.raises(IndexError, match="out of range"):
         cache.lookup([0, N_FEATURES], 64)
     with pytest.raises(IndexError, match="out of range"):
@@ -276,6 +277,7 @@ def fp_inputs(tmp_path):
         max_query_length=64,
         num_features=N_FEATURES,
         storage_dtype=torch.float16,
+        autocast_dtype=None,
     )
 
 
@@ -315,7 +317,8 @@ def test_fingerprint_changes_with_what_the_logits_depend_on(fp_inputs):
         "max_query_length": dict(max_query_length=32),
         "num_features": dict(num_features=N_FEATURES + 1),
         "storage dtype": dict(storage_dtype=torch.bfloat16),
-        "extra": dict(extra={"autocast": "bf16"}),
+        "teacher in bf16": dict(autocast_dtype=torch.bfloat16),
+        "teacher in fp16": dict(autocast_dtype=torch.float16),
     }
     keys = {name: fingerprint(**dict(fp_inputs, **change)) for name, change in variants.items()}
     assert all(k != key for k in keys.values()), [n for n, k in keys.items() if k == key]
@@ -335,7 +338,8 @@ def test_with_project_collator_and_length_grouped_sampler(tmp_path, teacher, fea
     collator = QACollator(pad_token_id=0)
     cache = TeacherLogitsCache.build(str(tmp_path), "k", features, teacher, collator, batch_size=6, progress=False)
     data = [dict(f, feature_index=i) for i, f in enumerate(features)]
-    sampler = TrainBatchSampler(len(data), 4, lengths=cache.lengths, group_by_length=True, seed=0)
+    sampler = TrainBatchSampler(len(data), 4, lengths=[len(f["input_ids"]) for f in features], group_by_length=True,
+                                seed=0)
     sampler.set_epoch(1)
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collator)
     for batch in loader:

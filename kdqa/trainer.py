@@ -304,7 +304,8 @@ def plan_schedule(args, batches_per_epoch: int) -> Schedule:
 
 def build_loss_modules(args, student, teacher) -> torch.nn.ModuleDict:
     """Trainable modules that loss terms own (none today; a hidden-state projection would go here),
-    created before the optimizer so that it trains them."""
+    created before the optimizer so that it trains and clips them. They are not part of the saved
+    model nor of DDP's wrapper: a term that adds one must also average its gradients across ranks."""
     return torch.nn.ModuleDict()
 
 
@@ -405,7 +406,7 @@ def open_metrics_log(run: Run, resumed: bool) -> None:
 
 # ----------------------------------------------------------------------------- phase 3: the step
 
-def teacher_logits(run: Run, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def teacher_logits_for(run: Run, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """From the batch (the collator looked them up in the cache), from the online teacher, or none."""
     if "teacher_start_logits" in batch:
         return batch["teacher_start_logits"], batch["teacher_end_logits"]
@@ -415,11 +416,11 @@ def teacher_logits(run: Run, batch: dict) -> tuple[torch.Tensor | None, torch.Te
         return forward_qa(run.teacher, batch)
 
 
-def loss_terms(run: Run, batch: dict, student_logits, teacher_logits_) -> tuple[torch.Tensor, dict]:
+def loss_terms(run: Run, batch: dict, student_logits, teacher_logits) -> tuple[torch.Tensor, dict]:
     """(the weighted total, {name: unweighted term}); a new term adds its value here and its weight
     to run.loss_weights (its trainable parts to build_loss_modules)."""
     weights = run.loss_weights
-    out = qa_distillation_loss(*student_logits, batch["start_positions"], batch["end_positions"], *teacher_logits_,
+    out = qa_distillation_loss(*student_logits, batch["start_positions"], batch["end_positions"], *teacher_logits,
                                mask=batch["attention_mask"].bool(), temperature=run.args.temperature,
                                alpha_ce=weights["ce"], alpha_kd=weights["kd"], impl=run.args.loss_impl)
     return out.loss, {"ce": out.ce, "kd": out.kd}
@@ -429,14 +430,16 @@ def forward_backward(run: Run, batch: dict, *, loss_divisor: int = 1, sync: bool
     """One micro-batch on the device: forward, teacher logits, loss terms, backward of loss / divisor.
 
     Returns the named terms, detached: "loss" (the weighted total the gradient comes from) and each
-    term by name, unweighted (run.loss_weights holds the weights). Nothing here waits for the
-    device. sync=False skips DDP's gradient all-reduce (inside an accumulation window).
+    term by name, unweighted (run.loss_weights holds the weights). Nothing of kdqa's here waits for
+    the device (cached teacher logits arrive in the batch; transformers' BERT forward itself still
+    asks once whether the attention mask has padding). sync=False skips DDP's gradient all-reduce
+    (inside an accumulation window).
     """
     no_sync = run.student_wrapped.no_sync() if run.dist.enabled and not sync else contextlib.nullcontext()
     with no_sync:
         with autocast(run.device, run.autocast_dtype):
             student_logits = forward_qa(run.student_wrapped, batch)
-        total, terms = loss_terms(run, batch, student_logits, teacher_logits(run, batch))
+        total, terms = loss_terms(run, batch, student_logits, teacher_logits_for(run, batch))
         run.scaler.scale(total / loss_divisor).backward()
     return {"loss": total.detach(), **{name: value.detach() for name, value in terms.items()}}
 
@@ -472,32 +475,30 @@ def train_loop(run: Run) -> bool:
     """Micro-batches accumulate into windows; each window ends in one optimizer step, then
     log/eval/save. Returns False when a test interruption stopped it."""
     p, s = run.progress, run.schedule
-    bar = tqdm(total=s.total_steps, initial=p.step, desc="training", disable=not run.show_progress,
-               dynamic_ncols=True)
     run.student.train()
     p.first_bad_step = torch.full((), -1, dtype=torch.long, device=run.device)
-    while p.epoch < s.num_epochs and p.step < s.total_steps:
-        run.data.sampler.set_epoch(p.epoch, start_batch=p.batch_in_epoch)
-        window = {}
-        for batch in run.data.loader:
-            window_size, is_update = accumulation_window(p.batch_in_epoch, s)
-            terms = forward_backward(run, to_device(batch, run.device), loss_divisor=window_size, sync=is_update)
-            add_terms(window, terms, window_size)
-            p.batch_in_epoch += 1
-            p.features_since_log += batch["input_ids"].shape[0] * run.dist.world_size
-            if not is_update:
-                continue
-            optimizer_step(run)
-            record_step(run, window)
-            bar.update(1)
+    with tqdm(total=s.total_steps, initial=p.step, desc="training", disable=not run.show_progress,
+              dynamic_ncols=True) as bar:
+        while p.epoch < s.num_epochs and p.step < s.total_steps:
+            run.data.sampler.set_epoch(p.epoch, start_batch=p.batch_in_epoch)
             window = {}
-            if not log_eval_save(run, bar):
-                bar.close()
-                return False
-            if p.step >= s.total_steps:
-                break
-        end_of_epoch(run)
-    bar.close()
+            for batch in run.data.loader:
+                window_size, is_update = accumulation_window(p.batch_in_epoch, s)
+                terms = forward_backward(run, to_device(batch, run.device), loss_divisor=window_size, sync=is_update)
+                add_terms(window, terms, window_size)
+                p.batch_in_epoch += 1
+                p.features_since_log += batch["input_ids"].shape[0] * run.dist.world_size
+                if not is_update:
+                    continue
+                optimizer_step(run)
+                record_step(run, window)
+                bar.update(1)
+                window = {}
+                if not log_eval_save(run, bar):
+                    return False
+                if p.step >= s.total_steps:
+                    break
+            end_of_epoch(run)
     return True
 
 

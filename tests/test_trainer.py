@@ -488,3 +488,27 @@ def test_every_command_has_every_key_and_the_mode_is_stated(tmp_path):
     assert (finetune.mode, distill.mode, evaluate.mode) == ("finetune", "distill", None)
     assert set(vars(distill)) <= set(vars(finetune)) and set(vars(distill)) <= set(vars(evaluate))
     assert finetune.temperature == 2.0 and finetune.teacher_logits_cache is None
+
+
+def test_loss_modules_are_trained_with_the_student(model_dir, tmp_path, monkeypatch):
+    """The door for extra loss terms: a trainable module a term owns is optimised and clipped."""
+    import kdqa.trainer as trainer
+    from kdqa.distributed import DistState
+    from kdqa.modeling import load_qa_model
+
+    projection = torch.nn.Linear(4, 4)
+    monkeypatch.setattr(trainer, "build_loss_modules",
+                        lambda args, student, teacher: torch.nn.ModuleDict({"hidden": projection}))
+    args = parse_args(["distill", "--teacher_model_name_or_path", model_dir, "--model_name_or_path", model_dir,
+                       "--output_dir", str(tmp_path)])
+    student = load_qa_model(model_dir)
+    the_run = trainer.make_run(args, DistState(), student, None, autocast_dtype=None, use_scaler=False, total_steps=3)
+    optimised = {id(p) for group in the_run.optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in projection.parameters()} <= optimised
+    assert {id(p) for p in student.parameters()} <= optimised
+    assert len(the_run.trainable_parameters()) == len(optimised)
+    assert the_run.loss_weights == {"ce": args.alpha_ce, "kd": args.alpha_kd}
+    finetune = trainer.make_run(parse_args(["finetune", "--model_name_or_path", model_dir, "--output_dir",
+                                            str(tmp_path), "--teacher_model_name_or_path", model_dir]),
+                                DistState(), student, None, autocast_dtype=None, use_scaler=False, total_steps=3)
+    assert finetune.loss_weights == {"ce": 1.0, "kd": 0.0}  # finetune mode: no KD even with a teacher named

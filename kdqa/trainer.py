@@ -223,7 +223,8 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
     train_examples, train_features, eval_examples, eval_features = load_datasets(args, tokenizer)
     if len(train_features) == 0:
         raise ValueError("no training features: the training set is empty after filtering")
-    collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
+    collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8,
+                          pad_to_length=args.max_seq_length if args.pad_to_max_length else None)
     student.to(device)
     cache = None
     if distill:
@@ -482,7 +483,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     model = load_qa_model(args.model_name_or_path, attn_implementation=args.attn_implementation).to(device)
     tokenizer = load_tokenizer(args.model_name_or_path)
     _, _, eval_examples, eval_features = load_datasets(args, tokenizer, need_train=False)
-    collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
+    collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8,
+                          pad_to_length=args.max_seq_length if args.pad_to_max_length else None)
     metrics, predictions = evaluate_model(model, eval_examples, eval_features, collator,
                                           batch_size=args.per_device_eval_batch_size, device=device,
                                           n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,

@@ -1,7 +1,9 @@
 """The command line of train.py: sub-commands, every flag with its default, and --config files.
 
-Flag names follow Hugging Face's run_qa.py so SQuAD users feel at home. A --config file (YAML or
-JSON) holds the same keys as the flags; flags given on the command line override it.
+Flag names follow Hugging Face's run_qa.py so SQuAD users feel at home (its --do_*, --fp16/--bf16,
+--pad_to_max_length and `COMMAND args.json` work too). A --config file (YAML or JSON) holds the same
+keys as the flags and is parsed by the same parser, so its values meet the same types, choices and
+range checks; flags given on the command line override it. Every error is a ConfigError: one line.
 """
 
 from __future__ import annotations
@@ -386,6 +388,18 @@ def check_output_dir(path: str, flag: str = "--output_dir") -> None:
 DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
+def _check_cuda_device(device: str) -> None:
+    """--device cuda[:N] on a machine that has that GPU (torch is imported only here, to keep parsing fast)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
 def _at_least(low: int):
     return (lambda v: v >= low), f"at least {low}"
 
@@ -429,6 +443,8 @@ def validate_args(args: argparse.Namespace) -> None:
     device = getattr(args, "device", "auto")
     need(DEVICES.fullmatch(device) is not None,
          f"--device {device} is not supported; choose auto, cpu, cuda or cuda:N (N: the GPU's index)")
+    if device.startswith("cuda"):
+        _check_cuda_device(device)
 
     if args.command in ("finetune", "evaluate"):
         need(args.model_name_or_path is not None, f"{args.command} needs --model_name_or_path")

@@ -150,6 +150,14 @@ def test_unsupported_device_is_one_line_naming_the_choices(out, capsys, device):
     assert f"--device {device} is not supported; choose auto, cpu, cuda or cuda:N" in err
 
 
+def test_a_gpu_that_is_not_there_is_one_line_before_anything_loads(out, capsys):
+    import torch
+
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    err = main_error(FINETUNE + ["--output_dir", out, "--device", missing], capsys)
+    assert err.startswith(f"train.py: error: --device {missing}: ")
+
+
 def test_output_dir_that_is_or_sits_under_a_file_is_one_line(tmp_path, capsys):
     regular = tmp_path / "file.txt"
     regular.write_text("x")

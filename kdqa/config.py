@@ -233,10 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """{command name: its parser}."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return action.choices[command]
+            return action.choices
     raise AssertionError("no sub-commands")
 
 
@@ -257,10 +258,7 @@ def load_config_file(path: str) -> dict:
     return values
 
 
-COMMANDS = ("finetune", "distill", "evaluate", "recipe")
-
-
-def _with_command(argv: list[str]) -> list[str]:
+def _with_command(argv: list[str], commands: list[str]) -> list[str]:
     """argv with the sub-command first (`recipe` when none is given) and a --config given before it
     moved after it; `COMMAND args.json` (HfArgumentParser's form) becomes `COMMAND --config args.json`."""
     head = []
@@ -269,10 +267,10 @@ def _with_command(argv: list[str]) -> list[str]:
         head, argv = head + argv[:take], argv[take:]
     if argv and argv[0] in ("-h", "--help"):
         return head + argv  # train.py's own help
-    if argv and argv[0] in COMMANDS:
+    if argv and argv[0] in commands:
         command, rest = argv[0], argv[1:]
     elif argv and not argv[0].startswith("-") and not argv[0].endswith(".json"):
-        raise ConfigError(f"unknown sub-command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
+        raise ConfigError(f"unknown sub-command {argv[0]!r}; choose one of {', '.join(commands)}")
     else:
         command, rest = "recipe", argv
     if len(rest) == 1 and rest[0].endswith(".json") and not rest[0].startswith("-"):
@@ -327,12 +325,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     A --config file (before or after the sub-command) is turned into flags placed before the command
     line's own, so both go through the same parser and checks and the command line wins.
     """
-    argv = _with_command(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
+    argv = _with_command(list(sys.argv[1:] if argv is None else argv), list(_subparsers(parser)))
     args = parser.parse_args(argv)
     if args.config:
         values = load_config_file(args.config)
-        argv = argv[:1] + config_tokens(values, _subparser(parser, argv[0]), args.config) + argv[1:]
+        argv = argv[:1] + config_tokens(values, _subparsers(parser)[argv[0]], args.config) + argv[1:]
         args = parser.parse_args(argv)
     _resolve_run_qa_flags(args)
     validate_args(args)

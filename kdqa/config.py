@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag raises ConfigError (one line from train.py, exit 2) instead of exiting here."""
 
     def error(self, message: str):
-        raise ConfigError(f"{message}; see `{self.prog} --help`")
+        raise ConfigError(message)
 
 
 def _add_config_arg(p: argparse.ArgumentParser) -> None:
@@ -258,9 +258,12 @@ def load_config_file(path: str) -> dict:
     return values
 
 
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
 def _with_command(argv: list[str], commands: list[str]) -> list[str]:
     """argv with the sub-command first (`recipe` when none is given) and a --config given before it
-    moved after it; `COMMAND args.json` (HfArgumentParser's form) becomes `COMMAND --config args.json`."""
+    moved after it; `COMMAND args.json` (HfArgumentParser's form; .yaml too) becomes `COMMAND --config args.json`."""
     head = []
     while argv and (argv[0] == "--config" or argv[0].startswith("--config=")):
         take = 2 if argv[0] == "--config" else 1
@@ -269,11 +272,11 @@ def _with_command(argv: list[str], commands: list[str]) -> list[str]:
         return head + argv  # train.py's own help
     if argv and argv[0] in commands:
         command, rest = argv[0], argv[1:]
-    elif argv and not argv[0].startswith("-") and not argv[0].endswith(".json"):
+    elif argv and not argv[0].startswith("-") and not argv[0].endswith(CONFIG_SUFFIXES):
         raise ConfigError(f"unknown sub-command {argv[0]!r}; choose one of {', '.join(commands)}")
     else:
         command, rest = "recipe", argv
-    if len(rest) == 1 and rest[0].endswith(".json") and not rest[0].startswith("-"):
+    if len(rest) == 1 and rest[0].endswith(CONFIG_SUFFIXES) and not rest[0].startswith("-"):
         rest = ["--config", rest[0]]
     if sum(a == "--config" or a.startswith("--config=") for a in head + rest) > 1:
         raise ConfigError("--config is given more than once; give one file")
@@ -314,8 +317,7 @@ def config_tokens(values: dict, parser: argparse.ArgumentParser, path: str) -> l
             raise ConfigError(f"--config {path}: {err}") from None
         tokens.append(f"--{key}={text}")  # one token: a value starting with '-' is not taken for a flag
     if unknown:
-        raise ConfigError(f"--config {path}: unknown key(s) {sorted(unknown)} for '{parser.prog.split()[-1]}'; "
-                          f"see `{parser.prog} --help`")
+        raise ConfigError(f"--config {path}: unknown key(s) {sorted(unknown)} for '{parser.prog.split()[-1]}'")
     return tokens
 
 
@@ -327,11 +329,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """
     parser = build_parser()
     argv = _with_command(list(sys.argv[1:] if argv is None else argv), list(_subparsers(parser)))
-    args = parser.parse_args(argv)
-    if args.config:
-        values = load_config_file(args.config)
-        argv = argv[:1] + config_tokens(values, _subparsers(parser)[argv[0]], args.config) + argv[1:]
+    try:
         args = parser.parse_args(argv)
+        if args.config:
+            values = load_config_file(args.config)
+            argv = argv[:1] + config_tokens(values, _subparsers(parser)[argv[0]], args.config) + argv[1:]
+            args = parser.parse_args(argv)
+    except ConfigError as err:
+        raise ConfigError(f"{err}; see `train.py {argv[0]} --help`") from None
     _resolve_run_qa_flags(args)
     validate_args(args)
     return args

@@ -79,6 +79,8 @@ def test_a_lone_json_file_after_the_command_is_a_config_file_as_hfargumentparser
     args = parse_args(["finetune", cfg])
     assert (args.max_seq_length, args.doc_stride, args.learning_rate) == (128, 32, 3e-5)
     assert args.do_train and args.do_eval and args.precision == "auto"
+    cfg = write(tmp_path / "args.yaml", f"model_name_or_path: m\noutput_dir: {out}\nbf16: true\n")
+    assert parse_args(["finetune", cfg]).precision == "bf16"
 
 
 # --------------------------------------------------------------- issue 11.5: ranges checked at parse time

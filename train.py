@@ -9,9 +9,44 @@ Several GPUs: torchrun --nproc_per_node N train.py distill ...
 `python train.py <command> --help` lists every flag with its default.
 """
 
+import argparse
 import logging
 import os
 import sys
+
+
+def predict_command_or_error():
+    """kdqa.inference.predict_command, looked up before any training so that --do_predict cannot fail after it."""
+    from kdqa.config import ConfigError
+
+    try:
+        from kdqa.inference import predict_command
+    except ImportError as err:
+        raise ConfigError(f"--do_predict is not available in this kdqa ({err})") from None
+    return predict_command
+
+
+def run_command(args) -> None:
+    """Run the sub-command; finetune/distill run the phases --do_train/--do_eval/--do_predict chose."""
+    if args.command == "recipe":
+        from kdqa.recipe import run_recipe
+        run_recipe(args)
+        return
+    if args.command == "evaluate":
+        from kdqa.trainer import evaluate
+        evaluate(args)
+        return
+    predict = predict_command_or_error() if args.do_predict else None
+    if args.do_train:
+        from kdqa.trainer import train
+        train(args)  # evaluates unless --do_train came without --do_eval (then eval_strategy is "no")
+    elif args.do_eval:
+        from kdqa.trainer import evaluate
+        evaluate(args)  # --do_eval alone: the model as it is
+    if predict is not None and int(os.environ.get("RANK", "0")) == 0:
+        # After training, the trained model in --output_dir answers; without it, --model_name_or_path.
+        predict(argparse.Namespace(**{**vars(args), "model_name_or_path": args.output_dir})
+                if args.do_train else args)
 
 
 def main(argv=None) -> int:
@@ -33,15 +68,7 @@ def main(argv=None) -> int:
     user_errors = (ConfigError, SquadDataError, ModelLoadError, CheckpointError, NonFiniteLossError,
                    FileExistsError, FileNotFoundError, ValueError)
     try:
-        if args.command == "recipe":
-            from kdqa.recipe import run_recipe
-            run_recipe(args)
-        elif args.command == "evaluate":
-            from kdqa.trainer import evaluate
-            evaluate(args)
-        else:
-            from kdqa.trainer import train
-            train(args)
+        run_command(args)
     except user_errors as err:
         # Bad input or a stopped run: one clear line, not a traceback from deep inside a library
         # (KDQA_TRACEBACK=1 shows the traceback too).

@@ -1,14 +1,18 @@
 """The command line of train.py: sub-commands, every flag with its default, and --config files.
 
-Flag names follow Hugging Face's run_qa.py so SQuAD users feel at home. A --config file (YAML or
-JSON) holds the same keys as the flags; flags given on the command line override it.
+Flag names follow Hugging Face's run_qa.py so SQuAD users feel at home (its --do_*, --fp16/--bf16,
+--pad_to_max_length and `COMMAND args.json` work too). A --config file (YAML or JSON) holds the same
+keys as the flags and is parsed by the same parser, so its values meet the same types, choices and
+range checks; flags given on the command line override it. Every error is a ConfigError: one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 
 import yaml
@@ -27,6 +31,19 @@ class ConfigError(ValueError):
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag raises ConfigError (one line from train.py, exit 2) instead of exiting here."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def _add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help="YAML or JSON file of flag values, parsed and checked as the flags are (flags given on the "
+                        "command line override it); `train.py COMMAND args.json` means the same")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -96,8 +113,65 @@ def _add_distill_args(p: argparse.ArgumentParser, teacher_required: bool) -> Non
                    help="folder caching the teacher's logits of every training feature, computed once")
 
 
+# Where our defaults (the seed recipe's) differ from run_qa.py + TrainingArguments (transformers 5.x);
+# --help shows both.
+RUN_QA_DEFAULTS = {
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "learning_rate": 5e-5,
+    "weight_decay": 0.0,
+    "logging_steps": 500,
+    "save_total_limit": "none (keeps all)",
+    "eval_strategy": "no (evaluates once at the end with --do_eval)",
+    "precision": "fp32 unless --fp16/--bf16",
+    "pad_to_max_length": True,
+}
+
+
+class _RefuseFlag(argparse.Action):
+    """A run_qa.py flag that kdqa deliberately does not support: refused by name, never ignored."""
+
+    def __init__(self, option_strings, dest, reason: str, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.reason = reason
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise argparse.ArgumentError(self, self.reason)
+
+
+def _add_run_qa_args(p: argparse.ArgumentParser, fixed_phases: dict | None = None) -> None:
+    """run_qa.py's flags: --fp16/--bf16, --pad_to_max_length, and --do_train/--do_eval/--do_predict with
+    --test_file unless the command's phases are fixed (`fixed_phases`: evaluate, recipe).
+
+    Also notes in --help where our defaults differ from run_qa.py's. The aliases are folded into
+    --precision and the phases resolved by `_resolve_run_qa_flags`.
+    """
+    g = p.add_argument_group("run_qa.py compatibility")
+    g.add_argument("--fp16", action="store_true", help="same as --precision fp16")
+    g.add_argument("--bf16", action="store_true", help="same as --precision bf16")
+    g.add_argument("--pad_to_max_length", action="store_true",
+                   help="pad every batch to --max_seq_length, not to its longest feature (slower, as run_qa.py)")
+    g.add_argument("--version_2_with_negative", action=_RefuseFlag,
+                   reason="kdqa is SQuAD v1.1 only: SQuAD v2 (questions without an answer) is not supported",
+                   help="refused: kdqa is SQuAD v1.1 only")
+    if fixed_phases is None:
+        g.add_argument("--do_train", action="store_true",
+                       help="train; with any --do_* flag only the phases given run (none given: train + evaluate)")
+        g.add_argument("--do_eval", action="store_true",
+                       help="evaluate (without --do_train: evaluate --model_name_or_path as it is)")
+        g.add_argument("--do_predict", action="store_true",
+                       help="after the other phases, answer --test_file with the final model "
+                            "(predict_predictions.json in --output_dir)")
+        g.add_argument("--test_file", default=None, help="SQuAD JSON answered by --do_predict")
+    else:
+        p.set_defaults(**fixed_phases, do_predict=False, test_file=None)
+    for action in p._actions:
+        if action.dest in RUN_QA_DEFAULTS:
+            action.help = f"{action.help} (default: %(default)s; run_qa.py's: {RUN_QA_DEFAULTS[action.dest]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="train.py",
         formatter_class=_HelpFormatter,
         description=(
@@ -105,33 +179,39 @@ def build_parser() -> argparse.ArgumentParser:
             "  python train.py finetune --model_name_or_path M --output_dir D\n"
             "  python train.py distill --teacher_model_name_or_path T --model_name_or_path S --output_dir D\n"
             "  python train.py evaluate --model_name_or_path M --validation_file F --output_dir D\n"
-            "  python train.py [recipe flags]   # the seed recipe: teacher, student, distilled student\n"
+            "  python train.py [recipe flags]   # the seed recipe: teacher, student, distilled student\n\n"
+            "run_qa.py users: --do_train/--do_eval/--do_predict, --fp16/--bf16, --pad_to_max_length and\n"
+            "`python train.py finetune args.json` work; each command's --help marks the defaults that differ\n"
+            "from run_qa.py's (batch size, learning rate, weight decay: the seed recipe's).\n"
         ),
     )
-    parser.add_argument("--config", default=None, help="YAML or JSON file with flag values (flags override it)")
+    _add_config_arg(parser)
     sub = parser.add_subparsers(dest="command", metavar="{finetune,distill,evaluate,recipe}")
 
     p = sub.add_parser("finetune", formatter_class=_HelpFormatter, help="plain fine-tuning (CE loss, no teacher)")
     p.add_argument("--model_name_or_path", default=None, help="the model to fine-tune (folder or hub name)")
-    p.add_argument("--config", default=None, help="YAML or JSON file with flag values (flags override it)")
+    _add_config_arg(p)
     _add_data_args(p)
     _add_train_args(p)
     _add_distill_args(p, teacher_required=False)
+    _add_run_qa_args(p)
 
     p = sub.add_parser("distill", formatter_class=_HelpFormatter, help="distil a student from a fine-tuned teacher")
     p.add_argument("--model_name_or_path", default=None,
                    help="the student's starting weights (folder or hub name); see --student_layers")
-    p.add_argument("--config", default=None, help="YAML or JSON file with flag values (flags override it)")
+    _add_config_arg(p)
     _add_data_args(p)
     _add_train_args(p)
     _add_distill_args(p, teacher_required=False)
+    _add_run_qa_args(p)
 
     p = sub.add_parser("evaluate", formatter_class=_HelpFormatter, help="EM/F1 of a model on a dev set")
     p.add_argument("--model_name_or_path", default=None, help="the model to evaluate (folder or hub name)")
-    p.add_argument("--config", default=None, help="YAML or JSON file with flag values (flags override it)")
+    _add_config_arg(p)
     _add_data_args(p)
     _add_train_args(p)
     _add_distill_args(p, teacher_required=False)
+    _add_run_qa_args(p, fixed_phases=dict(do_train=False, do_eval=True))
 
     p = sub.add_parser(
         "recipe", formatter_class=_HelpFormatter,
@@ -141,10 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model_name_or_path", default=RECIPE_DEFAULTS["model_name_or_path"],
                    help="the student's base model (ignored where --student_layers builds it from the teacher)")
-    p.add_argument("--config", default=None, help="YAML or JSON file with flag values (flags override it)")
+    _add_config_arg(p)
     _add_data_args(p)
     _add_train_args(p)
     _add_distill_args(p, teacher_required=False)
+    _add_run_qa_args(p, fixed_phases=dict(do_train=True, do_eval=True))
     p.set_defaults(teacher_model_name_or_path=RECIPE_DEFAULTS["teacher_model_name_or_path"],
                    num_train_epochs=RECIPE_DEFAULTS["num_train_epochs"], output_dir="runs/recipe")
     p.add_argument("--teacher_num_train_epochs", type=float, default=RECIPE_DEFAULTS["teacher_num_train_epochs"],
@@ -154,10 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """{command name: its parser}."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return action.choices[command]
+            return action.choices
     raise AssertionError("no sub-commands")
 
 
@@ -178,67 +260,238 @@ def load_config_file(path: str) -> dict:
     return values
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse train.py's command line; no sub-command means `recipe`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    commands = ("finetune", "distill", "evaluate", "recipe")
-    if not any(a in commands for a in argv) and not any(a in ("-h", "--help") for a in argv):
-        argv = ["recipe"] + argv
-    elif argv and argv[0] not in commands and not argv[0].startswith("-"):
-        parser.error(f"unknown sub-command {argv[0]!r}; choose one of {', '.join(commands)}")
-    # Split off a --config before the sub-command too.
-    first = parser.parse_args(argv)
-    command = first.command or "recipe"
-    sub = _subparser(parser, command)
-    if first.config:
-        values = load_config_file(first.config)
-        known = {a.dest for a in sub._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"--config {first.config}: unknown key(s) {unknown} for '{command}'; "
-                              f"see `python train.py {command} --help`")
-        values.pop("config", None)
-        sub.set_defaults(**values)
-        args = parser.parse_args(argv)
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def _with_command(argv: list[str], commands: list[str]) -> list[str]:
+    """argv with the sub-command first (`recipe` when none is given) and a --config given before it
+    moved after it; `COMMAND args.json` (HfArgumentParser's form; .yaml too) becomes `COMMAND --config args.json`."""
+    head = []
+    while argv and (argv[0] == "--config" or argv[0].startswith("--config=")):
+        take = 2 if argv[0] == "--config" else 1
+        head, argv = head + argv[:take], argv[take:]
+    if argv and argv[0] in ("-h", "--help"):
+        return head + argv  # train.py's own help
+    if argv and argv[0] in commands:
+        command, rest = argv[0], argv[1:]
+    elif argv and not argv[0].startswith("-") and not argv[0].endswith(CONFIG_SUFFIXES):
+        raise ConfigError(f"unknown sub-command {argv[0]!r}; choose one of {', '.join(commands)}")
     else:
-        args = first
-    args.command = command
+        command, rest = "recipe", argv
+    if len(rest) == 1 and rest[0].endswith(CONFIG_SUFFIXES) and not rest[0].startswith("-"):
+        rest = ["--config", rest[0]]
+    if sum(a == "--config" or a.startswith("--config=") for a in head + rest) > 1:
+        raise ConfigError("--config is given more than once; give one file")
+    return [command] + head + rest
+
+
+def config_tokens(values: dict, parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """A config mapping as command-line tokens for `parser`, each value checked by the flag's own type
+    and choices, so a file is parsed exactly as the command line is.
+
+    Booleans (store_true flags) take true/false only: true adds the flag, false leaves it out.
+    null keeps the flag's default. --student_layers also takes a list of layer numbers.
+    """
+    tokens, unknown = [], []
+    for key, value in values.items():
+        action = parser._option_string_actions.get(f"--{key}")
+        if action is None or key in ("config", "help"):
+            unknown.append(str(key))
+            continue
+        where = f"--config {path}: {key}"
+        if action.nargs == 0:
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            tokens += [f"--{key}"] if value else []
+            continue
+        if value is None:
+            continue
+        if key == "student_layers" and isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        if isinstance(value, (bool, list, dict)):
+            raise ConfigError(f"{where}: expected one {getattr(action.type, '__name__', 'str')} value, got {value!r}")
+        text = str(value)
+        try:
+            parser._check_value(action, parser._get_value(action, text))
+        except argparse.ArgumentError as err:
+            raise ConfigError(f"--config {path}: {err}") from None
+        tokens.append(f"--{key}={text}")  # one token: a value starting with '-' is not taken for a flag
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key(s) {sorted(unknown)} for '{parser.prog.split()[-1]}'")
+    return tokens
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse train.py's command line; no sub-command means `recipe`.
+
+    A --config file (before or after the sub-command) is turned into flags placed before the command
+    line's own, so both go through the same parser and checks and the command line wins.
+    """
+    parser = build_parser()
+    argv = _with_command(list(sys.argv[1:] if argv is None else argv), list(_subparsers(parser)))
+    try:
+        args = parser.parse_args(argv)
+        if args.config:
+            values = load_config_file(args.config)
+            argv = argv[:1] + config_tokens(values, _subparsers(parser)[argv[0]], args.config) + argv[1:]
+            args = parser.parse_args(argv)
+    except ConfigError as err:
+        raise ConfigError(f"{err}; see `train.py {argv[0]} --help`") from None
+    _resolve_run_qa_flags(args)
     # The one place the mode is decided: the trainer uses a teacher exactly when mode is "distill".
     # The recipe has no single mode and sets one per stage.
-    args.mode = command if command in ("finetune", "distill") else None
+    args.mode = args.command if args.command in ("finetune", "distill") else None
     validate_args(args)
     return args
 
 
+def _resolve_run_qa_flags(args: argparse.Namespace) -> None:
+    """Fold --fp16/--bf16 into --precision and turn --do_* into the phases to run."""
+    aliases = [name for name in ("fp16", "bf16") if getattr(args, name, False)]
+    for name in ("fp16", "bf16"):
+        args.__dict__.pop(name, None)
+    if len(aliases) > 1:
+        raise ConfigError("--fp16 and --bf16 contradict each other; give one (or --precision)")
+    if aliases:
+        if args.precision not in ("auto", aliases[0]):
+            raise ConfigError(f"--{aliases[0]} contradicts --precision {args.precision}; give one of them")
+        args.precision = aliases[0]
+    if args.command not in ("finetune", "distill"):
+        return
+    if not (args.do_train or args.do_eval or args.do_predict):
+        args.do_train = args.do_eval = True  # no --do_* flag: train, then evaluate, as always
+    elif args.do_train and not args.do_eval:
+        if args.eval_strategy == "steps":
+            raise ConfigError("--eval_strategy steps evaluates during training: add --do_eval, or leave it out")
+        args.eval_strategy = "no"
+
+
+def parse_student_layers(spec: str) -> list[int]:
+    """'0,2,4' -> [0, 2, 4]: comma-separated, distinct, non-negative layer numbers (checked at parse time)."""
+    parts = [part.strip() for part in str(spec).split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise ConfigError(f"--student_layers {spec!r}: give comma-separated layer numbers like 0,2,4")
+    layers = [int(part) for part in parts]
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"--student_layers {spec!r} names a layer twice")
+    return layers
+
+
+def check_output_dir(path: str, flag: str = "--output_dir") -> None:
+    """Fail before any model is loaded when `path` cannot become a writable folder."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{flag} {path}: {parent} is a file, so no folder can be made under it; "
+                          f"choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: no permission to write in {parent}; choose another {flag}")
+
+
+DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _check_cuda_device(device: str) -> None:
+    """--device cuda[:N] on a machine that has that GPU (torch is imported only here, to keep parsing fast)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def _at_least(low: int):
+    return (lambda v: v >= low), f"at least {low}"
+
+
+_POSITIVE = (lambda v: math.isfinite(v) and v > 0), "> 0 and finite"
+_NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0), ">= 0 and finite"
+_UNIT = (lambda v: 0 <= v < 1), "in [0, 1)"
+
+# Range of every numeric flag, checked on every command that has it; None (not set) always passes.
+RANGES = {
+    "max_seq_length": _at_least(1), "doc_stride": _at_least(1), "max_query_length": _at_least(1),
+    "max_train_samples": _at_least(1), "max_eval_samples": _at_least(1),
+    "preprocessing_num_workers": _at_least(1), "dataloader_num_workers": _at_least(0),
+    "n_best_size": _at_least(1), "max_answer_length": _at_least(1),
+    "per_device_train_batch_size": _at_least(1), "per_device_eval_batch_size": _at_least(1),
+    "gradient_accumulation_steps": _at_least(1),
+    "learning_rate": _POSITIVE, "teacher_learning_rate": _POSITIVE, "weight_decay": _NON_NEGATIVE,
+    "adam_beta1": _UNIT, "adam_beta2": _UNIT, "adam_epsilon": _POSITIVE, "warmup_ratio": _UNIT,
+    "teacher_num_train_epochs": _POSITIVE, "max_grad_norm": _NON_NEGATIVE,
+    "seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
+    "logging_steps": _at_least(1), "eval_steps": _at_least(1),
+    "save_steps": ((lambda v: v >= 0), "at least 0 (0: checkpoints at epoch ends only)"),
+    "save_total_limit": _at_least(1),
+    "temperature": _POSITIVE, "alpha_ce": _NON_NEGATIVE, "alpha_kd": _NON_NEGATIVE,
+}
+
+
 def validate_args(args: argparse.Namespace) -> None:
-    """Catch wrong flag combinations before anything is loaded."""
+    """Catch wrong values and flag combinations before anything is loaded."""
     def need(cond: bool, message: str) -> None:
         if not cond:
             raise ConfigError(message)
 
-    need(args.max_seq_length > 0 and args.doc_stride > 0, "--max_seq_length and --doc_stride must be positive")
-    need(args.doc_stride < args.max_seq_length, "--doc_stride must be smaller than --max_seq_length")
-    need(args.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be at least 1")
-    need(args.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be at least 1")
-    need(args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1")
-    need(args.learning_rate > 0, "--learning_rate must be positive")
-    need(0.0 <= args.warmup_ratio < 1.0, "--warmup_ratio must be in [0, 1)")
-    need(args.logging_steps >= 1, "--logging_steps must be at least 1")
-    need(args.save_total_limit >= 1, "--save_total_limit must be at least 1")
-    if args.eval_strategy == "steps":
-        need(args.eval_steps is not None and args.eval_steps >= 1,
-             "--eval_strategy steps needs --eval_steps N (N >= 1)")
-    if args.mode == "distill" or args.command == "recipe":
-        need(args.temperature > 0, f"--temperature must be > 0, got {args.temperature}")
-        need(args.alpha_ce >= 0 and args.alpha_kd >= 0, "--alpha_ce and --alpha_kd must be >= 0")
+    for name, (in_range, expected) in RANGES.items():
+        value = getattr(args, name, None)
+        need(value is None or in_range(value), f"--{name} must be {expected}, got {value}")
+    if hasattr(args, "max_steps"):  # the training flags (every command but predict/export)
+        _validate_training_flags(args)
+    if getattr(args, "student_layers", None) is not None:
+        args.student_layers = ",".join(str(i) for i in parse_student_layers(args.student_layers))
+    device = getattr(args, "device", "auto")
+    need(DEVICES.fullmatch(device) is not None,
+         f"--device {device} is not supported; choose auto, cpu, cuda or cuda:N (N: the GPU's index)")
+    if device.startswith("cuda"):
+        _check_cuda_device(device)
+
     if args.command in ("finetune", "evaluate"):
         need(args.model_name_or_path is not None, f"{args.command} needs --model_name_or_path")
     if args.command == "distill":
-        need(args.teacher_model_name_or_path is not None, "distill needs --teacher_model_name_or_path")
-        need(args.model_name_or_path is not None or args.student_layers is not None,
-             "distill needs a student: --model_name_or_path S, or --student_layers 0,2,4 to build it from the teacher")
+        if args.do_train:
+            need(args.teacher_model_name_or_path is not None, "distill needs --teacher_model_name_or_path")
+            need(args.model_name_or_path is not None or args.student_layers is not None,
+                 "distill needs a student: --model_name_or_path S, or --student_layers 0,2,4 to build it from "
+                 "the teacher")
+        else:
+            need(args.model_name_or_path is not None,
+                 "--do_eval/--do_predict without --do_train use --model_name_or_path as it is: give it")
+    if args.command in ("finetune", "distill"):
+        need(args.do_predict or args.test_file is None, "--test_file is read by --do_predict only: add --do_predict")
+        if args.do_predict:
+            need(args.test_file is not None, "--do_predict needs --test_file F (the questions to answer)")
+            need(os.path.isfile(args.test_file), f"--test_file {args.test_file}: file not found")
     if args.command in ("finetune", "distill", "evaluate"):
         need(args.output_dir is not None, f"{args.command} needs --output_dir")
     if args.command == "evaluate":
         need(args.validation_file is not None or args.dataset_name, "evaluate needs --validation_file")
+    if getattr(args, "output_dir", None) is not None:
+        check_output_dir(args.output_dir)
+    if getattr(args, "teacher_logits_cache", None):
+        check_output_dir(args.teacher_logits_cache, "--teacher_logits_cache")
+
+
+def _validate_training_flags(args: argparse.Namespace) -> None:
+    """Flag combinations of the training loop (ranges of single flags are in RANGES)."""
+    if not (args.max_steps == -1 or args.max_steps >= 1):
+        raise ConfigError(f"--max_steps must be at least 1 (or -1: train --num_train_epochs), got {args.max_steps}")
+    if args.max_steps == -1 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
+        raise ConfigError(f"--num_train_epochs must be > 0 and finite, got {args.num_train_epochs}")
+    if args.doc_stride >= args.max_seq_length:
+        raise ConfigError("--doc_stride must be smaller than --max_seq_length")
+    if args.eval_strategy == "steps" and args.eval_steps is None:
+        raise ConfigError("--eval_strategy steps needs --eval_steps N (N >= 1)")
+    if args.command in ("distill", "recipe") and args.alpha_ce == 0 and args.alpha_kd == 0:
+        raise ConfigError("--alpha_ce and --alpha_kd are both 0: nothing would be learnt; "
+                          "give one of them a weight > 0")
+    if args.precision == "fp16" and args.device == "cpu":
+        raise ConfigError("--precision fp16 needs a CUDA GPU; on the CPU choose --precision auto, fp32 or bf16")

@@ -287,7 +287,8 @@ def prepare_eval_features(
 
 
 class QACollator:
-    """Pads a list of features to the batch's longest one, rounded up to `pad_to_multiple_of`.
+    """Pads a list of features to the batch's longest one, rounded up to `pad_to_multiple_of`
+    (or to at least `pad_to_length` when given).
 
     input_ids are padded with `pad_token_id`, attention_mask and token_type_ids with 0;
     start_positions, end_positions and feature_index (where present) become int64 [B] tensors.
@@ -303,7 +304,8 @@ class QACollator:
     SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
     SCALAR_KEYS = ("start_positions", "end_positions", "feature_index")
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8, teacher_logits=None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8, teacher_logits=None,
+                 pad_to_length: int | None = None):
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: the tokenizer has no pad token; set tokenizer.pad_token first")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
@@ -311,6 +313,7 @@ class QACollator:
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of or 1
         self.teacher_logits = teacher_logits
+        self.pad_to_length = pad_to_length  # run_qa.py's --pad_to_max_length: every batch this wide
 
     def __repr__(self) -> str:
         cache = f", teacher_logits={self.teacher_logits.path!r}" if self.teacher_logits is not None else ""
@@ -342,6 +345,8 @@ class QACollator:
             raise ValueError("QACollator: a feature has empty input_ids")
         multiple = self.pad_to_multiple_of
         width = int(-(-int(lengths.max()) // multiple) * multiple)
+        if self.pad_to_length is not None:
+            width = max(width, self.pad_to_length)
         mask = np.arange(width)[None, :] < lengths[:, None]
 
         batch = {}

@@ -346,12 +346,14 @@ def set_up(args, dist: DistState) -> Run:
     train_examples, train_features, eval_examples, eval_features = load_datasets(args, tokenizer)
     if len(train_features) == 0:
         raise ValueError("no training features: the training set is empty after filtering")
-    collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
+    pad_to_length = args.max_seq_length if args.pad_to_max_length else None
+    collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8, pad_to_length=pad_to_length)
     student.to(dist.device)
     train_collator = collator
     if teacher is not None and args.teacher_logits_cache:
         cache = teacher_logits_from_cache(args, teacher, tokenizer, train_features, collator, dist, autocast_dtype)
-        train_collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8, teacher_logits=cache)
+        train_collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8, teacher_logits=cache,
+                                    pad_to_length=pad_to_length)
         teacher = None  # distillation now runs no teacher at all
         if dist.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -698,7 +700,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     model = load_qa_model(args.model_name_or_path, attn_implementation=args.attn_implementation).to(device)
     tokenizer = load_tokenizer(args.model_name_or_path)
     _, _, eval_examples, eval_features = load_datasets(args, tokenizer, need_train=False)
-    collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
+    collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8,
+                          pad_to_length=args.max_seq_length if args.pad_to_max_length else None)
     metrics, predictions = evaluate_model(model, eval_examples, eval_features, collator,
                                           batch_size=args.per_device_eval_batch_size, device=device,
                                           n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,

@@ -1,0 +1,303 @@
+"""The command line (kdqa/config.py, train.py): --config files parsed as flags are, every numeric flag
+range-checked at parse time, devices and output folders checked before anything loads, and the
+flags run_qa.py users type (--do_*, --fp16/--bf16, --pad_to_max_length, args.json).
+
+Bad input must end in exit code 2 and one line on stderr naming the flag, never a traceback; most
+tests stop at parsing and need no model.
+"""
+
+import json
+import os
+import sys
+import types
+
+import pytest
+
+import train
+from kdqa.config import ConfigError, parse_args
+from kdqa.features import QACollator
+
+FINETUNE = ["finetune", "--model_name_or_path", "m"]
+
+
+def main_error(argv, capsys, code=2) -> str:
+    """Run train.py in-process; assert it failed with `code` and one line of stderr, and return that line."""
+    assert train.main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture
+def out(tmp_path):
+    return str(tmp_path / "out")
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+# --------------------------------------------------------------- issue 11.3: --config is parsed as flags are
+
+@pytest.mark.parametrize("value, expected", [('"false"', False), ("false", False), ("true", True), ('"True"', True)])
+def test_config_booleans_are_strict_true_or_false(tmp_path, out, value, expected):
+    cfg = write(tmp_path / "c.yaml", f"group_by_length: {value}\n")
+    assert parse_args(FINETUNE + ["--output_dir", out, "--config", cfg]).group_by_length is expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("precision: fp64\n", "invalid choice: 'fp64' (choose from 'auto', 'bf16', 'fp16', 'fp32')"),
+    ("max_steps: 3.0\n", "argument --max_steps: invalid int value: '3.0'"),
+    ("per_device_train_batch_size: 1.5\n", "invalid int value: '1.5'"),
+    ("learning_rate: fast\n", "invalid float value: 'fast'"),
+    ("group_by_length: maybe\n", "group_by_length: expected true or false, got 'maybe'"),
+    ("train_file: true\n", "train_file: expected one"),
+    ("num_train_epochs: -1\n", "--num_train_epochs must be > 0"),
+    ("learning_rat: 0.1\nwarmup: 3\n", "unknown key(s) ['learning_rat', 'warmup'] for 'finetune'"),
+])
+def test_config_values_go_through_the_flags_types_choices_and_ranges(tmp_path, out, capsys, text, message):
+    cfg = write(tmp_path / "c.yaml", text)
+    err = main_error(FINETUNE + ["--output_dir", out, "--config", cfg], capsys)
+    assert message in err
+
+
+def test_config_before_the_sub_command_is_applied_and_flags_override_it(tmp_path, out):
+    cfg = write(tmp_path / "c.yaml", f"learning_rate: 0.001\ntemperature: 4.0\nmodel_name_or_path: m\n"
+                                     f"output_dir: {out}\nstudent_layers: [0, 2]\n")
+    args = parse_args(["--config", cfg, "distill", "--teacher_model_name_or_path", "t", "--temperature", "3"])
+    assert args.command == "distill" and args.learning_rate == 0.001 and args.temperature == 3.0
+    assert args.model_name_or_path == "m" and args.student_layers == "0,2"
+    with pytest.raises(ConfigError, match="--config is given more than once"):
+        parse_args(["--config", cfg, "distill", "--config", cfg])
+
+
+def test_a_lone_json_file_after_the_command_is_a_config_file_as_hfargumentparser_allows(tmp_path, out):
+    cfg = write(tmp_path / "args.json", json.dumps({"model_name_or_path": "m", "output_dir": out, "do_train": True,
+                                                    "do_eval": True, "fp16": False, "max_seq_length": 128,
+                                                    "doc_stride": 32, "learning_rate": 3e-5}))
+    args = parse_args(["finetune", cfg])
+    assert (args.max_seq_length, args.doc_stride, args.learning_rate) == (128, 32, 3e-5)
+    assert args.do_train and args.do_eval and args.precision == "auto"
+    cfg = write(tmp_path / "args.yaml", f"model_name_or_path: m\noutput_dir: {out}\nbf16: true\n")
+    assert parse_args(["finetune", cfg]).precision == "bf16"
+
+
+# --------------------------------------------------------------- issue 11.5: ranges checked at parse time
+
+@pytest.mark.parametrize("flags, flag", [
+    (["--num_train_epochs", "0"], "--num_train_epochs"),
+    (["--num_train_epochs", "-1"], "--num_train_epochs"),
+    (["--num_train_epochs", "inf"], "--num_train_epochs"),
+    (["--max_steps", "0"], "--max_steps"),
+    (["--logging_steps", "0"], "--logging_steps"),
+    (["--eval_strategy", "steps", "--eval_steps", "0"], "--eval_steps"),
+    (["--save_steps", "-1"], "--save_steps"),
+    (["--weight_decay", "-0.01"], "--weight_decay"),
+    (["--adam_beta1", "-0.1"], "--adam_beta1"),
+    (["--adam_beta2", "1.0"], "--adam_beta2"),
+    (["--adam_epsilon", "0"], "--adam_epsilon"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm"),
+    (["--learning_rate", "inf"], "--learning_rate"),
+    (["--learning_rate", "nan"], "--learning_rate"),
+    (["--n_best_size", "0"], "--n_best_size"),
+    (["--max_answer_length", "0"], "--max_answer_length"),
+    (["--max_eval_samples", "0"], "--max_eval_samples"),
+    (["--max_train_samples", "0"], "--max_train_samples"),
+    (["--max_query_length", "0"], "--max_query_length"),
+    (["--dataloader_num_workers", "-1"], "--dataloader_num_workers"),
+    (["--seed", "-1"], "--seed"),
+    (["--student_layers", ""], "--student_layers"),
+    (["--student_layers", "0,,2"], "--student_layers"),
+    (["--student_layers", "0,-1"], "--student_layers"),
+    (["--student_layers", "0,2,0"], "--student_layers"),
+])
+def test_out_of_range_numbers_are_refused_at_parse_time_naming_the_flag(out, capsys, flags, flag):
+    err = main_error(FINETUNE + ["--output_dir", out, *flags], capsys)
+    assert err.startswith("train.py: error: " + flag), err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "inf"], "--temperature must be > 0 and finite"),
+    (["--alpha_ce", "0", "--alpha_kd", "0"], "nothing would be learnt"),
+    (["--alpha_kd", "-0.5"], "--alpha_kd must be >= 0"),
+])
+def test_distillation_weights_and_temperature_are_range_checked(out, capsys, flags, message):
+    err = main_error(["distill", "--teacher_model_name_or_path", "t", "--model_name_or_path", "m",
+                      "--output_dir", out, *flags], capsys)
+    assert message in err
+
+
+def test_empty_student_layers_no_longer_distils_the_teacher_into_a_full_copy_of_itself(out, capsys):
+    err = main_error(["distill", "--teacher_model_name_or_path", "t", "--student_layers", "", "--output_dir", out],
+                     capsys)
+    assert "--student_layers ''" in err and "0,2,4" in err
+
+
+def test_boundaries_that_mean_something_are_accepted(out):
+    args = parse_args(FINETUNE + ["--output_dir", out, "--save_steps", "0", "--max_grad_norm", "0",
+                                  "--weight_decay", "0", "--max_steps", "5", "--num_train_epochs", "0"])
+    assert args.save_steps == 0 and args.max_steps == 5  # 0: checkpoints at epoch ends; epochs unused
+    args = parse_args(["distill", "--teacher_model_name_or_path", "t", "--student_layers", " 4, 0 ,2",
+                       "--output_dir", out, "--alpha_ce", "0"])
+    assert args.student_layers == "4,0,2"
+
+
+# --------------------------------------------------------------- issue 11.11: one line, before anything loads
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu", "mps"])
+def test_unsupported_device_is_one_line_naming_the_choices(out, capsys, device):
+    err = main_error(FINETUNE + ["--output_dir", out, "--device", device], capsys)
+    assert f"--device {device} is not supported; choose auto, cpu, cuda or cuda:N" in err
+
+
+def test_a_gpu_that_is_not_there_is_one_line_before_anything_loads(out, capsys):
+    import torch
+
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    err = main_error(FINETUNE + ["--output_dir", out, "--device", missing], capsys)
+    assert err.startswith(f"train.py: error: --device {missing}: ")
+
+
+def test_output_dir_that_is_or_sits_under_a_file_is_one_line(tmp_path, capsys):
+    regular = tmp_path / "file.txt"
+    regular.write_text("x")
+    err = main_error(FINETUNE + ["--output_dir", str(regular / "run")], capsys)
+    assert "--output_dir" in err and "is a file" in err
+    err = main_error(FINETUNE + ["--output_dir", str(regular)], capsys)
+    assert "is a file, not a folder" in err
+    err = main_error(["distill", "--teacher_model_name_or_path", "t", "--model_name_or_path", "m", "--output_dir",
+                      str(tmp_path / "o"), "--teacher_logits_cache", str(regular / "cache")], capsys)
+    assert "--teacher_logits_cache" in err
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write anywhere")
+def test_output_dir_without_write_permission_is_one_line(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    err = main_error(FINETUNE + ["--output_dir", str(locked / "run")], capsys)
+    assert "no permission to write" in err
+
+
+def test_precision_errors_name_the_choices(out, capsys):
+    err = main_error(FINETUNE + ["--output_dir", out, "--precision", "fp64"], capsys)
+    assert "invalid choice: 'fp64'" in err and "'bf16'" in err and "'fp32'" in err
+    err = main_error(FINETUNE + ["--output_dir", out, "--fp16", "--device", "cpu"], capsys)
+    assert "--precision fp16 needs a CUDA GPU" in err and "fp32 or bf16" in err
+
+
+# --------------------------------------------------------------- issue 12: what run_qa.py users type
+
+def test_fp16_and_bf16_are_aliases_of_precision(out, capsys):
+    assert parse_args(FINETUNE + ["--output_dir", out, "--bf16"]).precision == "bf16"
+    args = parse_args(FINETUNE + ["--output_dir", out, "--fp16", "--precision", "fp16"])
+    assert args.precision == "fp16" and not hasattr(args, "fp16")
+    assert "--fp16 contradicts --precision bf16" in main_error(
+        FINETUNE + ["--output_dir", out, "--fp16", "--precision", "bf16"], capsys)
+    assert "contradict" in main_error(FINETUNE + ["--output_dir", out, "--fp16", "--bf16"], capsys)
+
+
+def test_version_2_with_negative_is_refused_as_squad_v1_only(out, capsys):
+    err = main_error(FINETUNE + ["--output_dir", out, "--version_2_with_negative"], capsys)
+    assert "SQuAD v1.1 only" in err
+
+
+def test_help_says_where_our_defaults_differ_from_run_qa(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["finetune", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for flag, theirs in (("--per_device_train_batch_size", "8"), ("--learning_rate", "5e-05"),
+                         ("--weight_decay", "0.0"), ("--pad_to_max_length", "True")):
+        section = help_text[help_text.index(flag + " ", help_text.index("options:")):]
+        assert f"run_qa.py's: {theirs})" in section[:400], flag
+
+
+@pytest.fixture
+def phases(monkeypatch):
+    """train.py with the trainer and kdqa.inference replaced by recorders: which phases ran, and how."""
+    import kdqa.trainer
+
+    calls = []
+    monkeypatch.setattr(kdqa.trainer, "train", lambda args: calls.append(("train", args)) or {})
+    monkeypatch.setattr(kdqa.trainer, "evaluate", lambda args: calls.append(("evaluate", args)) or {})
+    fake = types.ModuleType("kdqa.inference")
+    fake.predict_command = lambda args: calls.append(("predict", args)) or {}
+    monkeypatch.setitem(sys.modules, "kdqa.inference", fake)
+    return calls
+
+
+def run_phases(calls, argv):
+    assert train.main(argv) == 0
+    return [(name, args.model_name_or_path, getattr(args, "eval_strategy", None)) for name, args in calls]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], [("train", "m", "epoch")]),  # no --do_*: train and evaluate, as always
+    (["--do_train", "--do_eval"], [("train", "m", "epoch")]),
+    (["--do_train"], [("train", "m", "no")]),
+    (["--do_eval"], [("evaluate", "m", "epoch")]),
+    (["--do_train", "--do_predict", "--test_file", "TEST"], [("train", "m", "no"), ("predict", "OUT", "no")]),
+    (["--do_predict", "--test_file", "TEST"], [("predict", "m", "epoch")]),
+])
+def test_do_flags_choose_the_phases_as_in_run_qa(phases, tmp_path, out, flags, expected):
+    test_file = write(tmp_path / "test.json", "{}")
+    flags = [test_file if f == "TEST" else f for f in flags]
+    ran = run_phases(phases, FINETUNE + ["--output_dir", out, *flags])
+    assert ran == [(name, out if model == "OUT" else model, strategy) for name, model, strategy in expected]
+
+
+def test_do_predict_without_predict_support_fails_before_training(phases, monkeypatch, tmp_path, out, capsys):
+    monkeypatch.setitem(sys.modules, "kdqa.inference", None)  # as if kdqa.inference did not exist
+    test_file = write(tmp_path / "test.json", "{}")
+    err = main_error(FINETUNE + ["--output_dir", out, "--do_train", "--do_predict", "--test_file", test_file],
+                     capsys, code=1)
+    assert "--do_predict is not available" in err and phases == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--do_predict"], "--do_predict needs --test_file"),
+    (["--do_predict", "--test_file", "missing.json"], "--test_file missing.json: file not found"),
+    (["--test_file", "t.json"], "--test_file is read by --do_predict only"),
+    (["--do_train", "--eval_strategy", "steps", "--eval_steps", "5"], "add --do_eval"),
+])
+def test_inconsistent_do_flags_are_one_line(out, capsys, flags, message):
+    assert message in main_error(FINETUNE + ["--output_dir", out, *flags], capsys)
+
+
+def test_distill_eval_only_needs_no_teacher_but_a_model(phases, out, capsys):
+    assert run_phases(phases, ["distill", "--model_name_or_path", "m", "--output_dir", out, "--do_eval"]) == [
+        ("evaluate", "m", "epoch")]
+    err = main_error(["distill", "--teacher_model_name_or_path", "t", "--student_layers", "0", "--output_dir", out,
+                      "--do_eval"], capsys)
+    assert "--model_name_or_path" in err
+
+
+def test_collator_pads_to_a_fixed_length_when_asked():
+    features = [{"input_ids": [5, 6, 7], "start_positions": 1, "end_positions": 2},
+                {"input_ids": [5, 6], "start_positions": 0, "end_positions": 0}]
+    assert QACollator(0)(features)["input_ids"].shape == (2, 8)
+    batch = QACollator(0, pad_to_length=24)(features)
+    assert batch["input_ids"].shape == (2, 24) and batch["attention_mask"].sum().item() == 5
+
+
+def test_pad_to_max_length_reaches_the_collator(tmp_path, monkeypatch):
+    """evaluate --pad_to_max_length on a tiny model: every batch is --max_seq_length wide."""
+    import kdqa.trainer
+    from tiny_models import make_model_folder, make_name_task, tiny_bert_config, write_squad
+
+    widths = []
+
+    class RecordingCollator(QACollator):
+        def __call__(self, features):
+            batch = super().__call__(features)
+            widths.append(batch["input_ids"].shape[1])
+            return batch
+
+    monkeypatch.setattr(kdqa.trainer, "QACollator", RecordingCollator)
+    model = make_model_folder(str(tmp_path / "m"), tiny_bert_config(dropout=0.0))
+    dev = write_squad(str(tmp_path / "dev.json"), make_name_task(8, seed=2, prefix="d"))
+    argv = ["evaluate", "--model_name_or_path", model, "--validation_file", dev, "--output_dir",
+            str(tmp_path / "ev"), "--max_seq_length", "96", "--doc_stride", "32", "--disable_tqdm",
+            "--pad_to_max_length"]
+    assert train.main(argv) == 0 and set(widths) == {96}  # the features are shorter (the collator test above)

@@ -41,11 +41,11 @@ import triton
 import triton.language as tl
 
 #: Rows up to this many columns are handled by one block held in registers.
-SINGLE_BLOCK_MAX = 8192
+SINGLE_BLOCK_MAX = 2048
 #: Smallest column block: shorter rows share one compiled variant (QA rows, L = 384, take 512).
 MIN_BLOCK = 512
-#: Column block of the two-pass path for longer rows.
-LOOP_BLOCK = 4096
+#: Column block of the two-pass path for longer rows (its second pass reads the row from L2).
+LOOP_BLOCK = 2048
 #: Rows handled per step when a program counts its side's kept rows, and when the last program
 #: sums the row contributions (fixed, so the summation order depends on B only).
 ROW_CHUNK = 256
@@ -54,35 +54,31 @@ BWD_BLOCK = 2048
 
 
 @triton.jit
-def _label_ok(y, row_mask_base, m_sl, L, HAS_MASK: tl.constexpr):
-    """Whether gold index ``y`` counts for CE: inside ``[0, L)`` and, with a mask, not masked."""
+def _label_ok(y, row_mask_base, m_sl, L):
+    """Whether gold index ``y`` counts for CE: inside ``[0, L)`` and not masked."""
     ok = (y >= 0) & (y < L)
-    if HAS_MASK:
-        y_safe = tl.where(ok, y, 0)
-        ok = ok & (tl.load(row_mask_base + y_safe * m_sl, mask=ok, other=0) != 0)
-    return ok
+    y_safe = tl.where(ok, y, 0)
+    return ok & (tl.load(row_mask_base + y_safe * m_sl, mask=ok, other=0) != 0)
 
 
 @triton.jit
-def _kept_rows(POS, p_s, MASK, m_sb, m_sl, B, L, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr):
+def _kept_rows(POS, p_s, MASK, m_sb, m_sl, B, L, CHUNK: tl.constexpr):
     """Number of rows of one side whose label counts (the CE denominator), computed on device."""
     count = 0
     for start in range(0, B, CHUNK):
         rows = (start + tl.arange(0, CHUNK)).to(tl.int64)
         in_batch = rows < B
         y = tl.load(POS + rows * p_s, mask=in_batch, other=-1)
-        ok = in_batch & _label_ok(y, MASK + rows * m_sb, m_sl, L, HAS_MASK)
+        ok = in_batch & _label_ok(y, MASK + rows * m_sb, m_sl, L)
         count += tl.sum(ok.to(tl.int32), axis=0)
     return count
 
 
 @triton.jit
-def _valid_columns(row_mask_base, cols, m_sl, L, HAS_MASK: tl.constexpr):
+def _valid_columns(row_mask_base, cols, m_sl, L):
     """Columns of a block that take part in the softmaxes: inside the row and not masked."""
-    valid = cols < L
-    if HAS_MASK:
-        valid = valid & (tl.load(row_mask_base + cols * m_sl, mask=valid, other=0) != 0)
-    return valid
+    inside = cols < L
+    return inside & (tl.load(row_mask_base + cols * m_sl, mask=inside, other=0) != 0)
 
 
 @triton.jit
@@ -128,11 +124,11 @@ def _qa_distill_fwd_kernel(
     s1_sb, s1_sl,  # student end logits [B, L]: row stride, column stride
     t0_sb, t0_sl,  # teacher start logits [B, L] (the student's when there is no teacher)
     t1_sb, t1_sl,  # teacher end logits [B, L]
-    m_sb, m_sl,  # mask [B, L] read as bytes (0, 0 without a mask)
+    m_sb, m_sl,  # mask [B, L] read as bytes; without a mask, (0, 1) over a row of ones
     p0_s, p1_s,  # start / end positions [B] int64: stride between rows
     B, L, temperature, alpha_ce, alpha_kd, kd_row_scale, kd_grad_scale,
     store_grad,  # 0 or 1 (runtime, so that it adds no compiled variant)
-    HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr, SINGLE: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK: tl.constexpr, S_COL1: tl.constexpr, T_COL1: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """One program per (row, side); outputs: GRAD [2, B, L] float32 (when store_grad),
@@ -148,11 +144,11 @@ def _qa_distill_fwd_kernel(
     # same types this way.
     if which == 0:
         y = tl.load(P0 + b64 * p0_s)
-        count = _kept_rows(P0, p0_s, MASK, m_sb, m_sl, B, L, HAS_MASK, CHUNK)
+        count = _kept_rows(P0, p0_s, MASK, m_sb, m_sl, B, L, CHUNK)
     else:
         y = tl.load(P1 + b64 * p1_s)
-        count = _kept_rows(P1, p1_s, MASK, m_sb, m_sl, B, L, HAS_MASK, CHUNK)
-    label_ok = _label_ok(y, m_base, m_sl, L, HAS_MASK)
+        count = _kept_rows(P1, p1_s, MASK, m_sb, m_sl, B, L, CHUNK)
+    label_ok = _label_ok(y, m_base, m_sl, L)
     y = tl.where(label_ok, y, -1)
     inv_count = 1.0 / tl.maximum(count.to(tl.float32), 1.0)
 
@@ -184,7 +180,7 @@ def _qa_distill_fwd_kernel(
 
     if SINGLE:
         cols = tl.arange(0, BLOCK).to(tl.int64)
-        valid = _valid_columns(m_base, cols, m_sl, L, HAS_MASK)
+        valid = _valid_columns(m_base, cols, m_sl, L)
         s = _load_block(s_base, cols, s_sl, valid)
         m_s = tl.max(s, axis=0)
         m_s = tl.where(m_s == float("-inf"), 0.0, m_s)  # an all-masked row: keep exp() finite
@@ -213,7 +209,7 @@ def _qa_distill_fwd_kernel(
         z_p = 0.0
         for start in range(0, L, BLOCK):
             cols = start + tl.arange(0, BLOCK).to(tl.int64)
-            valid = _valid_columns(m_base, cols, m_sl, L, HAS_MASK)
+            valid = _valid_columns(m_base, cols, m_sl, L)
             s = _load_block(s_base, cols, s_sl, valid)
             m_new = tl.maximum(m_s, tl.max(s, axis=0))
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -235,7 +231,7 @@ def _qa_distill_fwd_kernel(
         kl_row = 0.0
         for start in range(0, L, BLOCK):
             cols = start + tl.arange(0, BLOCK).to(tl.int64)
-            valid = _valid_columns(m_base, cols, m_sl, L, HAS_MASK)
+            valid = _valid_columns(m_base, cols, m_sl, L)
             s = _load_block(s_base, cols, s_sl, valid)
             tt = s
             if HAS_TEACHER:
@@ -316,10 +312,17 @@ def choose_blocking(L: int, block_size: Optional[int] = None) -> Blocking:
         if block <= 0 or block & (block - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
         single = block >= L
-    return Blocking(single, block, 4 if block <= 1024 else 8 if block <= 4096 else 16)
+    # At most 8 elements per thread and at most 8 warps (up to 255 registers per thread): the
+    # widest variant (teacher, every input strided, so every element carries 64-bit addresses)
+    # uses about 110 on sm_80 and sm_90 (benchmarks/RESULTS.md), far from spilling.
+    warps = 4 if block <= 1024 else 8
+    if block > 8 * 32 * warps:
+        raise ValueError(f"block_size {block} is above the largest block, {8 * 32 * warps}")
+    return Blocking(single, block, warps)
 
 
 _TICKETS: dict = {}
+_NO_MASK: dict = {}
 
 
 def _ticket(device: torch.device) -> torch.Tensor:
@@ -330,6 +333,17 @@ def _ticket(device: torch.device) -> torch.Tensor:
     if ticket is None:
         ticket = _TICKETS[device] = torch.zeros(1, dtype=torch.int32, device=device)
     return ticket
+
+
+def _no_mask(device: torch.device, L: int) -> torch.Tensor:
+    """A row of at least L bytes of 1, read with row stride 0 as the mask when none is given: the
+    same compiled variant as a contiguous mask serves both.  Cached per device and grown to the
+    next power of two when a longer row comes (the only launches besides the kernel's)."""
+    ones = _NO_MASK.get(device)
+    if ones is None or ones.numel() < L:
+        ones = _NO_MASK[device] = torch.ones(triton.next_power_of_2(L), dtype=torch.uint8,
+                                             device=device)
+    return ones
 
 
 @dataclasses.dataclass
@@ -364,9 +378,12 @@ def plan_forward(s_start, s_end, start_positions, end_positions, t_start=None, t
     grad = torch.empty((2, B, L), device=device, dtype=torch.float32) if store_grad else None
     t0 = t_start if has_teacher else s_start
     t1 = t_end if has_teacher else s_end
-    # A bool tensor is passed as its bytes (same storage, no copy); without a mask, any pointer.
-    m = mask.view(torch.uint8) if mask is not None else out
-    m_sb, m_sl = (m.stride(0), m.stride(1)) if mask is not None else (0, 0)
+    # A bool tensor is passed as its bytes (same storage, no copy).
+    if mask is not None:
+        m = mask.view(torch.uint8)
+        m_sb, m_sl = m.stride(0), m.stride(1)
+    else:
+        m, m_sb, m_sl = _no_mask(device, L), 0, 1
     T = float(temperature)
     args = (
         s_start, s_end, t0, t1, m, p0, p1, grad if store_grad else out, row_terms,
@@ -378,7 +395,7 @@ def plan_forward(s_start, s_end, start_positions, end_positions, t_start=None, t
         float(alpha_kd) * T * 0.5 / B, int(store_grad),
     )
     constexprs = dict(
-        HAS_TEACHER=has_teacher, HAS_MASK=mask is not None, SINGLE=blocking.single,
+        HAS_TEACHER=has_teacher, SINGLE=blocking.single,
         BLOCK=blocking.block, S_COL1=s_start.stride(1) == 1 and s_end.stride(1) == 1,
         T_COL1=t0.stride(1) == 1 and t1.stride(1) == 1, CHUNK=ROW_CHUNK)
     return ForwardLaunch((B, 2), args, constexprs, blocking.num_warps, out, grad)

@@ -105,14 +105,17 @@ def launch_of(v: Variant):
             dict(plan.constexprs, num_warps=plan.num_warps))
 
 
-def compile_variant(v: Variant, arch: int) -> dict:
-    """Compile one variant for sm_<arch> as a launch would, and read its resource usage."""
+def compile_variant(v: Variant, arch: int, num_warps=None) -> dict:
+    """Compile one variant for sm_<arch> as a launch would, and read its resource usage
+    (``num_warps`` overrides the launcher's, for the probe that shows the spill check works)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
     fn, args, kwargs = launch_of(v)
+    if num_warps is not None:
+        kwargs["num_warps"] = num_warps
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     # The JIT's own specialisation of these arguments (types, constants, alignment attributes).
@@ -126,6 +129,12 @@ def compile_variant(v: Variant, arch: int) -> dict:
     return dict(dataclasses.asdict(v), arch=f"sm_{arch}", label=v.label(),
                 num_warps=kwargs["num_warps"], block=kwargs.get("BLOCK"),
                 single=kwargs.get("SINGLE", True), **usage)
+
+
+def qa_distill_single_max() -> int:
+    from kernels import qa_distill
+
+    return qa_distill.SINGLE_BLOCK_MAX
 
 
 def cuobjdump_path() -> str:
@@ -195,12 +204,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON record per variant")
     parser.add_argument("--markdown", action="store_true", help="print the RESULTS.md table")
+    parser.add_argument("--spill_probe", action="store_true",
+                        help="compile only one variant squeezed into one warp (it must spill)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="compiler processes (default: one per CPU)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the compiler")
-    results = compile_everything(args.workers)
+    if args.spill_probe:
+        results = [compile_variant(Variant("fwd", qa_distill_single_max(), "float32", "float32",
+                                           False), 80, num_warps=1)]
+    else:
+        results = compile_everything(args.workers)
     if args.json:
         print(json.dumps(results))
     if args.markdown or not args.json:

@@ -458,6 +458,7 @@ class QADistillFunction(torch.autograd.Function):
             s_start, s_end, start_positions, end_positions, t_start, t_end, mask,
             temperature, alpha_ce, alpha_kd, store_grad=store, block_size=block_size)
         ctx.mark_non_differentiable(ce, kd)
+        ctx.set_materialize_grads(False)  # no zero tensors for the gradients of ce and kd
         ctx.save_for_backward(grad)
         ctx.dtype = s_start.dtype
         return loss, ce, kd

@@ -59,18 +59,31 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def load_kernel():
-    """Import ``kernels.qa_distill`` on first use, so ``import kdqa.loss`` works without triton.
+#: Import names of kdqa's ``kernels/`` folder: installed, it is ``kdqa_kernels`` (``kernels`` is
+#: also Hugging Face's kernel hub); in a checkout run from the repository root, ``kernels``.
+KERNEL_PACKAGES = ("kdqa_kernels", "kernels")
+
+
+def load_kernel(module: str = "qa_distill"):
+    """Import ``module`` of kdqa's kernels folder on first use, so ``import kdqa.loss`` works
+    without triton.
 
     Lazy also because triton decides between compiling and interpreting when the kernel module
     is imported: TRITON_INTERPRET must be set by then.
     """
-    try:
-        return importlib.import_module("kernels.qa_distill")
-    except ImportError as exc:
-        raise ImportError(
-            "impl='triton' needs the triton package (pip install triton, Linux only); "
-            "use impl='torch' for the PyTorch reference") from exc
+    for package in KERNEL_PACKAGES:
+        if importlib.util.find_spec(package) is None:
+            continue
+        try:
+            return importlib.import_module(f"{package}.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{package}.{module}":  # not "this folder is someone else's kernels"
+                raise ImportError(
+                    "impl='triton' needs the triton package (pip install triton, Linux only); "
+                    "use impl='torch' for the PyTorch reference") from exc
+    raise ImportError(f"kdqa's kernels.{module} was not found (neither as kdqa_kernels, installed "
+                      "with kdqa, nor as kernels/ of a checkout): reinstall kdqa (pip install -e .) "
+                      "or use impl='torch'")
 
 
 def _is_number(x) -> bool:

@@ -56,7 +56,7 @@ def forward_blockings():
     """{blocking: largest row length that selects it}, over every length up to twice the
     single-block limit (beyond it the choice no longer changes).  The largest, so that Triton's
     value specialisation does not see the untypical L = 1."""
-    from kernels import qa_distill
+    from . import qa_distill
 
     found = {}
     for length in range(1, 2 * qa_distill.SINGLE_BLOCK_MAX + 1):
@@ -86,7 +86,7 @@ def _logits(B, L, dtype, contiguous):
 def launch_of(v: Variant):
     """(kernel, positional args, keyword args) exactly as the launcher would launch them."""
     import torch
-    from kernels import qa_distill
+    from . import qa_distill
 
     if v.kernel == "bwd":
         grad = torch.zeros(2, BATCH, 384)
@@ -132,7 +132,7 @@ def compile_variant(v: Variant, arch: int, num_warps=None) -> dict:
 
 
 def qa_distill_single_max() -> int:
-    from kernels import qa_distill
+    from . import qa_distill
 
     return qa_distill.SINGLE_BLOCK_MAX
 

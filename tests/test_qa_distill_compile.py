@@ -18,6 +18,8 @@ import pytest
 
 
 triton = pytest.importorskip("triton")
+from kdqa.loss import load_kernel  # noqa: E402
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -51,7 +53,7 @@ def compiled():
 
 @pytest.mark.slow
 def test_every_launcher_variant_compiles_for_sm80_and_sm90(compiled):
-    from kernels import compile_check, qa_distill
+    compile_check, qa_distill = load_kernel("compile_check"), load_kernel()
 
     blocks = {(b.single, b.block, b.num_warps) for b in compile_check.forward_blockings()}
     seen = {(r["single"], r["block"], r["num_warps"]) for r in compiled if r["kernel"] == "fwd"}
@@ -69,11 +71,9 @@ def test_every_launcher_variant_compiles_for_sm80_and_sm90(compiled):
 
 @pytest.mark.slow
 def test_no_variant_spills_registers(compiled):
-    from kernels.compile_check import spills
-
     spilled = [f"{r['label']} {r['arch']}: {r['registers']} registers, "
                f"{r['stack_bytes']} B stack, {r['local_instructions']} local loads/stores"
-               for r in compiled if spills(r)]
+               for r in compiled if load_kernel("compile_check").spills(r)]
     assert not spilled, "register spills:\n" + "\n".join(spilled)
 
 
@@ -82,6 +82,4 @@ def test_the_spill_check_sees_a_spilling_variant():
     """One warp holding a 2048-column row with a strided teacher (64 values per thread) must
     spill: proof that the check above can fail."""
     (probe,) = _compile_check("--spill_probe")
-    from kernels.compile_check import spills
-
-    assert spills(probe), probe
+    assert load_kernel("compile_check").spills(probe), probe

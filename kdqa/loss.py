@@ -39,6 +39,10 @@ __all__ = ["QALoss", "qa_distillation_loss", "qa_distillation_loss_reference", "
            "triton_available", "interpreter_enabled"]
 
 IMPLS = ("auto", "triton", "torch")
+#: What ``impl`` (the ``--loss_impl`` flag) picks.
+IMPL_HELP = ("fused Triton loss or its PyTorch reference (auto: Triton on CUDA tensors, and on the "
+             "CPU when TRITON_INTERPRET=1 was set before start-up, which runs the kernel in "
+             "Triton's interpreter: exact but slow, for tests; otherwise the reference)")
 
 
 class QALoss(NamedTuple):
@@ -191,7 +195,10 @@ def qa_distillation_loss(student_start_logits: Tensor, student_end_logits: Tenso
                          temperature: float = 2.0, alpha_ce: float = 0.5, alpha_kd: float = 0.5,
                          mask: Optional[Tensor] = None, impl: str = "auto") -> QALoss:
     """The distillation loss of the module docstring; ``impl`` picks the Triton kernel or the
-    PyTorch reference ("auto": Triton on CUDA tensors, and on the CPU under TRITON_INTERPRET=1).
+    PyTorch reference ("auto": Triton on CUDA tensors, and on the CPU under TRITON_INTERPRET=1,
+    which must be set before the kernel is first used: it runs the kernel in Triton's
+    interpreter, exact but slow; "triton" on a CPU tensor without it is an error).  The kernel
+    is one device launch forward and one backward.
 
     Returns float32 scalars on the logits' device (float64 from the reference for float64
     logits).  Teacher logits never receive a gradient.  Nothing here synchronises with the host.

@@ -14,6 +14,10 @@ Two launches in all, and nothing else on the device:
 
 Nothing synchronises with the host.  The O(B) count per program is negligible at QA batch sizes
 (B <= a few hundred); it reads positions that every program of a side shares (cached in L2).
+Besides the two launches, only first uses allocate on the device: the per-device ticket and the
+row of ones read in place of a missing mask (so warm up once before capturing a CUDA graph), and
+positions that are not int64 are converted (one launch each).  Forward calls on one device share
+the ticket, so they must not overlap on different streams.
 
 Mathematics (see ``kdqa.loss`` for the user-facing contract), per row with valid positions V
 (inside the row and, when a mask is given, where it is True):

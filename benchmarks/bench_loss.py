@@ -30,6 +30,11 @@ Next to it, a device-to-device copy (``dst.copy_(src)``) moving the same number 
 buffer of bytes/2, read once and written once) is timed in the same run; ``pct_copy`` is the
 loss's bandwidth as a percentage of the copy's.
 
+Launches: each impl's device launches for one forward and one backward (``launches`` in the CSV,
+in brackets after the time in the tables): on a GPU the CUDA kernels, copies and memsets that the
+profiler records; on the CPU the aten ops that would launch a kernel plus the Triton launches
+(``kernels/launch_count.py``).  The fused loss is 1 + 1.
+
 Every row is also checked numerically: loss and gradients of each impl against the eager
 formulation run in float32 on the same inputs (``max_err``: largest gradient difference relative to
 the largest reference gradient; ``loss_err``: relative loss difference).
@@ -208,6 +213,40 @@ class Timer:
         return statistics.median(times)
 
 
+def count_launches(fn, inputs, args):
+    """{pass: device launches} of one call after a warm-up: the CUDA kernels, copies and memsets
+    the profiler sees on a GPU; on the CPU, the aten ops that would launch one plus the Triton
+    launches (``kernels.launch_count``).  The gradient seed is made outside the count."""
+    test_in = clone_inputs(inputs)
+    leaves = [test_in["s_start"], test_in["s_end"]]
+    seed = torch.ones((), device=args.device)
+    torch.autograd.grad(call(fn, test_in, args), leaves, grad_outputs=seed)  # warm-up
+
+    if args.device == "cuda":
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        def counted(step):
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                result = step()
+                torch.cuda.synchronize()
+            return result, sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+    else:
+        from kdqa.loss import load_kernel
+
+        counter = load_kernel("launch_count").count_launches
+
+        def counted(step):
+            with counter() as c:
+                result = step()
+            return result, c.total
+
+    loss, fwd = counted(lambda: call(fn, test_in, args))
+    _, bwd = counted(lambda: torch.autograd.grad(loss, leaves, grad_outputs=seed))
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
+
+
 def bench_case(fn, inputs, args, timer, passes):
     """Times the requested passes of one impl on one input set; returns {pass: ms} and peak memory."""
     leaves = [inputs["s_start"], inputs["s_end"]]
@@ -353,7 +392,7 @@ def environment(args):
     }
 
 
-CSV_FIELDS = ["kind", "dtype", "batch", "seq_len", "impl", "pass", "ms", "peak_mb", "extra_mb",
+CSV_FIELDS = ["kind", "dtype", "batch", "seq_len", "impl", "pass", "ms", "launches", "peak_mb", "extra_mb",
               "bytes", "gbps", "copy_gbps", "pct_copy", "loss_err", "max_err", "agrees", "note"]
 
 
@@ -370,7 +409,9 @@ def write_markdown(path, rows, env, args, impls):
     for k in ("device", "date", "torch", "triton", "cuda", "python", "triton_interpret", "command"):
         lines.append(f"- {k}: `{env[k]}`")
     lines.append(f"- loss: T={args.temperature}, alpha_ce={args.alpha_ce}, alpha_kd={args.alpha_kd}; "
-                 "times in ms (median); speed-up = other impl's time / triton's time")
+                 "times in ms (median), each followed by the impl's device launches in brackets "
+                 "(CUDA kernels, copies and memsets seen by the profiler; on the CPU, launching aten ops + "
+                 "Triton launches); speed-up = other impl's time / triton's time")
     lines.append("- bytes (GB/s): forward 4*B*L*itemsize (read student+teacher start/end logits); backward and "
                  "forward+backward 6*B*L*itemsize (also write the 2 gradients); copy = `dst.copy_(src)` of the same bytes")
     lines.append("")
@@ -396,7 +437,10 @@ def write_markdown(path, rows, env, args, impls):
             cells = [kind, dtype, str(b), str(l)]
             for impl in impls:
                 r = get(impl)
-                cells.append(fmt(r["ms"]) if r and r["ms"] is not None else (r["note"] if r else "-"))
+                if r and r["ms"] is not None:
+                    cells.append(fmt(r["ms"]) + (f" ({r['launches']})" if r["launches"] is not None else ""))
+                else:
+                    cells.append(r["note"] if r else "-")
 
             def ratio(other):
                 o = get(other)
@@ -536,15 +580,16 @@ def main(argv=None):
                     if not agrees:
                         failures.append(f"{impl} {kind} {dname} {batch}x{length}: loss_err={loss_err:.2e} grad_err={grad_err:.2e}")
                     times, peak_mb, extra_mb = bench_case(fn, inputs, args, timer, args.passes)
+                    launches = count_launches(fn, inputs, args)
                     note = ""
                 except torch.cuda.OutOfMemoryError:
-                    times, peak_mb, extra_mb = {}, float("nan"), float("nan")
+                    times, peak_mb, extra_mb, launches = {}, float("nan"), float("nan"), {}
                     loss_err = grad_err = agrees = None
                     note = "OOM"
                 except Exception as err:  # an impl that cannot run this case is recorded, not fatal
                     if args.smoke:
                         raise
-                    times, peak_mb, extra_mb = {}, float("nan"), float("nan")
+                    times, peak_mb, extra_mb, launches = {}, float("nan"), float("nan"), {}
                     loss_err = grad_err = agrees = None
                     note = f"error: {type(err).__name__}"
                     print(f"  {impl} {kind} {dname} {batch}x{length}: {type(err).__name__}: {err}")
@@ -557,13 +602,14 @@ def main(argv=None):
                     nbytes = bytes_moved(batch, length, dtype, pass_name)
                     gbps = nbytes / (ms * 1e-3) / 1e9 if ms else None
                     cbw = copy_bw.get(nbytes)
-                    rows.append({**row_base, "pass": pass_name, "ms": ms, "peak_mb": peak_mb, "extra_mb": extra_mb,
+                    rows.append({**row_base, "pass": pass_name, "ms": ms, "launches": launches.get(pass_name),
+                                 "peak_mb": peak_mb, "extra_mb": extra_mb,
                                  "bytes": nbytes, "gbps": gbps, "copy_gbps": cbw,
                                  "pct_copy": 100.0 * gbps / cbw if gbps and cbw and not math.isnan(cbw) else None,
                                  "loss_err": loss_err, "max_err": grad_err,
                                  "agrees": "-" if agrees is None else ("yes" if agrees else "no"), "note": note})
                 print(f"  {kind:4s} {dname:4s} B={batch:<5d} L={length:<6d} {impl:8s} "
-                      + " ".join(f"{p}={times[p]:.3f}ms" for p in args.passes if p in times)
+                      + " ".join(f"{p}={times[p]:.3f}ms ({launches[p]} launches)" for p in args.passes if p in times)
                       + (f"  err={grad_err:.1e}" if grad_err is not None else "") + (f" {note}" if note else ""))
     csv_path = os.path.join(args.out, "bench_loss.csv")
     with open(csv_path, "w", newline="") as f:

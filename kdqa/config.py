@@ -17,6 +17,8 @@ import sys
 
 import yaml
 
+from kdqa import loss
+
 RECIPE_DEFAULTS = {
     "teacher_model_name_or_path": "bert-base-uncased",
     "model_name_or_path": "distilbert-base-uncased",
@@ -78,8 +80,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 on GPUs that support it, else fp16 with a gradient scaler; fp32 on the CPU")
-    g.add_argument("--loss_impl", choices=["auto", "triton", "torch"], default="auto",
-                   help="fused Triton loss or its PyTorch reference (auto: Triton on CUDA)")
+    g.add_argument("--loss_impl", choices=["auto", "triton", "torch"], default="auto", help=loss.IMPL_HELP)
     g.add_argument("--seed", type=int, default=42, help="seed of weights init, dropout and data order")
     g.add_argument("--group_by_length", action="store_true", help="batch features of similar length together")
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the student (and online teacher)")

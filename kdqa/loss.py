@@ -39,6 +39,10 @@ __all__ = ["QALoss", "qa_distillation_loss", "qa_distillation_loss_reference", "
            "triton_available", "interpreter_enabled"]
 
 IMPLS = ("auto", "triton", "torch")
+#: What ``impl`` (the ``--loss_impl`` flag) picks.
+IMPL_HELP = ("fused Triton loss or its PyTorch reference (auto: Triton on CUDA tensors, and on the "
+             "CPU when TRITON_INTERPRET=1 was set before start-up, which runs the kernel in "
+             "Triton's interpreter: exact but slow, for tests; otherwise the reference)")
 
 
 class QALoss(NamedTuple):
@@ -59,18 +63,31 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def load_kernel():
-    """Import ``kernels.qa_distill`` on first use, so ``import kdqa.loss`` works without triton.
+#: Import names of kdqa's ``kernels/`` folder: installed, it is ``kdqa_kernels`` (``kernels`` is
+#: also Hugging Face's kernel hub); in a checkout run from the repository root, ``kernels``.
+KERNEL_PACKAGES = ("kdqa_kernels", "kernels")
+
+
+def load_kernel(module: str = "qa_distill"):
+    """Import ``module`` of kdqa's kernels folder on first use, so ``import kdqa.loss`` works
+    without triton.
 
     Lazy also because triton decides between compiling and interpreting when the kernel module
     is imported: TRITON_INTERPRET must be set by then.
     """
-    try:
-        return importlib.import_module("kernels.qa_distill")
-    except ImportError as exc:
-        raise ImportError(
-            "impl='triton' needs the triton package (pip install triton, Linux only); "
-            "use impl='torch' for the PyTorch reference") from exc
+    for package in KERNEL_PACKAGES:
+        if importlib.util.find_spec(package) is None:
+            continue
+        try:
+            return importlib.import_module(f"{package}.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{package}.{module}":  # not "this folder is someone else's kernels"
+                raise ImportError(
+                    "impl='triton' needs the triton package (pip install triton, Linux only); "
+                    "use impl='torch' for the PyTorch reference") from exc
+    raise ImportError(f"kdqa's kernels.{module} was not found (neither as kdqa_kernels, installed "
+                      "with kdqa, nor as kernels/ of a checkout): reinstall kdqa (pip install -e .) "
+                      "or use impl='torch'")
 
 
 def _is_number(x) -> bool:
@@ -178,7 +195,10 @@ def qa_distillation_loss(student_start_logits: Tensor, student_end_logits: Tenso
                          temperature: float = 2.0, alpha_ce: float = 0.5, alpha_kd: float = 0.5,
                          mask: Optional[Tensor] = None, impl: str = "auto") -> QALoss:
     """The distillation loss of the module docstring; ``impl`` picks the Triton kernel or the
-    PyTorch reference ("auto": Triton on CUDA tensors, and on the CPU under TRITON_INTERPRET=1).
+    PyTorch reference ("auto": Triton on CUDA tensors, and on the CPU under TRITON_INTERPRET=1,
+    which must be set before the kernel is first used: it runs the kernel in Triton's
+    interpreter, exact but slow; "triton" on a CPU tensor without it is an error).  The kernel
+    is one device launch forward and one backward.
 
     Returns float32 scalars on the logits' device (float64 from the reference for float64
     logits).  Teacher logits never receive a gradient.  Nothing here synchronises with the host.

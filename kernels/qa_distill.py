@@ -1,10 +1,23 @@
-"""Fused QA distillation loss: the Triton kernel, its launcher and its autograd Function.
+"""Fused QA distillation loss: the Triton kernels, their launchers and the autograd Function.
 
-One launch covers the start and the end rows (grid ``(B, 2)``).  Each program reads one row of the
-student (and, when given, the teacher) once for the statistics and once for the outputs, and
-writes the row's CE and KL contributions plus the gradient of the *whole loss* with respect to its
-student row.  Backward therefore only multiplies that stored gradient by ``grad_output``; nothing
-in forward or backward synchronises with the host, so the loss can be captured in a CUDA graph.
+Two launches in all, and nothing else on the device:
+
+* forward, one launch with grid ``(B, 2)`` (program ``(b, 0)`` takes start row ``b``, ``(b, 1)``
+  its end row).  Each program decides its own row's label (the ignore rules below), counts the kept
+  rows of its side by reading that side's B positions, reads its student (and teacher) row once for
+  the statistics and once for the outputs, writes the gradient of the *whole loss* with respect to
+  its student row in float32, and its CE and KL contributions.  The last program to finish (found
+  with an integer atomic ticket) sums those contributions in a fixed order, writes ``loss, ce, kd``
+  and resets the ticket: deterministic (no float atomics) and safe to replay in a CUDA graph;
+* backward, one launch that multiplies the stored gradient by ``grad_output`` and writes both
+  gradients in the student's dtype.
+
+Nothing synchronises with the host.  The O(B) count per program is negligible at QA batch sizes
+(B <= a few hundred); it reads positions that every program of a side shares (cached in L2).
+Besides the two launches, only first uses allocate on the device: the per-device ticket and the
+row of ones read in place of a missing mask (so warm up once before capturing a CUDA graph), and
+positions that are not int64 are converted (one launch each).  Forward calls on one device share
+the ticket, so they must not overlap on different streams.
 
 Mathematics (see ``kdqa.loss`` for the user-facing contract), per row with valid positions V
 (inside the row and, when a mask is given, where it is True):
@@ -17,22 +30,66 @@ Mathematics (see ``kdqa.loss`` for the user-facing contract), per row with valid
 
 Rows up to ``SINGLE_BLOCK_MAX`` columns are held in registers in one block; longer rows take two
 passes over column blocks, the first an online (rescaled) max/sum for ``s``, ``s/T`` and ``t/T``
-(``s/T`` shares the running max of ``s``).
+(``s/T`` shares the running max of ``s``).  Column offsets are int64 throughout: with a column
+stride of 1 (specialised to a constant by Triton) that costs nothing, and rows of any stride and
+length stay correct.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 #: Rows up to this many columns are handled by one block held in registers.
-SINGLE_BLOCK_MAX = 8192
-#: Column block of the two-pass path for longer rows.
-LOOP_BLOCK = 4096
-#: Column offsets switch to int64 when a row's furthest element lies this far from the base
-#: (row bases are always int64); module-level so that a test can force the int64 path.
-OFF64_LIMIT = 2**31 - 1
+SINGLE_BLOCK_MAX = 2048
+#: Smallest column block: shorter rows share one compiled variant (QA rows, L = 384, take 512).
+MIN_BLOCK = 512
+#: Column block of the two-pass path for longer rows (its second pass reads the row from L2).
+LOOP_BLOCK = 2048
+#: Rows handled per step when a program counts its side's kept rows, and when the last program
+#: sums the row contributions (fixed, so the summation order depends on B only).
+ROW_CHUNK = 256
+#: Elements per program of the backward kernel.
+BWD_BLOCK = 2048
+
+
+@triton.jit
+def _label_ok(y, row_mask_base, m_sl, L):
+    """Whether gold index ``y`` counts for CE: inside ``[0, L)`` and not masked."""
+    ok = (y >= 0) & (y < L)
+    y_safe = tl.where(ok, y, 0)
+    return ok & (tl.load(row_mask_base + y_safe * m_sl, mask=ok, other=0) != 0)
+
+
+@triton.jit
+def _kept_rows(POS, p_s, MASK, m_sb, m_sl, B, L, CHUNK: tl.constexpr):
+    """Number of rows of one side whose label counts (the CE denominator), computed on device."""
+    count = 0
+    for start in range(0, B, CHUNK):
+        rows = (start + tl.arange(0, CHUNK)).to(tl.int64)
+        in_batch = rows < B
+        y = tl.load(POS + rows * p_s, mask=in_batch, other=-1)
+        ok = in_batch & _label_ok(y, MASK + rows * m_sb, m_sl, L)
+        count += tl.sum(ok.to(tl.int32), axis=0)
+    return count
+
+
+@triton.jit
+def _valid_columns(row_mask_base, cols, m_sl, L):
+    """Columns of a block that take part in the softmaxes: inside the row and not masked."""
+    inside = cols < L
+    return inside & (tl.load(row_mask_base + cols * m_sl, mask=inside, other=0) != 0)
+
+
+@triton.jit
+def _load_block(row_base, cols, col_stride, valid):
+    """One block of a row as float32, -inf where not valid (so it drops out of max and sums)."""
+    x = tl.load(row_base + cols * col_stride, mask=valid, other=0.0).to(tl.float32)
+    return tl.where(valid, x, float("-inf"))
 
 
 @triton.jit
@@ -64,23 +121,44 @@ def _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature,
     return grad, kl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["store_grad"])
 def _qa_distill_fwd_kernel(
-    S0, S1, T0, T1, MASK, LABELS, COUNTS, GRAD, ROW_CE, ROW_KD,
-    s0_sb, s0_sl, s1_sb, s1_sl, t0_sb, t0_sl, t1_sb, t1_sl, m_sb, m_sl,
-    B, L, temperature, alpha_ce, kd_row_scale, kd_grad_scale,
-    HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr, STORE_GRAD: tl.constexpr,
-    SINGLE: tl.constexpr, BLOCK: tl.constexpr, OFF64: tl.constexpr,
-    S_COL1: tl.constexpr, T_COL1: tl.constexpr,
+    S0, S1, T0, T1, MASK, P0, P1, GRAD, ROW_TERMS, TICKET, OUT,
+    s0_sb, s0_sl,  # student start logits [B, L]: stride between rows, between columns
+    s1_sb, s1_sl,  # student end logits [B, L]: row stride, column stride
+    t0_sb, t0_sl,  # teacher start logits [B, L] (the student's when there is no teacher)
+    t1_sb, t1_sl,  # teacher end logits [B, L]
+    m_sb, m_sl,  # mask [B, L] read as bytes; without a mask, (0, 1) over a row of ones
+    p0_s, p1_s,  # start / end positions [B] int64: stride between rows
+    B, L, temperature, alpha_ce, alpha_kd, kd_row_scale, kd_grad_scale,
+    store_grad,  # 0 or 1 (runtime, so that it adds no compiled variant)
+    HAS_TEACHER: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK: tl.constexpr, S_COL1: tl.constexpr, T_COL1: tl.constexpr, CHUNK: tl.constexpr,
 ):
+    """One program per (row, side); outputs: GRAD [2, B, L] float32 (when store_grad),
+    ROW_TERMS [2, 2B] float32 (CE, KD per row; scratch), OUT [3] float32 (loss, ce, kd)."""
     b = tl.program_id(0)
     which = tl.program_id(1)  # 0: start rows, 1: end rows
     b64 = b.to(tl.int64)
     row = which.to(tl.int64) * B + b64
+    m_base = MASK + b64 * m_sb
 
-    # Pick this row's tensors.  Column strides are selected arithmetically (a stride specialised
-    # to the constant 1 in one tensor only would give if-branches different types); when both are
-    # 1 the launcher says so with a constexpr, which keeps loads vectorisable in the usual case.
+    # Label and kept-row count of this row's side.  Each side in its own branch: a position
+    # stride that Triton specialised to the constant 1 on one side only gives the branches the
+    # same types this way.
+    if which == 0:
+        y = tl.load(P0 + b64 * p0_s)
+        count = _kept_rows(P0, p0_s, MASK, m_sb, m_sl, B, L, CHUNK)
+    else:
+        y = tl.load(P1 + b64 * p1_s)
+        count = _kept_rows(P1, p1_s, MASK, m_sb, m_sl, B, L, CHUNK)
+    label_ok = _label_ok(y, m_base, m_sl, L)
+    y = tl.where(label_ok, y, -1)
+    inv_count = 1.0 / tl.maximum(count.to(tl.float32), 1.0)
+
+    # This row's tensors.  Column strides are selected arithmetically (a stride specialised to 1
+    # in one tensor only would give if-branches different types); when both are 1 the launcher
+    # says so with a constexpr, which keeps loads vectorisable in the usual case.
     is_end = which.to(tl.int64)
     if S_COL1:
         s_sl = 1
@@ -99,29 +177,17 @@ def _qa_distill_fwd_kernel(
             t_base = T0 + b64 * t0_sb
         else:
             t_base = T1 + b64 * t1_sb
-    m_base = MASK + b64 * m_sb
 
-    y = tl.load(LABELS + row)  # -1 where the row is ignored (decided on the device by the launcher)
-    label_ok = y >= 0
-    count = tl.load(COUNTS + which).to(tl.float32)
-    ce_grad_scale = tl.where(label_ok, alpha_ce * 0.5 / tl.maximum(count, 1.0), 0.0)
-    y_safe = tl.where(label_ok, y, 0)
-    s_y = tl.load(s_base + y_safe * s_sl).to(tl.float32)
-
-    NEG_INF: tl.constexpr = float("-inf")
+    ce_grad_scale = tl.where(label_ok, alpha_ce * 0.5 * inv_count, 0.0)
+    s_y = tl.load(s_base + tl.where(label_ok, y, 0) * s_sl).to(tl.float32)
     g_base = GRAD + row * L
 
     if SINGLE:
-        cols = tl.arange(0, BLOCK)
-        if OFF64:
-            cols = cols.to(tl.int64)
-        valid = cols < L
-        if HAS_MASK:
-            valid = valid & (tl.load(m_base + cols * m_sl, mask=cols < L, other=0) != 0)
-        s = tl.load(s_base + cols * s_sl, mask=valid, other=0.0).to(tl.float32)
-        s = tl.where(valid, s, NEG_INF)
+        cols = tl.arange(0, BLOCK).to(tl.int64)
+        valid = _valid_columns(m_base, cols, m_sl, L)
+        s = _load_block(s_base, cols, s_sl, valid)
         m_s = tl.max(s, axis=0)
-        m_s = tl.where(m_s == NEG_INF, 0.0, m_s)  # an all-masked row: keep exp() finite
+        m_s = tl.where(m_s == float("-inf"), 0.0, m_s)  # an all-masked row: keep exp() finite
         z_s = tl.sum(tl.exp(s - m_s), axis=0)
         z_q = 1.0
         m_t = 0.0
@@ -129,42 +195,35 @@ def _qa_distill_fwd_kernel(
         tt = s
         if HAS_TEACHER:
             z_q = tl.sum(tl.exp((s - m_s) / temperature), axis=0)
-            tt = tl.load(t_base + cols * t_sl, mask=valid, other=0.0).to(tl.float32)
-            tt = tl.where(valid, tt, NEG_INF)
+            tt = _load_block(t_base, cols, t_sl, valid)
             m_t = tl.max(tt, axis=0)
-            m_t = tl.where(m_t == NEG_INF, 0.0, m_t)
+            m_t = tl.where(m_t == float("-inf"), 0.0, m_t)
             z_p = tl.sum(tl.exp((tt - m_t) / temperature), axis=0)
         grad, kl = _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature,
                                 ce_grad_scale, kd_grad_scale, HAS_TEACHER)
-        if STORE_GRAD:
+        if store_grad:
             tl.store(g_base + cols, grad, mask=cols < L)
         kl_row = tl.sum(kl, axis=0)
     else:
         # Pass 1: online max and rescaled sums of exp(s), exp(s/T) (sharing max(s)) and exp(t/T).
-        m_s = NEG_INF
+        m_s = float("-inf")
         z_s = 0.0
         z_q = 0.0
-        m_t = NEG_INF
+        m_t = float("-inf")
         z_p = 0.0
         for start in range(0, L, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            if OFF64:
-                cols = cols.to(tl.int64)
-            valid = cols < L
-            if HAS_MASK:
-                valid = valid & (tl.load(m_base + cols * m_sl, mask=cols < L, other=0) != 0)
-            s = tl.load(s_base + cols * s_sl, mask=valid, other=0.0).to(tl.float32)
-            s = tl.where(valid, s, NEG_INF)
+            cols = start + tl.arange(0, BLOCK).to(tl.int64)
+            valid = _valid_columns(m_base, cols, m_sl, L)
+            s = _load_block(s_base, cols, s_sl, valid)
             m_new = tl.maximum(m_s, tl.max(s, axis=0))
-            m_new = tl.where(m_new == NEG_INF, 0.0, m_new)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
             z_s = z_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
             if HAS_TEACHER:
                 z_q = z_q * tl.exp((m_s - m_new) / temperature) \
                     + tl.sum(tl.exp((s - m_new) / temperature), axis=0)
-                tt = tl.load(t_base + cols * t_sl, mask=valid, other=0.0).to(tl.float32)
-                tt = tl.where(valid, tt, NEG_INF)
+                tt = _load_block(t_base, cols, t_sl, valid)
                 mt_new = tl.maximum(m_t, tl.max(tt, axis=0))
-                mt_new = tl.where(mt_new == NEG_INF, 0.0, mt_new)
+                mt_new = tl.where(mt_new == float("-inf"), 0.0, mt_new)
                 z_p = z_p * tl.exp((m_t - mt_new) / temperature) \
                     + tl.sum(tl.exp((tt - mt_new) / temperature), axis=0)
                 m_t = mt_new
@@ -175,122 +234,216 @@ def _qa_distill_fwd_kernel(
         # Pass 2: gradients and the KL sum with the final statistics.
         kl_row = 0.0
         for start in range(0, L, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            if OFF64:
-                cols = cols.to(tl.int64)
-            valid = cols < L
-            if HAS_MASK:
-                valid = valid & (tl.load(m_base + cols * m_sl, mask=cols < L, other=0) != 0)
-            s = tl.load(s_base + cols * s_sl, mask=valid, other=0.0).to(tl.float32)
-            s = tl.where(valid, s, NEG_INF)
+            cols = start + tl.arange(0, BLOCK).to(tl.int64)
+            valid = _valid_columns(m_base, cols, m_sl, L)
+            s = _load_block(s_base, cols, s_sl, valid)
             tt = s
             if HAS_TEACHER:
-                tt = tl.load(t_base + cols * t_sl, mask=valid, other=0.0).to(tl.float32)
-                tt = tl.where(valid, tt, NEG_INF)
+                tt = _load_block(t_base, cols, t_sl, valid)
             grad, kl = _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature,
                                     ce_grad_scale, kd_grad_scale, HAS_TEACHER)
-            if STORE_GRAD:
+            if store_grad:
                 tl.store(g_base + cols, grad, mask=cols < L)
             kl_row += tl.sum(kl, axis=0)
 
     # (m_s - s_y) + log z_s rather than (m_s + log z_s) - s_y: no cancellation for large logits.
-    ce_row = tl.where(label_ok, ((m_s - s_y) + tl.log(z_s)) * 0.5 / tl.maximum(count, 1.0), 0.0)
-    tl.store(ROW_CE + row, ce_row)
-    if HAS_TEACHER:
-        tl.store(ROW_KD + row, kl_row * kd_row_scale)
+    ce_row = tl.where(label_ok, ((m_s - s_y) + tl.log(z_s)) * 0.5 * inv_count, 0.0)
+    n_rows = 2 * B
+    tl.store(ROW_TERMS + row, ce_row)
+    tl.store(ROW_TERMS + n_rows + row, kl_row * kd_row_scale)
+
+    # The last program to arrive sums the row terms in a fixed order (no float atomics), then
+    # resets the ticket for the next launch (and for CUDA-graph replays).
+    tl.debug_barrier()  # every thread's stores above happen before the release below
+    ticket = tl.atomic_add(TICKET, 1, sem="acq_rel")
+    if ticket == n_rows - 1:
+        ce_acc = tl.zeros([CHUNK], dtype=tl.float32)
+        kd_acc = tl.zeros([CHUNK], dtype=tl.float32)
+        for start in range(0, n_rows, CHUNK):
+            idx = start + tl.arange(0, CHUNK)
+            inside = idx < n_rows
+            ce_acc += tl.load(ROW_TERMS + idx, mask=inside, other=0.0, cache_modifier=".cg")
+            kd_acc += tl.load(ROW_TERMS + n_rows + idx, mask=inside, other=0.0,
+                              cache_modifier=".cg")
+        ce = tl.sum(ce_acc, axis=0)
+        kd = tl.sum(kd_acc, axis=0)
+        if HAS_TEACHER:
+            loss = alpha_ce * ce + alpha_kd * kd
+        else:
+            kd = 0.0
+            loss = alpha_ce * ce
+        tl.store(OUT, loss)
+        tl.store(OUT + 1, ce)
+        tl.store(OUT + 2, kd)
+        tl.atomic_xchg(TICKET, 0)
 
 
-def _num_warps(block: int) -> int:
-    if block <= 1024:
-        return 4
-    if block <= 4096:
-        return 8
-    return 16
+@triton.jit
+def _qa_distill_bwd_kernel(GRAD, GRAD_OUT, G0, G1, n_per_side, BLOCK: tl.constexpr):
+    """``G0/G1 [B, L]`` (student dtype, contiguous) = ``GRAD [2, B, L]`` float32 * ``GRAD_OUT``
+    (a float32 scalar on the device); grid ``(cdiv(B L, BLOCK), 2)``."""
+    which = tl.program_id(1)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n_per_side
+    scale = tl.load(GRAD_OUT)
+    g = tl.load(GRAD + which.to(tl.int64) * n_per_side + offs, mask=inside, other=0.0) * scale
+    if which == 0:
+        tl.store(G0 + offs, g.to(G0.dtype.element_ty), mask=inside)
+    else:
+        tl.store(G1 + offs, g.to(G1.dtype.element_ty), mask=inside)
 
 
-def labels_and_counts(start_positions, end_positions, L, mask=None):
-    """Per-row gold index (-1 where ignored) as a [2, B] int64 tensor and the [2] count of kept rows.
+@dataclasses.dataclass(frozen=True)
+class Blocking:
+    """How a row is walked: in one block held in registers, or in two passes over blocks."""
 
-    Computed with tensor ops on the positions' device, so no value ever travels to the host.  A
-    row is ignored when its position is negative, ``>= L``, or (with a mask) on a masked column.
+    single: bool
+    block: int
+    num_warps: int
+
+
+def choose_blocking(L: int, block_size: Optional[int] = None) -> Blocking:
+    """The launcher's choice for rows of L columns (the ahead-of-time compile test enumerates it).
+
+    ``block_size`` forces a column block (a power of two); one smaller than L selects the two-pass
+    path, which the tests use to cover it at small L.
     """
-    pos = torch.stack([start_positions.reshape(-1), end_positions.reshape(-1)]).to(torch.int64)
-    keep = (pos >= 0) & (pos < L)
-    if mask is not None:
-        idx = pos.clamp(0, L - 1)
-        keep = keep & torch.stack([mask.gather(1, idx[0, :, None])[:, 0],
-                                   mask.gather(1, idx[1, :, None])[:, 0]])
-    labels = torch.where(keep, pos, torch.full_like(pos, -1))
-    return labels, keep.sum(dim=1, dtype=torch.int32)
-
-
-def qa_distill_forward(s_start, s_end, start_positions, end_positions, t_start=None, t_end=None,
-                       mask=None, temperature=2.0, alpha_ce=0.5, alpha_kd=0.5, store_grad=True,
-                       block_size=None):
-    """Launch the fused kernel once for all 2B rows.
-
-    Inputs are assumed validated (``kdqa.loss`` does that).  Returns ``(loss, ce, kd, grad)`` where
-    ``grad`` is the float32 ``[2, B, L]`` gradient of ``loss`` w.r.t. the student rows (or None when
-    ``store_grad`` is False).  ``block_size`` forces a column block (a power of two); a block
-    smaller than L selects the two-pass path, which the tests use to cover it at small L.
-    """
-    B, L = s_start.shape
-    device = s_start.device
-    has_teacher = t_start is not None
-    labels, counts = labels_and_counts(start_positions, end_positions, L, mask)
-
     if block_size is None:
         single = L <= SINGLE_BLOCK_MAX
-        block = triton.next_power_of_2(L) if single else LOOP_BLOCK
+        block = max(triton.next_power_of_2(L), MIN_BLOCK) if single else LOOP_BLOCK
     else:
         block = int(block_size)
         if block <= 0 or block & (block - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
         single = block >= L
+    # At most 8 elements per thread and at most 8 warps (up to 255 registers per thread): the
+    # widest variant (teacher, every input strided, so every element carries 64-bit addresses)
+    # uses about 110 on sm_80 and sm_90 (benchmarks/RESULTS.md), far from spilling.
+    warps = 4 if block <= 1024 else 8
+    if block > 8 * 32 * warps:
+        raise ValueError(f"block_size {block} is above the largest block, {8 * 32 * warps}")
+    return Blocking(single, block, warps)
 
-    row_ce = torch.empty(2 * B, device=device, dtype=torch.float32)
-    row_kd = torch.empty(2 * B, device=device, dtype=torch.float32) if has_teacher else row_ce
-    grad = torch.empty((2, B, L), device=device, dtype=torch.float32) if store_grad else row_ce
+
+_TICKETS: dict = {}
+_NO_MASK: dict = {}
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    """The zeroed int32 ticket of ``device``'s forward launches, allocated once per device (each
+    launch leaves it at zero).  Shared by every forward on that device: two forwards must not run
+    concurrently on different streams of one device."""
+    ticket = _TICKETS.get(device)
+    if ticket is None:
+        ticket = _TICKETS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return ticket
+
+
+def _no_mask(device: torch.device, L: int) -> torch.Tensor:
+    """A row of at least L bytes of 1, read with row stride 0 as the mask when none is given: the
+    same compiled variant as a contiguous mask serves both.  Cached per device and grown to the
+    next power of two when a longer row comes (the only launches besides the kernel's)."""
+    ones = _NO_MASK.get(device)
+    if ones is None or ones.numel() < L:
+        ones = _NO_MASK[device] = torch.ones(triton.next_power_of_2(L), dtype=torch.uint8,
+                                             device=device)
+    return ones
+
+
+@dataclasses.dataclass
+class ForwardLaunch:
+    """Everything the forward launch takes, decided without launching (tests compile from it)."""
+
+    grid: tuple
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    out: torch.Tensor
+    grad: Optional[torch.Tensor]
+
+    def run(self):
+        _qa_distill_fwd_kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+
+
+def plan_forward(s_start, s_end, start_positions, end_positions, t_start=None, t_end=None,
+                 mask=None, temperature=2.0, alpha_ce=0.5, alpha_kd=0.5, store_grad=True,
+                 block_size=None) -> ForwardLaunch:
+    """Outputs allocated (``torch.empty``: no device work) and the arguments of the one launch."""
+    B, L = s_start.shape
+    device = s_start.device
+    has_teacher = t_start is not None
+    blocking = choose_blocking(L, block_size)
+    # Positions as int64 (a no-op for the int64 positions collators give).
+    p0 = start_positions.to(torch.int64)
+    p1 = end_positions.to(torch.int64)
+
+    out = torch.empty(3, device=device, dtype=torch.float32)
+    row_terms = torch.empty((2, 2 * B), device=device, dtype=torch.float32)
+    grad = torch.empty((2, B, L), device=device, dtype=torch.float32) if store_grad else None
     t0 = t_start if has_teacher else s_start
     t1 = t_end if has_teacher else s_end
-    # A bool tensor is passed as its bytes (same storage, no copy); without a mask, any pointer.
-    m = mask.view(torch.uint8) if mask is not None else labels
-
-    tensors = [s_start, s_end, t0, t1] + ([mask] if mask is not None else [])
-    max_off = max((L - 1 + block) * abs(x.stride(1)) + (B - 1) * abs(x.stride(0)) for x in tensors)
-    off64 = max(max_off, 2 * B * L + block) >= OFF64_LIMIT
-
+    # A bool tensor is passed as its bytes (same storage, no copy).
+    if mask is not None:
+        m = mask.view(torch.uint8)
+        m_sb, m_sl = m.stride(0), m.stride(1)
+    else:
+        m, m_sb, m_sl = _no_mask(device, L), 0, 1
     T = float(temperature)
-    kd_row_scale = T * T * 0.5 / B
-    kd_grad_scale = float(alpha_kd) * T * 0.5 / B
-    m_sb, m_sl = (m.stride(0), m.stride(1)) if mask is not None else (0, 0)
+    args = (
+        s_start, s_end, t0, t1, m, p0, p1, grad if store_grad else out, row_terms,
+        _ticket(device), out,
+        s_start.stride(0), s_start.stride(1), s_end.stride(0), s_end.stride(1),
+        t0.stride(0), t0.stride(1), t1.stride(0), t1.stride(1), m_sb, m_sl,
+        p0.stride(0), p1.stride(0),
+        B, L, T, float(alpha_ce), float(alpha_kd), T * T * 0.5 / B,
+        float(alpha_kd) * T * 0.5 / B, int(store_grad),
+    )
+    constexprs = dict(
+        HAS_TEACHER=has_teacher, SINGLE=blocking.single,
+        BLOCK=blocking.block, S_COL1=s_start.stride(1) == 1 and s_end.stride(1) == 1,
+        T_COL1=t0.stride(1) == 1 and t1.stride(1) == 1, CHUNK=ROW_CHUNK)
+    return ForwardLaunch((B, 2), args, constexprs, blocking.num_warps, out, grad)
 
-    def launch():
-        _qa_distill_fwd_kernel[(B, 2)](
-            s_start, s_end, t0, t1, m, labels, counts, grad, row_ce, row_kd,
-            s_start.stride(0), s_start.stride(1), s_end.stride(0), s_end.stride(1),
-            t0.stride(0), t0.stride(1), t1.stride(0), t1.stride(1), m_sb, m_sl,
-            B, L, T, float(alpha_ce), kd_row_scale, kd_grad_scale,
-            HAS_TEACHER=has_teacher, HAS_MASK=mask is not None, STORE_GRAD=store_grad,
-            SINGLE=single, BLOCK=block, OFF64=off64,
-            S_COL1=s_start.stride(1) == 1 and s_end.stride(1) == 1,
-            T_COL1=t0.stride(1) == 1 and t1.stride(1) == 1, num_warps=_num_warps(block),
-        )
 
+def _on_device(device: torch.device, fn):
     if device.type == "cuda":
         with torch.cuda.device(device):
-            launch()
-    else:
-        launch()
+            return fn()
+    return fn()
 
-    ce = row_ce.sum()
-    if has_teacher:
-        kd = row_kd.sum()
-        loss = float(alpha_ce) * ce + float(alpha_kd) * kd
-    else:
-        kd = torch.zeros((), device=device, dtype=torch.float32)
-        loss = float(alpha_ce) * ce
-    return loss, ce, kd, grad if store_grad else None
+
+def qa_distill_forward(s_start, s_end, start_positions, end_positions, t_start=None, t_end=None,
+                       mask=None, temperature=2.0, alpha_ce=0.5, alpha_kd=0.5, store_grad=True,
+                       block_size=None):
+    """One launch for all 2B rows and the final reductions.
+
+    Inputs are assumed validated (``kdqa.loss`` does that).  Returns ``(loss, ce, kd, grad)``:
+    float32 scalars (views of one 3-element buffer) and the float32 ``[2, B, L]`` gradient of
+    ``loss`` w.r.t. the student rows (None when ``store_grad`` is False).
+    """
+    launch = plan_forward(s_start, s_end, start_positions, end_positions, t_start, t_end, mask,
+                          temperature, alpha_ce, alpha_kd, store_grad, block_size)
+    try:
+        _on_device(s_start.device, launch.run)
+    except BaseException:
+        # A launch that failed part-way (an interpreter error) may have left the ticket counted.
+        _TICKETS.pop(s_start.device, None)
+        raise
+    out = launch.out
+    return out[0], out[1], out[2], launch.grad
+
+
+def qa_distill_backward(grad, grad_output, dtype):
+    """One launch: ``grad [2, B, L]`` float32 times ``grad_output`` (a device scalar, never read
+    on the host), as two new contiguous ``[B, L]`` tensors of ``dtype``."""
+    _, B, L = grad.shape
+    g0 = torch.empty((B, L), device=grad.device, dtype=dtype)
+    g1 = torch.empty((B, L), device=grad.device, dtype=dtype)
+    scale = grad_output.to(torch.float32)
+    grid = (triton.cdiv(B * L, BWD_BLOCK), 2)
+    _on_device(grad.device, lambda: _qa_distill_bwd_kernel[grid](grad, scale, g0, g1, B * L,
+                                                                 BLOCK=BWD_BLOCK, num_warps=4))
+    return g0, g1
 
 
 class QADistillFunction(torch.autograd.Function):
@@ -309,8 +462,9 @@ class QADistillFunction(torch.autograd.Function):
             s_start, s_end, start_positions, end_positions, t_start, t_end, mask,
             temperature, alpha_ce, alpha_kd, store_grad=store, block_size=block_size)
         ctx.mark_non_differentiable(ce, kd)
+        ctx.set_materialize_grads(False)  # no zero tensors for the gradients of ce and kd
         ctx.save_for_backward(grad)
-        ctx.dtypes = (s_start.dtype, s_end.dtype)
+        ctx.dtype = s_start.dtype
         return loss, ce, kd
 
     @staticmethod
@@ -318,11 +472,9 @@ class QADistillFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         g_start = g_end = None
         if grad_loss is not None and grad is not None:
-            # grad_loss stays a device tensor: no .item(), no host synchronisation.
-            if ctx.needs_input_grad[0]:
-                g_start = (grad[0] * grad_loss).to(ctx.dtypes[0])
-            if ctx.needs_input_grad[1]:
-                g_end = (grad[1] * grad_loss).to(ctx.dtypes[1])
+            g_start, g_end = qa_distill_backward(grad, grad_loss, ctx.dtype)
+            g_start = g_start if ctx.needs_input_grad[0] else None
+            g_end = g_end if ctx.needs_input_grad[1] else None
         return g_start, g_end, None, None, None, None, None, None, None, None, None
 
 

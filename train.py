@@ -1,8 +1,10 @@
-"""kdqa's entry point: fine-tune, distil or evaluate extractive QA models on SQuAD v1.1.
+"""kdqa's entry point: fine-tune, distil, evaluate, query or export extractive QA models (SQuAD v1.1).
 
     python train.py finetune --model_name_or_path M --output_dir D
     python train.py distill --teacher_model_name_or_path T --model_name_or_path S --output_dir D
     python train.py evaluate --model_name_or_path M --validation_file F --output_dir D
+    python train.py predict --model_name_or_path M --question Q --context C   # or --test_file F --output_dir D
+    python train.py export --model_name_or_path M --output_dir E [--quantize int8]   # ONNX (+ int8)
     python train.py            # the seed recipe: teacher, student, distilled student, and their table
 
 Several GPUs: torchrun --nproc_per_node N train.py distill ...
@@ -37,8 +39,14 @@ def main(argv=None) -> int:
             from kdqa.recipe import run_recipe
             run_recipe(args)
         elif args.command == "evaluate":
-            from kdqa.trainer import evaluate
-            evaluate(args)
+            from kdqa.inference import evaluate_command
+            evaluate_command(args)
+        elif args.command == "predict":
+            from kdqa.inference import predict_command
+            predict_command(args)
+        elif args.command == "export":
+            from kdqa.export import export_command
+            export_command(args)
         else:
             from kdqa.trainer import train
             train(args)

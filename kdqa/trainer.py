@@ -4,14 +4,13 @@ One function, `train(args)`, does what Hugging Face's Trainer does for this job 
 data -> features -> models -> optimizer and schedule -> (resume) -> the loop (AMP, gradient
 accumulation, clipping, the fused loss, logging, evaluation, checkpoints) -> the saved model.
 Fine-tuning is distillation without a teacher: both go through `qa_distillation_loss`.
-`evaluate(args)` scores a saved model.
+Evaluation goes through kdqa.inference (`predict_and_score`), as `train.py evaluate` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from kdqa import checkpoint as ckpt
 from kdqa.data import fix_answer_starts, load_squad
 from kdqa.distributed import DistState, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
-from kdqa.evaluation import evaluate_model
+from kdqa.inference import predict_and_score, write_prediction_outputs
 from kdqa.features import QACollator, prepare_eval_features, prepare_train_features
 from kdqa.loss import qa_distillation_loss
 from kdqa.modeling import (build_student_from_layers, check_same_vocab, forward_qa, load_qa_model,
@@ -305,7 +304,7 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
 
     def run_eval(epoch_float: float) -> dict | None:
         if main:
-            metrics, predictions = evaluate_model(
+            metrics, predictions, nbest = predict_and_score(
                 student, eval_examples, eval_features, collator, batch_size=args.per_device_eval_batch_size,
                 device=device, n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
                 autocast_dtype=autocast_dtype, progress=show)
@@ -315,7 +314,7 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
             logger.info("eval at step %d (epoch %.2f): exact_match %.2f f1 %.2f on %d questions (%.1f s)",
                         global_step, epoch_float, metrics["exact_match"], metrics["f1"], metrics["total"],
                         metrics["runtime_s"])
-            result = {"metrics": metrics, "predictions": predictions}
+            result = {"metrics": metrics, "predictions": predictions, "nbest": nbest}
         else:
             result = None
         barrier(dist)
@@ -442,13 +441,16 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
         results["rank_param_checksums"] = check_ranks_in_sync(student, dist)
     if main:
         save_model(student, tokenizer, args)
+        all_results = dict(results)  # run_qa.py's all_results.json: train results + eval_-prefixed eval metrics
         if last_eval is not None:
             results.update(last_eval["metrics"])
-            write_json(os.path.join(args.output_dir, "eval_results.json"), last_eval["metrics"])
-            write_json(os.path.join(args.output_dir, "predictions.json"), last_eval["predictions"])
+            write_prediction_outputs(args.output_dir, "eval", last_eval["predictions"], last_eval["nbest"],
+                                     last_eval["metrics"])
+            all_results.update({f"eval_{k}": v for k, v in last_eval["metrics"].items()})
         plot_curves(metrics_log.records, os.path.join(args.output_dir, "training_curves.png"),
                     title=f"{args.command}: {os.path.basename(os.path.normpath(args.output_dir))}")
         write_json(os.path.join(args.output_dir, "train_results.json"), results)
+        write_json(os.path.join(args.output_dir, "all_results.json"), all_results)
     barrier(dist)
     return results
 
@@ -470,27 +472,3 @@ def save_model(model, tokenizer, args) -> None:
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     write_json(os.path.join(args.output_dir, "training_args.json"), {k: v for k, v in vars(args).items()})
-
-
-# ----------------------------------------------------------------------------- evaluation only
-
-def evaluate(args: argparse.Namespace) -> dict:
-    """Score a saved model on the dev set: eval_results.json and predictions.json in --output_dir."""
-    device = init_distributed(args.device).device
-    quiet_progress_bars(args.disable_tqdm)
-    autocast_dtype, _ = resolve_precision(args.precision, device)
-    model = load_qa_model(args.model_name_or_path, attn_implementation=args.attn_implementation).to(device)
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    _, _, eval_examples, eval_features = load_datasets(args, tokenizer, need_train=False)
-    collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
-    metrics, predictions = evaluate_model(model, eval_examples, eval_features, collator,
-                                          batch_size=args.per_device_eval_batch_size, device=device,
-                                          n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
-                                          autocast_dtype=autocast_dtype, progress=not args.disable_tqdm)
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_json(os.path.join(args.output_dir, "eval_results.json"), metrics)
-    write_json(os.path.join(args.output_dir, "predictions.json"), predictions)
-    logger.info("%s: exact_match %.2f f1 %.2f on %d questions", args.model_name_or_path, metrics["exact_match"],
-                metrics["f1"], metrics["total"])
-    print(json.dumps({"exact_match": metrics["exact_match"], "f1": metrics["f1"]}))
-    return metrics

@@ -146,13 +146,20 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _model_rows(features) -> tuple[list[dict], list[int]]:
-    """Rows with only the model's inputs (cheap to fetch and collate), and their lengths."""
-    if hasattr(features, "column_names") and not isinstance(features, dict):
-        columns = [c for c in MODEL_COLUMNS if c in features.column_names]
+    """Rows with only the model's inputs (cheap to fetch and collate), and their lengths.
+
+    features: a Dataset, a dict of columns (one question's windows) or a list of row dicts.
+    """
+    if isinstance(features, dict) or hasattr(features, "column_names"):
+        names = list(features) if isinstance(features, dict) else features.column_names
+        columns = [c for c in MODEL_COLUMNS if c in names]
         if "input_ids" not in columns:
-            raise ValueError(f"the features have no input_ids column (they have {features.column_names})")
-        table = features.select_columns(columns).with_format("arrow")[:]
-        values = [table.column(c).to_pylist() for c in columns]
+            raise ValueError(f"the features have no input_ids column (they have {names})")
+        if isinstance(features, dict):
+            values = [features[c] for c in columns]
+        else:
+            table = features.select_columns(columns).with_format("arrow")[:]
+            values = [table.column(c).to_pylist() for c in columns]
         rows = [dict(zip(columns, row)) for row in zip(*values)]
     else:
         rows = list(features)
@@ -300,8 +307,9 @@ class QAPredictor:
         return cls(model, tokenizer, description=f"{path} ({what})", **settings)
 
     def features(self, examples):
-        """The windows of the examples (id, question, context), as in training."""
-        return prepare_eval_features(examples, self.tokenizer, **self.window)
+        """The windows of the examples (id, question, context), as in training: a dict of columns
+        for up to a thousand examples (a Dataset costs more than tokenising one question), else a Dataset."""
+        return prepare_eval_features(examples, self.tokenizer, as_dataset=False, **self.window)
 
     def predict(self, examples, *, with_nbest: bool = False, progress: bool = False):
         """(answers {id: Answer}, nbest {id: [...]} or None) for examples with id, question, context."""

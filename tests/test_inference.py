@@ -100,7 +100,7 @@ def test_long_context_is_answered_from_a_later_window(trained):
     name = example["answers"]["text"][0]
     context = " ".join(["w1 w2 w3 w4 w5"] * 12) + f" {name} w6 ."
     features = predictor.features({"id": ["x"], "question": [example["question"]], "context": [context]})
-    assert len(features) > 3
+    assert len(features["input_ids"]) > 3
     answer = predictor.answer(example["question"], context, id="x")
     assert isinstance(answer, Answer) and answer.text == name
     assert context[answer.start:answer.end] == name and answer.score is not None
@@ -132,10 +132,9 @@ def test_predict_and_score_restores_training_mode(trained, dev):
     assert metrics["total"] == 40 and set(predictions) == set(nbest)
     # Length-sorted batches of 7 hand every feature back its own logits.
     starts, _ = logits_over_features(TorchQAModel(network), features, predictor.collate, batch_size=7)
-    row = features[3]
     with torch.no_grad():
         network.eval()
-        expected = network(**{k: torch.tensor([row[k]]) for k in ("input_ids", "attention_mask")})
+        expected = network(**{k: torch.tensor([features[k][3]]) for k in ("input_ids", "attention_mask")})
     np.testing.assert_allclose(starts[3], expected.start_logits[0].numpy(), atol=1e-5)
 
 

@@ -422,8 +422,9 @@ def load_predictor(args) -> QAPredictor:
 
     runtime, quantize = getattr(args, "runtime", "auto"), getattr(args, "quantize", "none")
     device_spec = getattr(args, "device", "auto")
-    if device_spec == "auto" and runtime != "torch" and _onnx_file(args.model_name_or_path, quantize):
-        device_spec = "cpu"  # ONNX Runtime runs on the CPU here
+    if device_spec == "auto" and (quantize == "int8" or runtime != "torch" and _onnx_file(args.model_name_or_path,
+                                                                                         quantize)):
+        device_spec = "cpu"  # ONNX Runtime and PyTorch's dynamic int8 run on the CPU
     device = resolve_device(device_spec)
     autocast_dtype, _ = resolve_precision(getattr(args, "precision", "fp32"), device)
     return QAPredictor.load(

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from kdqa import checkpoint as ckpt
 from kdqa.data import fix_answer_starts, load_squad
 from kdqa.distributed import DistState, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
-from kdqa.inference import predict_and_score, write_prediction_outputs
 from kdqa.features import QACollator, prepare_eval_features, prepare_train_features
+from kdqa.inference import predict_and_score, write_prediction_outputs
 from kdqa.loss import qa_distillation_loss
 from kdqa.modeling import (build_student_from_layers, check_same_vocab, forward_qa, load_qa_model,
                            load_tokenizer, parse_layers)

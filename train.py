@@ -1,8 +1,10 @@
-"""kdqa's entry point: fine-tune, distil or evaluate extractive QA models on SQuAD v1.1.
+"""kdqa's entry point: fine-tune, distil, evaluate, query or export extractive QA models (SQuAD v1.1).
 
     python train.py finetune --model_name_or_path M --output_dir D
     python train.py distill --teacher_model_name_or_path T --model_name_or_path S --output_dir D
     python train.py evaluate --model_name_or_path M --validation_file F --output_dir D
+    python train.py predict --model_name_or_path M --question Q --context C   # or --test_file F --output_dir D
+    python train.py export --model_name_or_path M --output_dir E [--quantize int8]   # ONNX (+ int8)
     python train.py            # the seed recipe: teacher, student, distilled student, and their table
 
 Several GPUs: torchrun --nproc_per_node N train.py distill ...
@@ -15,17 +17,6 @@ import os
 import sys
 
 
-def predict_command_or_error():
-    """kdqa.inference.predict_command, looked up before any training so that --do_predict cannot fail after it."""
-    from kdqa.config import ConfigError
-
-    try:
-        from kdqa.inference import predict_command
-    except ImportError as err:
-        raise ConfigError(f"--do_predict is not available in this kdqa ({err})") from None
-    return predict_command
-
-
 def run_command(args) -> None:
     """Run the sub-command; finetune/distill run the phases --do_train/--do_eval/--do_predict chose."""
     if args.command == "recipe":
@@ -33,19 +24,28 @@ def run_command(args) -> None:
         run_recipe(args)
         return
     if args.command == "evaluate":
-        from kdqa.trainer import evaluate
-        evaluate(args)
+        from kdqa.inference import evaluate_command
+        evaluate_command(args)
         return
-    predict = predict_command_or_error() if args.do_predict else None
+    if args.command == "predict":
+        from kdqa.inference import predict_command
+        predict_command(args)
+        return
+    if args.command == "export":
+        from kdqa.export import export_command
+        export_command(args)
+        return
     if args.do_train:
         from kdqa.trainer import train
         train(args)  # evaluates unless --do_train came without --do_eval (then eval_strategy is "no")
     elif args.do_eval:
-        from kdqa.trainer import evaluate
-        evaluate(args)  # --do_eval alone: the model as it is
-    if predict is not None and int(os.environ.get("RANK", "0")) == 0:
+        from kdqa.inference import evaluate_command
+        evaluate_command(args)  # --do_eval alone: the model as it is
+    if args.do_predict and int(os.environ.get("RANK", "0")) == 0:
+        from kdqa.inference import predict_command
+
         # After training, the trained model in --output_dir answers; without it, --model_name_or_path.
-        predict(argparse.Namespace(**{**vars(args), "model_name_or_path": args.output_dir})
+        predict_command(argparse.Namespace(**{**vars(args), "model_name_or_path": args.output_dir})
                 if args.do_train else args)
 
 

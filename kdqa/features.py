@@ -156,16 +156,18 @@ def _as_dataset(examples) -> Dataset:
     return Dataset.from_list(list(examples))
 
 
-def _map(examples, function, num_proc, desc: str) -> Dataset:
+def _map(examples, function, num_proc, desc: str, as_dataset: bool = True) -> Dataset | dict:
     """Apply a batched conversion. Small inputs (one batch) are converted directly: Dataset.map
-    costs ~0.2 s of fingerprinting per call, which would dominate one-question inference."""
+    costs ~0.2 s of fingerprinting per call, which would dominate one-question inference; with
+    as_dataset=False they stay a dict of columns (Dataset.from_dict costs more than tokenising)."""
     columns = _as_columns(examples) if not num_proc or num_proc == 1 else None
     names = list(columns) if columns is not None else _as_dataset(examples).column_names
     missing = [c for c in ("id", "context", "question") if c not in names]
     if missing:
         raise ValueError(f"the examples lack the SQuAD columns {missing} (they have {names})")
     if columns is not None:
-        return Dataset.from_dict(function(columns))
+        converted = function(columns)
+        return Dataset.from_dict(converted) if as_dataset else converted
     examples = _as_dataset(examples)
     return examples.map(
         function,
@@ -260,9 +262,13 @@ def prepare_eval_features(
     doc_stride: int = DOC_STRIDE,
     max_query_length: int = MAX_QUERY_LENGTH,
     num_proc: int | None = None,
-) -> Dataset:
+    as_dataset: bool = True,
+) -> Dataset | dict:
     """Evaluation features: model inputs, `example_id`, and `offset_mapping` with None for every
-    token outside the context, so span decoding can only pick context tokens."""
+    token outside the context, so span decoding can only pick context tokens.
+
+    as_dataset=False: inputs of up to DIRECT_LIMIT examples give a dict of columns (answering
+    questions one at a time), larger ones a Dataset as always."""
     max_seq_length = _check_setup(tokenizer, max_seq_length, doc_stride, max_query_length)
 
     def convert(batch):
@@ -278,7 +284,7 @@ def prepare_eval_features(
         out["offset_mapping"] = offset_mapping
         return out
 
-    return _map(examples, convert, num_proc, "tokenising evaluation examples")
+    return _map(examples, convert, num_proc, "tokenising evaluation examples", as_dataset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +387,7 @@ class QACollator:
 
 
 class FeatureRows:
-    """Batched access to features (a datasets.Dataset or a list of dicts): model inputs only, as lists.
+    """Batched access to features (a Dataset, a dict of columns or a list of dicts): model inputs only, as lists.
 
     What running a model over features needs (evaluation, the teacher-logits cache): rows by
     index, read a batch at a time, and each feature's number of real tokens.
@@ -390,6 +396,11 @@ class FeatureRows:
     MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
     def __init__(self, features):
+        if isinstance(features, dict):  # a dict of columns (one question's windows, not worth a Dataset)
+            keep = [c for c in self.MODEL_INPUTS if c in features]
+            if "input_ids" not in keep:
+                raise ValueError(f"the features have no input_ids column (they have {sorted(features)})")
+            features = [dict(zip(keep, values)) for values in zip(*(features[c] for c in keep))]
         self._is_dataset = hasattr(features, "with_format") and hasattr(features, "column_names")
         if self._is_dataset:
             if "input_ids" not in features.column_names:

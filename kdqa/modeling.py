@@ -193,15 +193,18 @@ def logits_over_features(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     desc: str = "running the model",
+    forward: Callable | None = None,
 ) -> None:
     """Run a QA model over features, calling on_batch(indices, lengths, start, end) per batch.
 
     Batches are cut from the features sorted by length, longest first, so dynamic padding pads
     little and an out-of-memory error shows in the first batch. The logits are [B, L] on `device`
     in the model's output dtype; row j belongs to feature indices[j], whose real tokens are the
-    first lengths[j]. The model runs in eval mode under inference_mode (its mode is restored).
-    Shared by evaluation and the teacher-logits cache.
+    first lengths[j]. A PyTorch model runs in eval mode under inference_mode (its mode is restored);
+    any other model (ONNX Runtime) runs through `forward(model, batch)`, which defaults to forward_qa.
+    Shared by the inference path (evaluation, predict, benchmarks) and the teacher-logits cache.
     """
+    forward = forward or forward_qa
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     rows = FeatureRows(features)
@@ -212,19 +215,22 @@ def logits_over_features(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(rows), desc=desc, unit="feature")
-    was_training = model.training
-    model.eval()
+    is_module = isinstance(model, torch.nn.Module)
+    was_training = is_module and model.training
+    if is_module:
+        model.eval()
     try:
         with torch.inference_mode(), autocast(device, autocast_dtype):
             for begin in range(0, len(rows), batch_size):
                 indices = order[begin : begin + batch_size]
                 batch = collate_fn(rows.rows(indices))
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in FeatureRows.MODEL_INPUTS}
-                on_batch(indices, lengths[indices], *forward_qa(model, batch))
+                on_batch(indices, lengths[indices], *forward(model, batch))
                 if bar is not None:
                     bar.update(len(indices))
     finally:
-        model.train(was_training)
+        if is_module:
+            model.train(was_training)
         if bar is not None:
             bar.close()
 

@@ -1,4 +1,5 @@
-"""Span decoding: start/end logits of all windows of an example -> its answer text.
+"""Span decoding: start/end logits of all windows of an example -> its answer text, score and
+character offsets.
 
 As run_qa.py's `postprocess_qa_predictions`, with two differences that only make it stricter:
 the n-best start and end indices are taken among context tokens only (run_qa takes them among
@@ -9,7 +10,7 @@ candidates), and the work per window is a few numpy operations instead of a Pyth
 from __future__ import annotations
 
 import collections
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -76,29 +77,46 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     finite = np.flatnonzero(np.isfinite(scores))
     if finite.size <= k:
         return finite
+    if k == 1:  # the first of equal maxima, as np.argmax: ties decode the same on every run
+        return finite[np.argmax(scores[finite])][None]
     part = np.argpartition(-scores[finite], k - 1)[:k]
     return finite[part]
 
 
-def postprocess_qa_predictions(
+class Span(NamedTuple):
+    """The best answer of an example: its text, score (start logit + end logit) and character
+    offsets in the context (context[start:end] == text). No valid span: text "", the rest None."""
+
+    text: str
+    score: float | None
+    start: int | None
+    end: int | None
+
+
+NO_SPAN = Span("", None, None, None)
+
+
+def decode_spans(
     examples,
     features,
     all_start_logits,
     all_end_logits,
     n_best_size: int = 20,
     max_answer_length: int = 30,
-    return_nbest: bool = False,
+    with_nbest: bool = False,
 ):
-    """Answer text per example id, from the logits of all its features.
+    """The best span per example id, from the logits of all its features: (spans, nbest or None).
 
-    examples: Dataset / rows with id and context. features: Dataset / rows with example_id and
-    offset_mapping (None outside the context), in the order of the logits. all_*_logits: one 1-D
-    array per feature (a padded tail past the feature's length is ignored) or a 2-D array.
+    examples: Dataset / rows / dict of columns with id and context (gold answers are not needed).
+    features: Dataset / rows with example_id and offset_mapping (None outside the context), in
+    the order of the logits. all_*_logits: one 1-D array per feature (a padded tail past the
+    feature's length is ignored) or a 2-D array.
 
     Per example, over all its windows: the n_best_size best start and end tokens of the context,
-    spans with end >= start and at most max_answer_length tokens, best start+end score. An example
-    without any valid span gets "". With return_nbest=True also returns id -> n-best list of
-    {text, score, start_logit, end_logit, probability}.
+    spans with end >= start and at most max_answer_length tokens, best start+end score. spans:
+    id -> Span. With with_nbest=True also id -> the n_best_size best distinct spans, best first, as
+    {text, score, start_logit, end_logit, offsets, probability} (probability: softmax of the scores
+    over that list), the content of run_qa.py's nbest file.
     """
     if n_best_size < 1 or max_answer_length < 1:
         raise ValueError("n_best_size and max_answer_length must be at least 1")
@@ -114,67 +132,94 @@ def postprocess_qa_predictions(
     for index, example_id in enumerate(feature_example_ids):
         features_of[example_id].append(index)
 
-    predictions = collections.OrderedDict()
-    nbest_all = collections.OrderedDict()
+    best_spans = collections.OrderedDict()
+    nbest_all = collections.OrderedDict() if with_nbest else None
     for example_id, context in zip(example_ids, contexts):
         candidates = []  # (score, start_char, end_char, start_logit, end_logit)
         for index in features_of.get(example_id, ()):
-            char_starts, char_ends = spans[index]
-            n = len(char_starts)
-            start_logits = np.asarray(start_rows[index], dtype=np.float32)
-            end_logits = np.asarray(end_rows[index], dtype=np.float32)
-            if start_logits.shape[0] < n or end_logits.shape[0] < n:
-                raise ValueError(
-                    f"the logits of feature {index} have {min(start_logits.shape[0], end_logits.shape[0])} entries "
-                    f"but the feature has {n} tokens; pass one row per feature, in feature order"
-                )
-            context_mask = char_starts >= 0
-            start_logits = np.where(context_mask, start_logits[:n], -np.inf)
-            end_logits = np.where(context_mask, end_logits[:n], -np.inf)
-            starts = _top_k(start_logits, n_best_size)
-            ends = _top_k(end_logits, n_best_size)
-            if starts.size == 0 or ends.size == 0:
-                continue
-            lengths = ends[None, :] - starts[:, None]
-            scores = start_logits[starts][:, None] + end_logits[ends][None, :]
-            scores = np.where((lengths >= 0) & (lengths < max_answer_length), scores, -np.inf)
-            if return_nbest:
-                rows, cols = np.nonzero(np.isfinite(scores))
-            else:
-                best = int(np.argmax(scores))
-                rows, cols = np.unravel_index([best], scores.shape)
-                if not np.isfinite(scores[rows[0], cols[0]]):
-                    continue
-            for r, c in zip(rows.tolist(), cols.tolist()):
-                s, e = starts[r], ends[c]
-                candidates.append(
-                    (float(scores[r, c]), int(char_starts[s]), int(char_ends[e]), float(start_logits[s]), float(end_logits[e]))
-                )
+            candidates.extend(
+                _window_candidates(spans[index], start_rows[index], end_rows[index], index, n_best_size,
+                                   max_answer_length, n_best_size if with_nbest else 1)
+            )
         if not candidates:
-            predictions[example_id] = ""
-            if return_nbest:
+            best_spans[example_id] = NO_SPAN
+            if with_nbest:
                 nbest_all[example_id] = []
             continue
         candidates.sort(key=lambda c: -c[0])
-        predictions[example_id] = context[candidates[0][1] : candidates[0][2]]
-        if return_nbest:
-            nbest, seen = [], set()
-            for score, s_char, e_char, s_logit, e_logit in candidates:
-                if (s_char, e_char) in seen:  # the same span seen from two overlapping windows
-                    continue
-                seen.add((s_char, e_char))
-                nbest.append(
-                    {"text": context[s_char:e_char], "score": score, "start_logit": s_logit, "end_logit": e_logit,
-                     "offsets": (s_char, e_char)}
-                )
-                if len(nbest) == n_best_size:
-                    break
-            scores = np.array([p["score"] for p in nbest], dtype=np.float64)
-            probs = np.exp(scores - scores.max())
-            probs /= probs.sum()
-            for p, prob in zip(nbest, probs.tolist()):
-                p["probability"] = prob
-            nbest_all[example_id] = nbest
-    if return_nbest:
-        return predictions, nbest_all
-    return predictions
+        score, s_char, e_char = candidates[0][:3]
+        best_spans[example_id] = Span(context[s_char:e_char], score, s_char, e_char)
+        if with_nbest:
+            nbest_all[example_id] = _nbest_list(candidates, context, n_best_size)
+    return best_spans, nbest_all
+
+
+def _window_candidates(char_spans, start_row, end_row, index: int, n_best_size: int, max_answer_length: int,
+                       keep: int) -> list[tuple]:
+    """The `keep` best valid spans of one window as (score, start_char, end_char, start_logit, end_logit).
+
+    Keeping only the n-best of each window loses nothing: a span outside its window's n-best has
+    n_best_size better, distinct spans before it, so it cannot reach the example's n-best either.
+    """
+    char_starts, char_ends = char_spans
+    n = len(char_starts)
+    start_logits = np.asarray(start_row, dtype=np.float32)
+    end_logits = np.asarray(end_row, dtype=np.float32)
+    if start_logits.shape[0] < n or end_logits.shape[0] < n:
+        raise ValueError(
+            f"the logits of feature {index} have {min(start_logits.shape[0], end_logits.shape[0])} entries "
+            f"but the feature has {n} tokens; pass one row per feature, in feature order"
+        )
+    context_mask = char_starts >= 0
+    start_logits = np.where(context_mask, start_logits[:n], -np.inf)
+    end_logits = np.where(context_mask, end_logits[:n], -np.inf)
+    starts = _top_k(start_logits, n_best_size)
+    ends = _top_k(end_logits, n_best_size)
+    if starts.size == 0 or ends.size == 0:
+        return []
+    lengths = ends[None, :] - starts[:, None]
+    scores = start_logits[starts][:, None] + end_logits[ends][None, :]
+    scores = np.where((lengths >= 0) & (lengths < max_answer_length), scores, -np.inf).ravel()
+    out = []
+    for flat in _top_k(scores, keep).tolist():
+        r, c = divmod(flat, ends.size)
+        s, e = starts[r], ends[c]
+        out.append((float(scores[flat]), int(char_starts[s]), int(char_ends[e]), float(start_logits[s]),
+                    float(end_logits[e])))
+    return out
+
+
+def _nbest_list(candidates: list[tuple], context: str, n_best_size: int) -> list[dict]:
+    """The n best distinct spans (candidates sorted best first) with their softmax probability."""
+    nbest, seen = [], set()
+    for score, s_char, e_char, s_logit, e_logit in candidates:
+        if (s_char, e_char) in seen:  # the same span seen from two overlapping windows
+            continue
+        seen.add((s_char, e_char))
+        nbest.append({"text": context[s_char:e_char], "score": score, "start_logit": s_logit, "end_logit": e_logit,
+                      "offsets": [s_char, e_char]})
+        if len(nbest) == n_best_size:
+            break
+    scores = np.array([p["score"] for p in nbest], dtype=np.float64)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    for p, prob in zip(nbest, probs.tolist()):
+        p["probability"] = prob
+    return nbest
+
+
+def postprocess_qa_predictions(
+    examples,
+    features,
+    all_start_logits,
+    all_end_logits,
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+    return_nbest: bool = False,
+):
+    """Answer text per example id (an example without any valid span gets ""), as run_qa.py's
+    function of that name; with return_nbest=True also the n-best lists (see decode_spans)."""
+    best, nbest = decode_spans(examples, features, all_start_logits, all_end_logits, n_best_size=n_best_size,
+                               max_answer_length=max_answer_length, with_nbest=return_nbest)
+    predictions = collections.OrderedDict((example_id, span.text) for example_id, span in best.items())
+    return (predictions, nbest) if return_nbest else predictions

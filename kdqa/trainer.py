@@ -13,14 +13,13 @@ that read in order:
 
 The mode is stated by the caller (`args.mode`, set by kdqa.config): "finetune" uses no teacher,
 "distill" uses the online teacher or its cached logits. Both go through `qa_distillation_loss`.
-`evaluate(args)` scores a saved model.
+Evaluation goes through kdqa.inference (`predict_and_score`), as `train.py evaluate` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
@@ -37,8 +36,8 @@ from tqdm.auto import tqdm
 from kdqa import checkpoint as ckpt
 from kdqa.data import fix_answer_starts, load_squad
 from kdqa.distributed import DistState, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
-from kdqa.evaluation import evaluate_model
 from kdqa.features import QACollator, prepare_eval_features, prepare_train_features
+from kdqa.inference import predict_and_score, write_prediction_outputs
 from kdqa.loss import qa_distillation_loss
 from kdqa.modeling import (build_student_from_layers, check_same_vocab, forward_qa, load_qa_model,
                            load_tokenizer, parse_layers)
@@ -574,7 +573,7 @@ def score_on_dev(run: Run, epoch: float) -> None:
     """EM/F1 of the student on the dev set (rank 0), logged to metrics.jsonl; every rank waits."""
     p, data, args = run.progress, run.data, run.args
     if run.dist.is_main:
-        metrics, predictions = evaluate_model(
+        metrics, predictions, nbest = predict_and_score(
             run.student, data.eval_examples, data.eval_features, data.collator,
             batch_size=args.per_device_eval_batch_size, device=run.device, n_best_size=args.n_best_size,
             max_answer_length=args.max_answer_length, autocast_dtype=run.autocast_dtype,
@@ -584,7 +583,7 @@ def score_on_dev(run: Run, epoch: float) -> None:
                                **{f"eval_{k}": v for k, v in metrics.items()}})
         logger.info("eval at step %d (epoch %.2f): exact_match %.2f f1 %.2f on %d questions (%.1f s)",
                     p.step, epoch, metrics["exact_match"], metrics["f1"], metrics["total"], metrics["runtime_s"])
-        p.last_eval = {"metrics": metrics, "predictions": predictions}
+        p.last_eval = {"metrics": metrics, "predictions": predictions, "nbest": nbest}
     p.last_eval_step = p.step
     barrier(run.dist)
 
@@ -629,14 +628,17 @@ def finish(run: Run) -> dict:
         results["rank_param_checksums"] = check_ranks_in_sync(run.student, run.dist)
     if run.dist.is_main:
         save_model(run.student, run.tokenizer, args)
+        all_results = dict(results)  # run_qa.py's all_results.json: train results + eval_-prefixed eval metrics
         if p.last_eval is not None:
             results.update(p.last_eval["metrics"])
-            write_json(os.path.join(args.output_dir, "eval_results.json"), p.last_eval["metrics"])
-            write_json(os.path.join(args.output_dir, "predictions.json"), p.last_eval["predictions"])
+            write_prediction_outputs(args.output_dir, "eval", p.last_eval["predictions"], p.last_eval["nbest"],
+                                     p.last_eval["metrics"])
+            all_results.update({f"eval_{k}": v for k, v in p.last_eval["metrics"].items()})
         plot_curves(run.metrics_log.records, os.path.join(args.output_dir, "training_curves.png"),
                     title=f"{args.command}: {os.path.basename(os.path.normpath(args.output_dir))}",
                     loss_terms=list(run.loss_weights))
         write_json(os.path.join(args.output_dir, "train_results.json"), results)
+        write_json(os.path.join(args.output_dir, "all_results.json"), all_results)
     barrier(run.dist)
     return results
 
@@ -688,28 +690,3 @@ def log_plan(run: Run) -> None:
                 args.per_device_train_batch_size, run.dist.world_size, s.accumulation,
                 PRECISION_NAMES[run.autocast_dtype], args.loss_impl,
                 ", teacher logits from cache" if data.loader.collate_fn.teacher_logits is not None else "")
-
-
-# ----------------------------------------------------------------------------- evaluation only
-
-def evaluate(args: argparse.Namespace) -> dict:
-    """Score a saved model on the dev set: eval_results.json and predictions.json in --output_dir."""
-    device = init_distributed(args.device).device
-    quiet_progress_bars(args.disable_tqdm)
-    autocast_dtype, _ = resolve_precision(args.precision, device)
-    model = load_qa_model(args.model_name_or_path, attn_implementation=args.attn_implementation).to(device)
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    _, _, eval_examples, eval_features = load_datasets(args, tokenizer, need_train=False)
-    collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8,
-                          pad_to_length=args.max_seq_length if args.pad_to_max_length else None)
-    metrics, predictions = evaluate_model(model, eval_examples, eval_features, collator,
-                                          batch_size=args.per_device_eval_batch_size, device=device,
-                                          n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
-                                          autocast_dtype=autocast_dtype, progress=not args.disable_tqdm)
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_json(os.path.join(args.output_dir, "eval_results.json"), metrics)
-    write_json(os.path.join(args.output_dir, "predictions.json"), predictions)
-    logger.info("%s: exact_match %.2f f1 %.2f on %d questions", args.model_name_or_path, metrics["exact_match"],
-                metrics["f1"], metrics["total"])
-    print(json.dumps({"exact_match": metrics["exact_match"], "f1": metrics["f1"]}))
-    return metrics

@@ -84,13 +84,19 @@ def test_bench_train_smoke(tmp_path):
 def test_bench_inference_smoke(tmp_path):
     run_smoke("bench_inference.py", tmp_path)
     rows = read_csv(tmp_path / "bench_inference.csv",
-                    ["model", "questions", "wall_s", "questions_per_s", "speedup_vs_teacher", "answered"])
-    assert [r["model"] for r in rows] == ["teacher", "student"]
+                    ["model", "runtime", "precision", "questions", "wall_s", "ms_per_question", "speedup_vs_teacher",
+                     "exact_match", "f1", "answered"])
+    assert [(r["model"], r["runtime"], r["precision"]) for r in rows] == [
+        ("teacher", "torch", "fp32"), ("student", "torch", "fp32"), ("student-int8", "torch", "int8"),
+        ("student-onnx", "onnxruntime", "fp32"), ("student-onnx-int8", "onnxruntime", "int8")]
     for r in rows:
         assert int(r["questions"]) == 20 and int(r["answered"]) == 20
-        assert float(r["wall_s"]) > 0
-    assert int(rows[1]["layers"]) < int(rows[0]["layers"])
-    assert_markdown_table(tmp_path / "bench_inference.md", 2)
+        assert float(r["wall_s"]) > 0 and 0 <= float(r["exact_match"]) <= float(r["f1"]) <= 100
+    assert float(rows[0]["speedup_vs_teacher"]) == 1.0
+    assert all(int(r["layers"]) < int(rows[0]["layers"]) for r in rows[1:])
+    # The student in ONNX Runtime fp32 is the same function as in PyTorch: the same answers, the same scores.
+    assert (rows[3]["exact_match"], rows[3]["f1"]) == (rows[1]["exact_match"], rows[1]["f1"])
+    assert_markdown_table(tmp_path / "bench_inference.md", 5)
 
 
 def load_script(script: str):

@@ -9,7 +9,6 @@ tests stop at parsing and need no model.
 import json
 import os
 import sys
-import types
 
 import pytest
 
@@ -216,14 +215,13 @@ def test_help_says_where_our_defaults_differ_from_run_qa(capsys):
 @pytest.fixture
 def phases(monkeypatch):
     """train.py with the trainer and kdqa.inference replaced by recorders: which phases ran, and how."""
+    import kdqa.inference
     import kdqa.trainer
 
     calls = []
     monkeypatch.setattr(kdqa.trainer, "train", lambda args: calls.append(("train", args)) or {})
-    monkeypatch.setattr(kdqa.trainer, "evaluate", lambda args: calls.append(("evaluate", args)) or {})
-    fake = types.ModuleType("kdqa.inference")
-    fake.predict_command = lambda args: calls.append(("predict", args)) or {}
-    monkeypatch.setitem(sys.modules, "kdqa.inference", fake)
+    monkeypatch.setattr(kdqa.inference, "evaluate_command", lambda args: calls.append(("evaluate", args)) or {})
+    monkeypatch.setattr(kdqa.inference, "predict_command", lambda args: calls.append(("predict", args)) or {})
     return calls
 
 
@@ -245,14 +243,6 @@ def test_do_flags_choose_the_phases_as_in_run_qa(phases, tmp_path, out, flags, e
     flags = [test_file if f == "TEST" else f for f in flags]
     ran = run_phases(phases, FINETUNE + ["--output_dir", out, *flags])
     assert ran == [(name, out if model == "OUT" else model, strategy) for name, model, strategy in expected]
-
-
-def test_do_predict_without_predict_support_fails_before_training(phases, monkeypatch, tmp_path, out, capsys):
-    monkeypatch.setitem(sys.modules, "kdqa.inference", None)  # as if kdqa.inference did not exist
-    test_file = write(tmp_path / "test.json", "{}")
-    err = main_error(FINETUNE + ["--output_dir", out, "--do_train", "--do_predict", "--test_file", test_file],
-                     capsys, code=1)
-    assert "--do_predict is not available" in err and phases == []
 
 
 @pytest.mark.parametrize("flags, message", [

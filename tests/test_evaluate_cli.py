@@ -1,4 +1,4 @@
-"""`python -m kdqa.evaluate` (the official metric's command line) and model evaluation end to end."""
+"""`python -m kdqa.evaluate` (the official metric's command line) and predict_and_score end to end."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kdqa.evaluate import main
-from kdqa.evaluation import evaluate_model, predict_logits
+from kdqa.inference import predict_and_score, predict_logits
 from kdqa.features import QACollator, prepare_eval_features
 from kdqa.metric import normalize_answer
 from synthetic import make_examples, make_tokenizer, write_squad_json
@@ -108,7 +108,7 @@ def test_python_dash_m(tmp_path, examples, dataset_file):
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluate_model with a tiny random BERT
+# predict_and_score with a tiny random BERT
 # ---------------------------------------------------------------------------------------------
 
 
@@ -128,10 +128,10 @@ def tiny_setup():
     return tokenizer, model, examples, features
 
 
-def test_evaluate_model_end_to_end(tiny_setup):
+def test_predict_and_score_end_to_end(tiny_setup):
     tokenizer, model, examples, features = tiny_setup
     model.train()
-    metrics, predictions = evaluate_model(
+    metrics, predictions, nbest = predict_and_score(
         model, datasets.Dataset.from_list(examples), features, QACollator(tokenizer.pad_token_id),
         batch_size=4, device="cpu", progress=False,
     )
@@ -143,6 +143,7 @@ def test_evaluate_model_end_to_end(tiny_setup):
     by_id = {e["id"]: e for e in examples}
     assert set(predictions) == set(by_id)
     assert all(text in by_id[qid]["context"] for qid, text in predictions.items())
+    assert set(nbest) == set(by_id) and all(nbest[qid][0]["text"] == text for qid, text in predictions.items())
 
 
 def test_predict_logits_unpadded_in_feature_order(tiny_setup):

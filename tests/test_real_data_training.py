@@ -38,7 +38,7 @@ def test_finetune_minilm_on_a_slice_of_squad_through_train_py(squad_train_file, 
     assert after["total"] == 100 and after["missing"] == 0
     assert 0 <= after["exact_match"] <= after["f1"] <= 100
     assert losses[-1] < losses[0] - 0.5
-    predictions = json.loads((tmp_path / "ft" / "predictions.json").read_text())
+    predictions = json.loads((tmp_path / "ft" / "eval_predictions.json").read_text())
     assert len(predictions) == 100
     from kdqa.data import load_squad_json
 
@@ -47,7 +47,7 @@ def test_finetune_minilm_on_a_slice_of_squad_through_train_py(squad_train_file, 
     assert all(text and text in contexts[qid] for qid, text in predictions.items())
     # The official-style command line scores the same predictions the same way.
     proc = subprocess.run([sys.executable, "-m", "kdqa.evaluate", squad_dev_file,
-                           str(tmp_path / "ft" / "predictions.json")], capture_output=True, text=True, cwd=REPO)
+                           str(tmp_path / "ft" / "eval_predictions.json")], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0
     # Only 100 of the 10,570 dev questions were predicted: the rest count as wrong.
     official = json.loads(proc.stdout)

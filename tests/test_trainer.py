@@ -75,12 +75,12 @@ def test_finetune_learns_the_synthetic_task_and_writes_outputs(task, model_dir, 
     assert results["f1"] > 80 and results["exact_match"] > 70, results
     assert len(eval_log) == 10  # one evaluation per epoch
     for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "eval_results.json",
-                 "predictions.json", "training_args.json", "training_curves.png"):
+                 "eval_predictions.json", "eval_nbest_predictions.json", "all_results.json", "training_args.json", "training_curves.png"):
         assert (out / name).is_file(), name
     eval_results = json.loads((out / "eval_results.json").read_text())
     assert {"exact_match", "f1", "total", "missing", "runtime_s"} <= set(eval_results)
     assert eval_results["total"] == 60 and eval_results["missing"] == 0
-    predictions = json.loads((out / "predictions.json").read_text())
+    predictions = json.loads((out / "eval_predictions.json").read_text())
     assert set(predictions) == {f"d{i}" for i in range(60)} and all(isinstance(v, str) for v in predictions.values())
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = train_log[-1]
@@ -319,7 +319,7 @@ def test_group_by_length_trains(task, model_dir, tmp_path):
 
 
 def test_evaluate_command_writes_results(task, model_dir, tmp_path, capsys):
-    from kdqa.trainer import evaluate
+    from kdqa.inference import evaluate_command as evaluate
 
     args = parse_args(["evaluate", "--model_name_or_path", model_dir, "--validation_file", task["dev"],
                        "--output_dir", str(tmp_path / "ev"), "--max_seq_length", "64", "--doc_stride", "32",
@@ -327,7 +327,7 @@ def test_evaluate_command_writes_results(task, model_dir, tmp_path, capsys):
     metrics = evaluate(args)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == {"exact_match": metrics["exact_match"], "f1": metrics["f1"]}
-    assert (tmp_path / "ev" / "predictions.json").is_file() and metrics["total"] == 60
+    assert (tmp_path / "ev" / "eval_predictions.json").is_file() and metrics["total"] == 60
 
 
 def test_help_documents_every_flag_with_its_default():

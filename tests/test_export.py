@@ -1,0 +1,98 @@
+"""`train.py export`: ONNX export round-trips within tolerance, int8 loads and answers, a bad export is refused.
+
+One tiny BERT is exported once per module (the exporter takes seconds even for a tiny model).
+"""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import train as train_py
+from kdqa.export import ExportError, _LogitsOnly, export_model, max_logit_difference, sample_inputs
+from kdqa.inference import ONNX_FILE, ONNX_INT8_FILE, OnnxQAModel, QAPredictor
+from kdqa.modeling import load_qa_model, load_tokenizer
+from tiny_models import make_model_folder, make_name_task, tiny_bert_config
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_folder(str(tmp_path_factory.mktemp("bert")), tiny_bert_config(dropout=0.0))
+
+
+@pytest.fixture(scope="module")
+def exported(model_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("onnx") / "exported")
+    assert train_py.main(["export", "--model_name_or_path", model_dir, "--output_dir", out, "--quantize", "int8"]) == 0
+    return out
+
+
+def test_export_writes_models_and_tokenizer(exported):
+    names = set(os.listdir(exported))
+    assert {ONNX_FILE, ONNX_INT8_FILE, "config.json", "tokenizer.json"} <= names
+    assert not [n for n in names if n.startswith(".export-")], "no staging folder left behind"
+    graph = onnx.load(os.path.join(exported, ONNX_FILE)).graph
+    for value in list(graph.input) + list(graph.output):
+        dims = value.type.tensor_type.shape.dim
+        assert len(dims) == 2 and all(d.dim_param and not d.dim_value for d in dims), f"{value.name} has fixed axes"
+    assert [o.name for o in graph.output] == ["start_logits", "end_logits"]
+
+
+def test_onnx_runtime_gives_pytorch_logits_on_new_shapes(exported, model_dir):
+    """Batch and sequence sizes other than the traced ones, with padding: logits within 1e-4."""
+    tokenizer = load_tokenizer(model_dir)
+    model = load_qa_model(model_dir).eval()
+    questions = ["who is named here", "what name", "who is here"]
+    contexts = ["w1 w2 n3 w4 .", " ".join(["w5 w6 w7"] * 20) + " n8 .", "n1 w2"]
+    batch = tokenizer(questions, contexts, padding=True, return_tensors="pt")
+    batch = {k: batch[k] for k in OnnxQAModel(os.path.join(exported, ONNX_FILE)).input_names}
+    start, end = OnnxQAModel(os.path.join(exported, ONNX_FILE))(batch)
+    with torch.no_grad():
+        expected = model(**batch)
+    real = batch["attention_mask"].bool().numpy()
+    np.testing.assert_allclose(start[real], expected.start_logits.numpy()[real], atol=1e-4)
+    np.testing.assert_allclose(end[real], expected.end_logits.numpy()[real], atol=1e-4)
+
+
+def test_exported_folders_answer_like_pytorch(exported, model_dir):
+    examples = make_name_task(12, seed=3)
+    settings = dict(max_seq_length=64, doc_stride=32)
+    torch_answers, _ = QAPredictor.load(model_dir, **settings).predict(examples)
+    onnx_predictor = QAPredictor.load(exported, **settings)
+    assert isinstance(onnx_predictor.model, OnnxQAModel)
+    onnx_answers, _ = onnx_predictor.predict(examples)
+    assert {q: a.text for q, a in onnx_answers.items()} == {q: a.text for q, a in torch_answers.items()}
+    int8 = QAPredictor.load(exported, quantize="int8", **settings)
+    assert int8.model.path.endswith(ONNX_INT8_FILE)
+    int8_answers, _ = int8.predict(examples)
+    contexts = {e["id"]: e["context"] for e in examples}
+    for qid, answer in int8_answers.items():
+        assert answer.text and contexts[qid][answer.start:answer.end] == answer.text
+
+
+def test_export_that_disagrees_with_pytorch_is_refused(exported, model_dir, tmp_path, monkeypatch):
+    """An ONNX file of another model stands in for a broken export: the check refuses it, writes nothing."""
+    other_dir = make_model_folder(str(tmp_path / "other"), tiny_bert_config(dropout=0.0), seed=1)
+    other = OnnxQAModel(os.path.join(exported, ONNX_FILE))
+    model = _LogitsOnly(load_qa_model(other_dir).eval(), with_token_types=False)
+    check = sample_inputs(load_tokenizer(other_dir), with_token_types=False, long=True)
+    assert max_logit_difference(other.path, model, check) > 1e-2
+
+    import kdqa.export as export
+
+    def wrong_export(model, inputs, path, opset):
+        with open(os.path.join(exported, ONNX_FILE), "rb") as src, open(path, "wb") as dst:
+            dst.write(src.read())
+
+    monkeypatch.setattr(export, "_export_onnx", wrong_export)
+    out = tmp_path / "refused"
+    with pytest.raises(ExportError, match="disagrees with PyTorch.*nothing was written"):
+        export_model(other_dir, str(out))
+    assert not out.exists(), "a refused export leaves no folder behind"
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(ExportError):
+        export_model(other_dir, str(existing))
+    assert os.listdir(existing) == [], "a refused export writes nothing into an existing folder"

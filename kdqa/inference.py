@@ -205,7 +205,7 @@ class QAPredictor:
 
     def __init__(self, model, tokenizer, *, max_seq_length: int = MAX_SEQ_LENGTH, doc_stride: int = DOC_STRIDE,
                  max_query_length: int = MAX_QUERY_LENGTH, n_best_size: int = 20, max_answer_length: int = 30,
-                 batch_size: int = 64, description: str = ""):
+                 batch_size: int = 64, pad_to_max_length: bool = False, description: str = ""):
         self.model = model
         self.tokenizer = tokenizer
         self.window = dict(max_seq_length=max_seq_length, doc_stride=doc_stride, max_query_length=max_query_length)
@@ -213,7 +213,8 @@ class QAPredictor:
         self.batch_size = batch_size
         self.description = description
         # No padding to a multiple of 8 on the CPU: it only helps GPU tensor cores.
-        self.collate = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if model.device.type == "cuda" else None)
+        self.collate = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if model.device.type == "cuda" else None,
+                                  pad_to_length=max_seq_length if pad_to_max_length else None)
 
     @classmethod
     def load(cls, path: str, *, runtime: str = "auto", quantize: str = "none", device="cpu",
@@ -378,7 +379,7 @@ def load_predictor(args) -> QAPredictor:
         attn_implementation=getattr(args, "attn_implementation", "sdpa"),
         max_seq_length=args.max_seq_length, doc_stride=args.doc_stride, max_query_length=args.max_query_length,
         n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
-        batch_size=args.per_device_eval_batch_size,
+        batch_size=args.per_device_eval_batch_size, pad_to_max_length=getattr(args, "pad_to_max_length", False),
     )
 
 

@@ -273,7 +273,7 @@ def test_collator_pads_to_a_fixed_length_when_asked():
 
 def test_pad_to_max_length_reaches_the_collator(tmp_path, monkeypatch):
     """evaluate --pad_to_max_length on a tiny model: every batch is --max_seq_length wide."""
-    import kdqa.trainer
+    import kdqa.inference
     from tiny_models import make_model_folder, make_name_task, tiny_bert_config, write_squad
 
     widths = []
@@ -284,7 +284,7 @@ def test_pad_to_max_length_reaches_the_collator(tmp_path, monkeypatch):
             widths.append(batch["input_ids"].shape[1])
             return batch
 
-    monkeypatch.setattr(kdqa.trainer, "QACollator", RecordingCollator)
+    monkeypatch.setattr(kdqa.inference, "QACollator", RecordingCollator)
     model = make_model_folder(str(tmp_path / "m"), tiny_bert_config(dropout=0.0))
     dev = write_squad(str(tmp_path / "dev.json"), make_name_task(8, seed=2, prefix="d"))
     argv = ["evaluate", "--model_name_or_path", model, "--validation_file", dev, "--output_dir",

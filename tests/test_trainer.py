@@ -447,8 +447,10 @@ def test_distillation_step_from_the_cache_never_waits_for_the_device(task, model
     run("distill", task, tmp_path / "build", *common)  # builds the cache on the CPU
     argv = ["distill", "--train_file", task["train"], "--validation_file", task["dev"], "--output_dir",
             str(tmp_path / "meta"), "--max_seq_length", "64", "--doc_stride", "32", "--loss_impl", "torch",
-            "--disable_tqdm", "--device", "meta", *map(str, common)]
-    the_run = trainer.set_up(parse_args(argv), DistState(device=torch.device("meta")))
+            "--disable_tqdm", *map(str, common)]
+    args = parse_args(argv)
+    args.device = "meta"  # not a --device users may choose; the run itself is told by DistState
+    the_run = trainer.set_up(args, DistState(device=torch.device("meta")))
     assert the_run.teacher is None  # no online teacher: the logits come from the cache
     batch = next(iter(the_run.data.loader))
     assert batch["teacher_start_logits"].shape == batch["input_ids"].shape

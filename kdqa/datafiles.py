@@ -43,23 +43,24 @@ def _first_match(folder: str, patterns: tuple[str, ...]) -> str | None:
     return None
 
 
-def candidate_folders(data_dir: str | None = None, repo_root: str | os.PathLike = REPO_ROOT,
-                      environ=os.environ) -> list[tuple[str, str, bool]]:
+def candidate_folders(data_dir: str | None = None, repo_root: str | os.PathLike | None = None,
+                      environ=None) -> list[tuple[str, str, bool]]:
     """(folder, why it is looked at, named by the user) in search order."""
+    environ = os.environ if environ is None else environ
     places = []
     if data_dir:
         places.append((os.path.abspath(data_dir), "--data_dir", True))
     if environ.get(DATA_DIR_ENV):
         places.append((os.path.abspath(environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}", True))
-    root = Path(repo_root)
+    root = Path(REPO_ROOT if repo_root is None else repo_root)
     places.append((str(root / "data" / "squad"), "data/squad/ in the repository", False))
     places.append((str((root.parent / "shared" / "data" / "squad").resolve()), "../shared/data/squad/ beside the "
                    "checkout", False))
     return places
 
 
-def find_squad_files(data_dir: str | None = None, repo_root: str | os.PathLike = REPO_ROOT,
-                     environ=os.environ) -> SquadFiles:
+def find_squad_files(data_dir: str | None = None, repo_root: str | os.PathLike | None = None,
+                     environ=None) -> SquadFiles:
     """The train and dev files of the first place that holds both; SquadDataError naming every place if none."""
     looked_at = []
     for folder, why, named in candidate_folders(data_dir, repo_root, environ):
@@ -69,7 +70,7 @@ def find_squad_files(data_dir: str | None = None, repo_root: str | os.PathLike =
         if train and dev:
             return SquadFiles(train, dev, folder, why, looked_at)
         if named:
-            missing = " and ".join(n for n, f in (("a train file", train), ("a dev file", dev)) if not f)
+            missing = " and no ".join(n for n, f in (("train file", train), ("dev file", dev)) if not f)
             state = "does not exist" if not os.path.isdir(folder) else f"holds no {missing}"
             raise SquadDataError(
                 f"{why} {folder} {state} (SQuAD v1.1 under its official names: {EXPECTED_NAMES}). Put the files "

@@ -119,6 +119,7 @@ def choose_models_and_data(args, banner: list[str], defaults: dict) -> None:
         banner.append(f"student: layers {EMBEDDED_STUDENT_LAYERS} of the teacher (as DistilBERT was built), because "
                       f"the hub is unreachable for {defaults['model_name_or_path']}; choose with --student_layers "
                       "or --model_name_or_path DIR")
+    preflight(args, data=False)  # a model that needs the hub fails before any search for data
     if wants_data and (explicit_data_dir or not online):
         from kdqa.datafiles import find_squad_files
 
@@ -130,14 +131,14 @@ def choose_models_and_data(args, banner: list[str], defaults: dict) -> None:
     preflight(args)
 
 
-def preflight(args: argparse.Namespace) -> None:
+def preflight(args: argparse.Namespace, data: bool = True) -> None:
     """Fail within seconds, naming the offline flags, when something would need the unreachable hub."""
     needs_hub = []
     if not _is_local(args.teacher_model_name_or_path):
         needs_hub.append(f"the teacher {args.teacher_model_name_or_path!r} (--teacher_model_name_or_path)")
     if not args.student_layers and not _is_local(args.model_name_or_path):
         needs_hub.append(f"the student {args.model_name_or_path!r} (--model_name_or_path, or --student_layers)")
-    if not (args.train_file and args.validation_file):
+    if data and not (args.train_file and args.validation_file):
         needs_hub.append(f"the dataset {args.dataset_name!r} (--train_file and --validation_file)")
     if needs_hub and not hub_reachable():
         raise ModelLoadError(

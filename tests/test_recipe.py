@@ -105,37 +105,6 @@ def offline(monkeypatch, tmp_path, checkout):
     return teacher
 
 
-def test_offline_recipe_runs_on_embedded_defaults_and_writes_the_table(offline, checkout, tmp_path, caplog, capsys):
-    data = _squad_folder(checkout / "data" / "squad")
-    out = tmp_path / "recipe"
-    args = parse_args(["--output_dir", str(out)] + TINY)
-    with caplog.at_level(logging.INFO, logger="kdqa"):
-        results = recipe.run_recipe(args)
-
-    banner = caplog.text
-    assert "teacher: all-MiniLM-L6-v2" in banner and "hub is unreachable for bert-base-uncased" in banner
-    assert "student: layers 0,2,4 of the teacher" in banner
-    assert f"data: SQuAD v1.1 from {data} (data/squad/ in the repository" in banner
-    assert "size: CPU preset" in banner and "minutes on 2 idle cores" in banner
-    assert set(results) == {"teacher", "student", "distilled student"}
-
-    table = capsys.readouterr().out
-    assert "| teacher (all-MiniLM-L6-v2, 1 epoch) |" in table
-    assert "| distilled student (layers 0,2,4 of all-MiniLM-L6-v2, distilled 1 epoch) |" in table
-    assert str(tmp_path) not in table  # short names, no install paths
-    assert (out / "recipe_results.md").read_text().strip() == table.strip()
-    saved = json.loads((out / "recipe_results.json").read_text())
-    rows = saved["models"]
-    assert rows["teacher"]["f1"] == results["teacher"]["f1"] and rows["teacher"]["speedup"] == 1.0
-    assert rows["student"]["parameters"] < rows["teacher"]["parameters"]
-    assert all(row["ms_per_question"] > 0 for row in rows.values()) and saved["speed_test"]["questions"] == 4
-    assert (out / "recipe_results.png").stat().st_size > 0
-    # The preset applied where no flag was given, and kept the flags that were.
-    student_args = json.loads((out / "student" / "training_args.json").read_text())
-    assert student_args["learning_rate"] == recipe.CPU_PRESET["learning_rate"]
-    assert student_args["max_seq_length"] == 64 and student_args["student_layers"] == "0,2,4"
-
-
 def test_a_base_model_load_reports_the_new_qa_head_in_one_line(tmp_path, caplog, capfd):
     from transformers import BertModel
 
@@ -156,9 +125,10 @@ class Interrupted(Exception):
     pass
 
 
-def test_recipe_resume_keeps_finished_stages_and_resumes_the_interrupted_one(offline, checkout, tmp_path,
-                                                                                 monkeypatch, caplog):
-    _squad_folder(checkout / "data" / "squad")
+def test_offline_recipe_end_to_end_interrupted_and_resumed(offline, checkout, tmp_path, monkeypatch, caplog,
+                                                           capsys):
+    """One run of the offline path (kept to one for speed): interrupted in its third stage, then resumed."""
+    data = _squad_folder(checkout / "data" / "squad")
     out = tmp_path / "recipe"
     argv = ["--output_dir", str(out), "--save_steps", "2"] + TINY
     real_save = kdqa.checkpoint.save_checkpoint
@@ -169,8 +139,13 @@ def test_recipe_resume_keeps_finished_stages_and_resumes_the_interrupted_one(off
             raise Interrupted(step)
 
     monkeypatch.setattr(kdqa.checkpoint, "save_checkpoint", save_then_die_in_distillation)
-    with pytest.raises(Interrupted):
+    with caplog.at_level(logging.INFO, logger="kdqa"), pytest.raises(Interrupted):
         recipe.run_recipe(parse_args(argv))
+    banner = caplog.text
+    assert "teacher: all-MiniLM-L6-v2" in banner and "hub is unreachable for bert-base-uncased" in banner
+    assert "student: layers 0,2,4 of the teacher" in banner
+    assert f"data: SQuAD v1.1 from {data} (data/squad/ in the repository" in banner
+    assert "size: CPU preset" in banner and "minutes on 2 idle cores" in banner
     monkeypatch.setattr(kdqa.checkpoint, "save_checkpoint", real_save)
     finished = {d: (out / d / "model.safetensors").read_bytes() for d in ("teacher", "student")}
     stamps = {d: (out / d / "model.safetensors").stat().st_mtime_ns for d in ("teacher", "student")}
@@ -178,6 +153,8 @@ def test_recipe_resume_keeps_finished_stages_and_resumes_the_interrupted_one(off
 
     with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest"):
         recipe.run_recipe(parse_args(argv))
+    caplog.clear()
+    capsys.readouterr()
     with caplog.at_level(logging.INFO, logger="kdqa"):
         results = recipe.run_recipe(parse_args(argv + ["--resume_from_checkpoint", "latest"]))
     assert "teacher: kept, finished earlier with the same settings" in caplog.text
@@ -186,7 +163,24 @@ def test_recipe_resume_keeps_finished_stages_and_resumes_the_interrupted_one(off
     for d in ("teacher", "student"):
         assert (out / d / "model.safetensors").read_bytes() == finished[d]
         assert (out / d / "model.safetensors").stat().st_mtime_ns == stamps[d]
-    assert (out / "distilled" / "model.safetensors").is_file() and results["distilled student"]["f1"] is not None
+    assert set(results) == {"teacher", "student", "distilled student"}
+
+    table = capsys.readouterr().out
+    assert "| teacher (all-MiniLM-L6-v2, 1 epoch) |" in table
+    assert "| distilled student (layers 0,2,4 of all-MiniLM-L6-v2, distilled 1 epoch) |" in table
+    assert str(tmp_path) not in table  # short names, no install paths
+    assert (out / "recipe_results.md").read_text().strip() == table.strip()
+    saved = json.loads((out / "recipe_results.json").read_text())
+    rows = saved["models"]
+    assert rows["teacher"]["f1"] == results["teacher"]["f1"] and rows["teacher"]["speedup"] == 1.0
+    assert rows["distilled student"]["f1"] == results["distilled student"]["f1"]
+    assert rows["student"]["parameters"] < rows["teacher"]["parameters"]
+    assert all(row["ms_per_question"] > 0 for row in rows.values()) and saved["speed_test"]["questions"] == 4
+    assert (out / "recipe_results.png").stat().st_size > 0
+    # The preset applied where no flag was given, and kept the flags that were.
+    student_args = json.loads((out / "student" / "training_args.json").read_text())
+    assert student_args["learning_rate"] == recipe.CPU_PRESET["learning_rate"]
+    assert student_args["max_seq_length"] == 64 and student_args["student_layers"] == "0,2,4"
 
     with pytest.raises(ValueError, match=r"other settings \(--learning_rate 0\.0001 -> 0\.001\)"):
         recipe.run_recipe(parse_args(argv + ["--resume_from_checkpoint", "latest", "--learning_rate", "1e-3"]))

@@ -226,34 +226,31 @@ def test_flat_layouts_load_like_the_nested_one(tmp_path, examples, layout):
     assert flat.to_list() == nested.to_list()[: len(chosen)]
 
 
+FLAT = r"not in flat run_qa layout: "
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
         ('{"id": "a", "title": "t", "context": "c", "question": "q", "answers": {"text": [], "answer_start": []}}\n'
          '{"id": "b", "title": "t", "question": "q", "answers": {"text": [], "answer_start": []}}\n',
-         r"line 2: missing key 'context'"),
+         FLAT + r"line 2: missing key 'context'"),
         ('{"data": [{"id": "a", "context": "c", "question": "q", "answers": {"text": ["c"], "answer_start": ["0"]}}]}',
-         r"data\[0\]\.answers\[0\]: expected a str text and an int answer_start, got str and str"),
+         FLAT + r"data\[0\]\.answers\[0\]: expected a str text and an int answer_start, got str and str"),
         ('{"data": [{"id": "a", "context": "c", "question": "q", "answers": {"text": ["c"], "answer_start": []}}]}',
-         r"data\[0\]\.answers: 1 texts but 0 answer_starts"),
+         FLAT + r"data\[0\]\.answers: 1 texts but 0 answer_starts"),
         ('{"data": [{"id": "a", "context": "c", "question": "q", "answers": [{"text": "c", "answer_start": 0}]}]}',
-         r"data\[0\]\.answers: expected dict, got list"),
+         FLAT + r"data\[0\]\.answers: expected dict, got list"),
         ('{"id": "a", "context": "c", "question": "q", "answers": {"text": ["c"], "answer_start": [0]}}\n'
          '{"id": "a", "context": "c", "question": "q", "answers": {"text": ["c"], "answer_start": [0]}}\n',
-         r"line 2: question id 'a' repeats the id of line 1"),
+         FLAT + r"line 2: question id 'a' repeats the id of line 1"),
+        ('{"id": "a"}\n{"id": \n', r"is neither JSON nor JSON lines \(line 2: "),
     ],
 )
 def test_flat_layout_errors_name_the_place(tmp_path, content, message):
     path = tmp_path / "flat.json"
     path.write_text(content)
-    with pytest.raises(SquadDataError, match=r"flat\.json: not in flat run_qa layout: " + message):
-        load_squad_json(str(path))
-
-
-def test_broken_json_lines_name_the_line(tmp_path):
-    path = tmp_path / "flat.jsonl"
-    path.write_text('{"id": "a"}\n{"id": \n')
-    with pytest.raises(SquadDataError, match=r"flat\.jsonl: is neither JSON nor JSON lines \(line 2: "):
+    with pytest.raises(SquadDataError, match=r"flat\.json: " + message):
         load_squad_json(str(path))
 
 

@@ -36,10 +36,11 @@ EMBEDDED_TEACHER_NAME = "all-MiniLM-L6-v2"
 EMBEDDED_STUDENT_LAYERS = "0,2,4"
 
 # The CPU preset: sized (for the embedded MiniLM models) to finish the whole recipe in about 15 minutes
-# on 2 idle cores. Each value applies only where its flag was left at its default.
+# on 2 idle cores. Each value applies only where its flag was left at its default. Epochs, lr and
+# warm-up are those of the README's 5,000-question run, so the two can be compared.
 CPU_PRESET = {
-    "max_train_samples": 600,
-    "max_eval_samples": 400,
+    "max_train_samples": 800,
+    "max_eval_samples": 1000,
     "max_seq_length": 256,
     "doc_stride": 128,
     "teacher_num_train_epochs": 2.0,
@@ -51,15 +52,16 @@ CPU_PRESET = {
 }
 SPEED_TEST_QUESTIONS_FULL = 1000
 
-# The estimate's cost model, in seconds on 2 idle cores with the MiniLM teacher (6 layers, 384 wide)
-# at 256 tokens. Calibrated on the 5,000-question run of the README (about 2 hours for the recipe).
-SECONDS_PER_TEACHER_TRAIN_FEATURE = 0.24
-STUDENT_COST = 0.55          # layers 0,2,4: half the layers, plus embeddings, head and optimizer
-EVAL_COST = 1 / 3            # a forward without backward
-FEATURES_PER_QUESTION = 1.05
-GROUPED_COST = 0.8           # --group_by_length pads less
-SPEED_TEST_SECONDS_PER_QUESTION = 0.09  # teacher + two students, one question each
-FIXED_SECONDS = 45           # loading models, tokenising, plotting
+# The estimate's cost model: seconds per feature at 256 tokens on 2 idle cores, from the README's
+# 5,000-question run (5,847 features; student epochs about 8.6 min, the teacher-logits cache 103 s)
+# and bench_inference (35.9 / 23.1 ms per question). The teacher's training cost is the student's
+# over its measured forward ratio (0.55); --group_by_length's saving (less padding) is a guess.
+TRAIN_SECONDS = {"teacher": 0.16, "student": 0.088}
+EVAL_SECONDS = {"teacher": 0.0176, "student": 0.0097}
+FEATURES_PER_QUESTION = 1.17
+GROUPED_COST = 0.8
+SPEED_TEST_SECONDS_PER_QUESTION = 0.085  # teacher + two students, one question each
+FIXED_SECONDS = 45                       # loading models, tokenising, plotting
 
 STAGES = (("teacher", "teacher"), ("student", "student"), ("distilled student", "distilled"))
 STAGE_MARKER = "recipe_stage.json"
@@ -171,17 +173,24 @@ def apply_size(args, banner: list[str], defaults: dict) -> float | None:
     return seconds
 
 
+def stage_seconds(args) -> dict[str, float]:
+    """Wall time of each stage on 2 idle cores with the MiniLM models (see the constants above)."""
+    per_feature = FEATURES_PER_QUESTION * args.max_seq_length / 256
+    train = (args.max_train_samples or 87599) * per_feature * (GROUPED_COST if args.group_by_length else 1.0)
+    dev = (args.max_eval_samples or 10570) * per_feature
+
+    def fit(model: str, epochs: float) -> float:
+        return train * epochs * TRAIN_SECONDS[model] + dev * math.ceil(epochs) * EVAL_SECONDS[model]
+
+    student = fit("student", args.num_train_epochs)
+    cache = (args.max_train_samples or 87599) * per_feature * EVAL_SECONDS["teacher"]
+    return {"teacher": fit("teacher", args.teacher_num_train_epochs), "student": student,
+            "distilled student": student + cache,
+            "speed test": (args.speed_test_questions or 0) * SPEED_TEST_SECONDS_PER_QUESTION}
+
+
 def estimate_seconds(args) -> float:
-    """Wall time of the whole recipe on 2 idle cores with the MiniLM models (see the constants above)."""
-    teacher_epochs, student_epochs = args.teacher_num_train_epochs, args.num_train_epochs
-    train_units = (args.max_train_samples or 87599) * FEATURES_PER_QUESTION * (
-        teacher_epochs + 2 * student_epochs * STUDENT_COST) * (GROUPED_COST if args.group_by_length else 1.0)
-    cache_units = (args.max_train_samples or 87599) * FEATURES_PER_QUESTION * EVAL_COST
-    evals = math.ceil(teacher_epochs) + 2 * math.ceil(student_epochs) * STUDENT_COST
-    eval_units = (args.max_eval_samples or 10570) * FEATURES_PER_QUESTION * EVAL_COST * evals
-    units = (train_units + cache_units + eval_units) * args.max_seq_length / 256
-    return units * SECONDS_PER_TEACHER_TRAIN_FEATURE + (args.speed_test_questions or 0) * \
-        SPEED_TEST_SECONDS_PER_QUESTION + FIXED_SECONDS
+    return sum(stage_seconds(args).values()) + FIXED_SECONDS
 
 
 # ----------------------------------------------------------------------------- the three stages
@@ -308,14 +317,15 @@ def run_recipe(args: argparse.Namespace) -> dict:
     stages = stage_arguments(args)
     resume = args.resume_from_checkpoint == "latest"
     results = {}
+    minutes = {k: f" (about {v / 60:.0f} min)" for k, v in stage_seconds(args).items()} if estimate else {}
     for index, (name, _) in enumerate(STAGES):
-        logger.info("recipe: stage %d/%d: %s", index + 1, len(STAGES) + 1, name)
+        logger.info("recipe: stage %d/%d: %s%s", index + 1, len(STAGES) + 1, name, minutes.get(name, ""))
         if not resume or finished_stage(stages[name]) is None:
             _forget_stages_after(index, stages)  # this stage trains now: it and the later ones are not finished
         results[name] = run_stage(name, stages[name], resume)
 
-    logger.info("recipe: stage %d/%d: speed test on %d dev questions, one at a time on the CPU",
-                len(STAGES) + 1, len(STAGES) + 1, args.speed_test_questions)
+    logger.info("recipe: stage %d/%d: speed test on %d dev questions, one at a time on the CPU%s",
+                len(STAGES) + 1, len(STAGES) + 1, args.speed_test_questions, minutes.get("speed test", ""))
     speed = run_speed_test(args, stages)
     rows = table_rows(results, speed, stages, args)
     table = format_table(rows, args)

@@ -125,6 +125,10 @@ class Interrupted(Exception):
     pass
 
 
+def _assert_no_progress_bars(stderr: str) -> None:
+    assert "Loading weights" not in stderr and "it/s" not in stderr and "s/it" not in stderr, stderr[-2000:]
+
+
 def test_offline_recipe_end_to_end_interrupted_and_resumed(offline, checkout, tmp_path, monkeypatch, caplog,
                                                            capsys):
     """One run of the offline path (kept to one for speed): interrupted in its third stage, then resumed."""
@@ -154,7 +158,7 @@ def test_offline_recipe_end_to_end_interrupted_and_resumed(offline, checkout, tm
     with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest"):
         recipe.run_recipe(parse_args(argv))
     caplog.clear()
-    capsys.readouterr()
+    _assert_no_progress_bars(capsys.readouterr().err)
     with caplog.at_level(logging.INFO, logger="kdqa"):
         results = recipe.run_recipe(parse_args(argv + ["--resume_from_checkpoint", "latest"]))
     assert "teacher: kept, finished earlier with the same settings" in caplog.text
@@ -165,7 +169,9 @@ def test_offline_recipe_end_to_end_interrupted_and_resumed(offline, checkout, tm
         assert (out / d / "model.safetensors").stat().st_mtime_ns == stamps[d]
     assert set(results) == {"teacher", "student", "distilled student"}
 
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    _assert_no_progress_bars(captured.err)  # --disable_tqdm: ours, datasets' and transformers' own
+    table = captured.out
     assert "| teacher (all-MiniLM-L6-v2, 1 epoch) |" in table
     assert "| distilled student (layers 0,2,4 of all-MiniLM-L6-v2, distilled 1 epoch) |" in table
     assert str(tmp_path) not in table  # short names, no install paths

@@ -123,7 +123,7 @@ def choose_models_and_data(args, banner: list[str], defaults: dict) -> None:
         banner.append(f"student: layers {EMBEDDED_STUDENT_LAYERS} of the teacher (as DistilBERT was built), because "
                       f"the hub is unreachable for {defaults['model_name_or_path']}; choose with --student_layers "
                       "or --model_name_or_path DIR")
-    preflight(args, data=False)  # a model that needs the hub fails before any search for data
+    preflight(args, data=False, online=online)  # a model that needs the hub fails before any search for data
     if wants_data and (explicit_data_dir or not online):
         from kdqa.datafiles import find_squad_files
 
@@ -132,11 +132,14 @@ def choose_models_and_data(args, banner: list[str], defaults: dict) -> None:
         why = "" if explicit_data_dir else ", because the hub is unreachable for the dataset 'squad'"
         banner.append(f"data: SQuAD v1.1 from {found.folder} ({found.source}{why}); choose with --data_dir, "
                       "$KDQA_DATA_DIR or --train_file/--validation_file")
-    preflight(args)
+    preflight(args, online=online)
 
 
-def preflight(args: argparse.Namespace, data: bool = True) -> None:
-    """Fail within seconds, naming the offline flags, when something would need the unreachable hub."""
+def preflight(args: argparse.Namespace, data: bool = True, online: bool = False) -> None:
+    """Fail within seconds, naming the offline flags, when something would need the unreachable hub.
+
+    `online`: the hub already answered (else it is asked, as the hub may not have been needed before).
+    """
     needs_hub = []
     if not _is_local(args.teacher_model_name_or_path):
         needs_hub.append(f"the teacher {args.teacher_model_name_or_path!r} (--teacher_model_name_or_path)")
@@ -144,7 +147,7 @@ def preflight(args: argparse.Namespace, data: bool = True) -> None:
         needs_hub.append(f"the student {args.model_name_or_path!r} (--model_name_or_path, or --student_layers)")
     if data and not (args.train_file and args.validation_file):
         needs_hub.append(f"the dataset {args.dataset_name!r} (--train_file and --validation_file)")
-    if needs_hub and not hub_reachable():
+    if needs_hub and not (online or hub_reachable()):
         raise ModelLoadError(
             "the recipe needs the Hugging Face hub for " + "; ".join(needs_hub)
             + ", and the hub cannot be reached. " + OFFLINE_HELP

@@ -151,8 +151,12 @@ class _Columns:
                                 "must be unique", self.layout)
         self.seen[qid] = where
         self.v2_marked += _marked_v2(qa)
-        for column, value in zip(COLUMNS, (qid, title, context, question, {"text": texts, "answer_start": starts})):
-            self.data[column].append(value)
+        data = self.data
+        data["id"].append(qid)
+        data["title"].append(title)
+        data["context"].append(context)
+        data["question"].append(question)
+        data["answers"].append({"text": texts, "answer_start": starts})
 
 
 def _title(obj: dict, path: str, where: str, layout) -> str:

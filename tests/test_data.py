@@ -181,8 +181,8 @@ def test_fix_answer_starts_relocates_or_drops():
     ds = datasets.Dataset.from_list(rows).cast(SQUAD_FEATURES)
     lines = []
     fixed = fix_answer_starts(ds, log=lines.append)
-    assert lines == ["answer_start check: checked 6 questions, fixed 3 answer starts, "
-                     "dropped 1 questions whose answer text is not in the context"]
+    assert lines == ["answer check: checked 6 training questions, fixed 3 answer starts, "
+                     "dropped 0 questions without answers and 1 whose answer text is not in the context"]
     assert fixed.features == SQUAD_FEATURES and fixed.column_names == ds.column_names
     got = {row["id"]: row["answers"] for row in fixed}
     assert set(got) == {"ok", "near-late", "near-early", "past-end", "two"}
@@ -199,8 +199,103 @@ def test_fix_answer_starts_leaves_good_data_alone(examples):
     ds = datasets.Dataset.from_list(examples).cast(SQUAD_FEATURES)
     lines = []
     assert fix_answer_starts(ds, log=lines.append) is ds
-    assert lines == [f"answer_start check: checked {len(examples)} questions, fixed 0 answer starts, "
-                     "dropped 0 questions whose answer text is not in the context"]
+    assert lines == [f"answer check: checked {len(examples)} training questions, fixed 0 answer starts, "
+                     "dropped 0 questions without answers and 0 whose answer text is not in the context"]
     with pytest.raises(SquadDataError, match="no training question is left"):
         bad = [dict(e, answers={"text": ["zzz not there"], "answer_start": [0]}) for e in examples[:3]]
         fix_answer_starts(datasets.Dataset.from_list(bad).cast(SQUAD_FEATURES), log=None)
+
+
+# --------------------------------------------------------------------------- run_qa.py's flat layout
+
+def _flat_records(examples):
+    return [{k: e[k] for k in ("id", "title", "context", "question", "answers")} for e in examples]
+
+
+@pytest.mark.parametrize("layout", ["datasets_to_json", "data_list", "one_line"])
+def test_flat_layouts_load_like_the_nested_one(tmp_path, examples, layout):
+    nested = load_squad_json(write_squad_json(tmp_path / "nested.json", to_squad_json(examples)))
+    path = tmp_path / "flat.json"
+    chosen = examples[:1] if layout == "one_line" else examples
+    if layout == "data_list":
+        path.write_text(json.dumps({"data": _flat_records(chosen)}))
+    else:  # what run_qa.py users have: datasets' to_json writes JSON lines
+        datasets.Dataset.from_list(_flat_records(chosen)).to_json(str(path))
+    flat = load_squad_json(str(path))
+    assert flat.features == SQUAD_FEATURES
+    assert flat.to_list() == nested.to_list()[: len(chosen)]
+
+
+FLAT = r"not in flat run_qa layout: "
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"id": "a", "title": "t", "context": "c", "question": "q", "answers": {"text": [], "answer_start": []}}\n'
+         '{"id": "b", "title": "t", "question": "q", "answers": {"text": [], "answer_start": []}}\n',
+         FLAT + r"line 2: missing key 'context'"),
+        ('{"data": [{"id": "a", "context": "c", "question": "q", "answers": {"text": ["c"], "answer_start": ["0"]}}]}',
+         FLAT + r"data\[0\]\.answers\[0\]: expected a str text and an int answer_start, got str and str"),
+        ('{"data": [{"id": "a", "context": "c", "question": "q", "answers": {"text": ["c"], "answer_start": []}}]}',
+         FLAT + r"data\[0\]\.answers: 1 texts but 0 answer_starts"),
+        ('{"data": [{"id": "a", "context": "c", "question": "q", "answers": [{"text": "c", "answer_start": 0}]}]}',
+         FLAT + r"data\[0\]\.answers: expected dict, got list"),
+        ('{"id": "a", "context": "c", "question": "q", "answers": {"text": ["c"], "answer_start": [0]}}\n'
+         '{"id": "a", "context": "c", "question": "q", "answers": {"text": ["c"], "answer_start": [0]}}\n',
+         FLAT + r"line 2: question id 'a' repeats the id of line 1"),
+        ('{"id": "a"}\n{"id": \n', r"is neither JSON nor JSON lines \(line 2: "),
+    ],
+)
+def test_flat_layout_errors_name_the_place(tmp_path, content, message):
+    path = tmp_path / "flat.json"
+    path.write_text(content)
+    with pytest.raises(SquadDataError, match=r"flat\.json: " + message):
+        load_squad_json(str(path))
+
+
+# --------------------------------------------------------------------------- questions without answers
+
+def test_answerless_training_questions_are_really_dropped_and_counted(examples):
+    rows = [dict(e, answers={"text": [], "answer_start": []}) if i % 3 == 0 else e for i, e in enumerate(examples)]
+    lines = []
+    kept = fix_answer_starts(datasets.Dataset.from_list(rows).cast(SQUAD_FEATURES), log=lines.append)
+    assert sorted(kept["id"]) == sorted(e["id"] for i, e in enumerate(examples) if i % 3)
+    assert all(row["answers"]["text"] for row in kept)
+    assert "dropped 10 questions without answers" in lines[0] and len(lines) == 1
+
+
+def test_training_file_without_any_answer_is_refused(examples):
+    rows = [dict(e, answers={"text": [], "answer_start": []}) for e in examples]
+    with pytest.raises(SquadDataError, match=r"no training question is left: 30 of 30 have no answer"):
+        fix_answer_starts(datasets.Dataset.from_list(rows).cast(SQUAD_FEATURES), log=None)
+
+
+def _v2_payload(examples):
+    payload = to_squad_json(examples)
+    payload["version"] = "v2.0"
+    qa = payload["data"][0]["paragraphs"][0]["qas"][0]
+    qa.update(is_impossible=True, plausible_answers=qa["answers"], answers=[])
+    return payload
+
+
+def test_squad_v2_training_file_is_named_and_its_unanswerable_questions_dropped(tmp_path, examples, caplog):
+    train = write_squad_json(tmp_path / "train-v2.0.json", _v2_payload(examples[:20]))
+    dev = write_squad_json(tmp_path / "dev.json", to_squad_json(examples[20:]))
+    with caplog.at_level("WARNING", logger="kdqa"):
+        loaded = load_squad(train_file=train, validation_file=dev)
+    assert "train-v2.0.json: looks like SQuAD v2.0 (1 of 20 questions carry is_impossible" in caplog.text
+    assert "1 of its 20 questions have no answer and are dropped" in caplog.text
+    assert len(fix_answer_starts(loaded["train"], log=None)) == 19
+
+
+@pytest.mark.parametrize("v2", [True, False])
+def test_evaluation_file_with_unanswerable_questions_is_refused(tmp_path, examples, v2):
+    payload = _v2_payload(examples) if v2 else to_squad_json(examples)
+    if not v2:
+        payload["data"][0]["paragraphs"][0]["qas"][0]["answers"] = []
+    dev = write_squad_json(tmp_path / "dev.json", payload)
+    pattern = r"dev\.json: " + (r"looks like SQuAD v2\.0 \(1 of 30 questions .*" if v2 else "") + \
+        r"1 of 30 questions have no gold answer.* would score 0"
+    with pytest.raises(SquadDataError, match=pattern):
+        load_squad(validation_file=dev, splits=("validation",))

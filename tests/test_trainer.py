@@ -362,7 +362,8 @@ def test_config_file_sets_flags_and_flags_override_it(tmp_path):
 def test_recipe_without_hub_stops_within_seconds_naming_the_offline_flags(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="0")
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--output_dir", str(tmp_path / "r")],
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--output_dir", str(tmp_path / "r"),
+                           "--teacher_model_name_or_path", "bert-large-uncased"],
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     elapsed = time.perf_counter() - started
     assert proc.returncode == 1, proc.stderr
@@ -393,7 +394,7 @@ def test_recipe_runs_teacher_student_and_distilled_student_and_prints_the_table(
     distilled_args = json.loads((out / "distilled" / "training_args.json").read_text())
     assert distilled_args["teacher_model_name_or_path"] == str(out / "teacher")
     assert distilled_args["student_layers"] == "0,2"
-    assert json.loads((out / "results.json").read_text())["teacher"]["f1"] == results["teacher"]["f1"]
+    assert json.loads((out / "recipe_results.json").read_text())["models"]["teacher"]["f1"] == results["teacher"]["f1"]
     assert (out / "teacher_logits_cache").is_dir()
     # Student and distilled student start from the same weights: layers 0 and 2 of the base model.
     kd_log, _ = read_metrics(out / "distilled")

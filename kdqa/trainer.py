@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from kdqa import checkpoint as ckpt
+from kdqa import run_dir
 from kdqa.data import fix_answer_starts, load_squad
 from kdqa.distributed import DistState, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
 from kdqa.evaluation import evaluate_model
@@ -33,6 +34,7 @@ from kdqa.loss import qa_distillation_loss
 from kdqa.modeling import (build_student_from_layers, check_same_vocab, forward_qa, load_qa_model,
                            load_tokenizer, parse_layers)
 from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, write_json
+from kdqa.resume_settings import check_resume_settings, run_settings
 from kdqa.samplers import TrainBatchSampler
 
 logger = logging.getLogger("kdqa")
@@ -109,20 +111,14 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def prepare_output_dir(args, dist: DistState) -> None:
-    """Refuse to write over a previous run's results unless asked; checkpoints are never lost silently."""
-    out = args.output_dir
-    if dist.is_main and os.path.isdir(out) and os.listdir(out) and not args.resume_from_checkpoint \
-            and not args.overwrite_output_dir:
-        has_ckpt = bool(ckpt.list_checkpoints(out))
-        raise FileExistsError(
-            f"--output_dir {out} already exists and is not empty"
-            + (" (it holds checkpoints: continue with --resume_from_checkpoint latest)" if has_ckpt else "")
-            + "; pass --overwrite_output_dir to start over there, or choose another --output_dir"
-        )
+def prepare_output_dir(args, dist: DistState) -> str | None:
+    """Lock the output dir, refuse or clear a previous run's results (kdqa.run_dir); returns the run id."""
+    run_id = None
     if dist.is_main:
-        os.makedirs(out, exist_ok=True)
+        run_id = run_dir.prepare(args.output_dir, resume=bool(args.resume_from_checkpoint),
+                                 overwrite=args.overwrite_output_dir)
     barrier(dist)
+    return run_id
 
 
 def load_datasets(args, tokenizer, need_train: bool = True):
@@ -205,6 +201,7 @@ def train(args: argparse.Namespace, _interrupt_at_step: int | None = None) -> di
     try:
         return _train(args, dist, _interrupt_at_step)
     finally:
+        run_dir.release(args.output_dir)
         cleanup(dist)
 
 
@@ -213,7 +210,7 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
     main = dist.is_main
     show = main and not args.disable_tqdm
     quiet_progress_bars(not show)
-    prepare_output_dir(args, dist)
+    run_id = prepare_output_dir(args, dist)
     autocast_dtype, use_scaler = resolve_precision(args.precision, device)
     set_seed(args.seed)
 
@@ -265,6 +262,7 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
         resume_path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
         state = ckpt.load_checkpoint(resume_path, model=student, optimizer=optimizer, scheduler=scheduler,
                                      scaler=scaler, map_location=device)
+        check_resume_settings(state["settings"], args, device.type, resume_path)
         if state["world_size"] != dist.world_size:
             raise ckpt.CheckpointError(
                 f"{resume_path} was written by a run with {state['world_size']} process(es), this run has "
@@ -278,6 +276,10 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
                 "data, batch size, accumulation and epochs"
             )
         global_step, start_epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
+        run_id = state["run_id"]
+        if main:
+            run_dir.adopt_run_id(args.output_dir, run_id, resume_path)
+            ckpt.remove_newer_checkpoints(args.output_dir, global_step)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, global_step, start_epoch,
                     start_batch)
 
@@ -303,15 +305,16 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
                     {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype],
                     args.loss_impl, ", teacher logits from cache" if cache is not None else "")
 
-    def run_eval(epoch_float: float) -> dict | None:
+    def run_eval(epoch_float: float, record: bool = True) -> dict | None:
         if main:
             metrics, predictions = evaluate_model(
                 student, eval_examples, eval_features, collator, batch_size=args.per_device_eval_batch_size,
                 device=device, n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
                 autocast_dtype=autocast_dtype, progress=show)
             student.train()
-            metrics_log.write({"step": global_step, "epoch": round(epoch_float, 4),
-                               **{f"eval_{k}": v for k, v in metrics.items()}})
+            if record:
+                metrics_log.write({"step": global_step, "epoch": round(epoch_float, 4),
+                                   **{f"eval_{k}": v for k, v in metrics.items()}})
             logger.info("eval at step %d (epoch %.2f): exact_match %.2f f1 %.2f on %d questions (%.1f s)",
                         global_step, epoch_float, metrics["exact_match"], metrics["f1"], metrics["total"],
                         metrics["runtime_s"])
@@ -324,22 +327,26 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
     def check_finite() -> None:
         bad = int(first_bad_step.item())
         if bad >= 0:
-            latest = ckpt.list_checkpoints(args.output_dir)
             raise NonFiniteLossError(
                 f"the training loss became non-finite (NaN or inf) at optimizer step {bad}; training stopped "
-                f"and wrote nothing after it. Last good checkpoint: {latest[-1] if latest else 'none'}. Lower "
-                "--learning_rate, try --precision bf16 or fp32, or check the data for broken features."
+                f"and wrote nothing after it. Last good checkpoint: {ckpt.last_good_checkpoint(args.output_dir)}. "
+                "Lower --learning_rate, try --precision bf16 or fp32, or check the data for broken features."
             )
 
     def save(epoch: int, batch_in_epoch: int) -> None:
         check_finite()
+        ckpt.check_parameters_finite(student, global_step, args.output_dir)  # every rank: same decision
+        log_window = all_reduce_mean(running, dist).tolist()  # collective: before the rank-0 branch
         if main:
             ckpt.save_checkpoint(args.output_dir, global_step, model=student, optimizer=optimizer,
                                  scheduler=scheduler, scaler=scaler, save_total_limit=args.save_total_limit,
                                  trainer_state={"epoch": epoch, "batch_in_epoch": batch_in_epoch,
                                                 "world_size": dist.world_size, "total_steps": total_steps,
                                                 "batches_per_epoch": batches_per_epoch,
-                                                "skipped_steps": skipped_steps})
+                                                "skipped_steps": skipped_steps, "run_id": run_id,
+                                                "settings": run_settings(args, device.type),
+                                                "last_eval_step": last_eval_step,
+                                                "log_window": {"running": log_window, "steps": steps_since_log}})
         barrier(dist)
 
     # --- the loop
@@ -349,10 +356,15 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
     steps_since_log, features_since_log, skipped_steps = 0, 0, 0
     grad_norm = torch.zeros((), device=device)
     last_eval, last_eval_step = None, -1
+    if resume_path is not None:  # evaluations up to the checkpoint are in metrics.jsonl; the log window goes on
+        last_eval_step = state["last_eval_step"]
+        running = torch.tensor(state["log_window"]["running"], dtype=running.dtype, device=device)
+        steps_since_log = state["log_window"]["steps"]
     epoch = start_epoch
     log_time = time.perf_counter()
     progress = tqdm(total=total_steps, initial=global_step, desc="training", disable=not show, dynamic_ncols=True)
     done = global_step >= total_steps
+    start_step = global_step
     for epoch in range(start_epoch, num_epochs):
         if done:
             break
@@ -416,10 +428,14 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
                 progress.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{record['lr']:.2e}")
                 running.zero_()
                 steps_since_log, features_since_log, log_time = 0, 0, time.perf_counter()
-            if args.eval_strategy == "steps" and global_step % args.eval_steps == 0:
+            epoch_done = batch_idx == batches_per_epoch
+            # Every evaluation of a step runs before that step's checkpoint, so a resume from it never
+            # repeats or skips one (the checkpoint records last_eval_step).
+            if (args.eval_strategy == "steps" and global_step % args.eval_steps == 0) or \
+                    (args.eval_strategy == "epoch" and epoch_done) or \
+                    (args.eval_strategy != "no" and global_step == total_steps):
                 last_eval = run_eval(epoch_float) or last_eval
                 last_eval_step = global_step
-            epoch_done = batch_idx == batches_per_epoch
             if (args.save_steps and global_step % args.save_steps == 0) or epoch_done or global_step == total_steps:
                 save(epoch + 1 if epoch_done else epoch, 0 if epoch_done else batch_idx)
                 if _interrupt_at_step is not None and global_step >= _interrupt_at_step:
@@ -428,15 +444,14 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
             if global_step >= total_steps:
                 done = True
                 break
-        if args.eval_strategy == "epoch" and (done or batch_idx == batches_per_epoch):
-            last_eval = run_eval(epoch + batch_idx / batches_per_epoch) or last_eval
-            last_eval_step = global_step
     progress.close()
     check_finite()
 
     # --- final evaluation and outputs
-    if args.eval_strategy != "no" and last_eval_step != global_step:  # same decision on every rank
-        last_eval = run_eval(num_epochs if done else epoch) or last_eval
+    ckpt.check_parameters_finite(student, global_step, args.output_dir)
+    if args.eval_strategy != "no" and global_step == start_step:  # same decision on every rank
+        # Resumed at the final checkpoint: its evaluation is logged already; score again for the outputs.
+        last_eval = run_eval(num_epochs, record=last_eval_step != global_step)
     results = {"global_step": global_step, "skipped_steps": skipped_steps}
     if dist.enabled:
         results["rank_param_checksums"] = check_ranks_in_sync(student, dist)

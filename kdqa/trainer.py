@@ -262,13 +262,13 @@ def _train(args, dist: DistState, _interrupt_at_step: int | None) -> dict:
         resume_path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
         state = ckpt.load_checkpoint(resume_path, model=student, optimizer=optimizer, scheduler=scheduler,
                                      scaler=scaler, map_location=device)
-        check_resume_settings(state["settings"], args, device.type, resume_path)
         if state["world_size"] != dist.world_size:
             raise ckpt.CheckpointError(
                 f"{resume_path} was written by a run with {state['world_size']} process(es), this run has "
                 f"{dist.world_size}: the data order depends on it. Resume with torchrun --nproc_per_node "
                 f"{state['world_size']}, or start a new run without --resume_from_checkpoint"
             )
+        check_resume_settings(state["settings"], args, device.type, resume_path)
         if state["total_steps"] != total_steps or state["batches_per_epoch"] != batches_per_epoch:
             raise ckpt.CheckpointError(
                 f"{resume_path} belongs to a run with {state['total_steps']} steps of {state['batches_per_epoch']} "

@@ -19,23 +19,18 @@ import train
 from kdqa import checkpoint as ckpt
 from kdqa import run_dir
 from kdqa.reporting import MetricsLog
-from tiny_models import make_model_folder, make_name_task, tiny_bert_config, write_squad
+from test_reliability import tiny_run_inputs
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    return {
-        "train": write_squad(str(root / "train.json"), make_name_task(16, seed=21, prefix="t")),
-        "dev": write_squad(str(root / "dev.json"), make_name_task(4, seed=22, prefix="d")),
-        "model": make_model_folder(str(root / "model"), tiny_bert_config(dropout=0.1), seed=3),
-    }
+    return tiny_run_inputs(tmp_path_factory.mktemp("ckpt"), 16, 4)
 
 
 def argv(setup, out, *extra):
     # 16 questions, batch 4: 4 steps an epoch; a checkpoint every 2 steps.
     return ["finetune", "--train_file", setup["train"], "--validation_file", setup["dev"], "--output_dir", str(out),
-            "--model_name_or_path", setup["model"], "--max_seq_length", "48", "--doc_stride", "16",
+            "--model_name_or_path", setup["student"], "--max_seq_length", "48", "--doc_stride", "16",
             "--loss_impl", "torch", "--disable_tqdm", "--per_device_train_batch_size", "4", "--max_steps", "4",
             "--save_steps", "2", "--logging_steps", "1", "--eval_strategy", "no", "--learning_rate", "1e-3",
             *map(str, extra)]

@@ -36,16 +36,19 @@ class Killed(BaseException):
     """Stands for SIGKILL: nothing in kdqa catches it, so no clean-up code of the writer runs."""
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
+def tiny_run_inputs(root, n_train: int, n_dev: int) -> dict:
+    """Train and dev files of the synthetic task, a tiny student and a tiny teacher (dropout on)."""
     return {
-        "train": write_squad(str(root / "train.json"), make_name_task(24, seed=11, prefix="t")),
-        "dev": write_squad(str(root / "dev.json"), make_name_task(6, seed=12, prefix="d")),
+        "train": write_squad(str(root / "train.json"), make_name_task(n_train, seed=11, prefix="t")),
+        "dev": write_squad(str(root / "dev.json"), make_name_task(n_dev, seed=12, prefix="d")),
         "student": make_model_folder(str(root / "student"), tiny_bert_config(dropout=0.1), seed=1),
         "teacher": make_model_folder(str(root / "teacher"), tiny_bert_config(dropout=0.1), seed=2),
-        "root": root,
     }
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_run_inputs(tmp_path_factory.mktemp("reliability"), 24, 6)
 
 
 def argv_for(mode, setup, out, *extra):

@@ -48,7 +48,8 @@ def tiny_run_inputs(root, n_train: int, n_dev: int) -> dict:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return tiny_run_inputs(tmp_path_factory.mktemp("reliability"), 24, 6)
+    root = tmp_path_factory.mktemp("reliability")
+    return dict(tiny_run_inputs(root, 24, 6), root=root)
 
 
 def argv_for(mode, setup, out, *extra):
@@ -110,6 +111,19 @@ def _kill_points():
 KILL_POINTS = _kill_points()
 
 
+_references: dict = {}
+
+
+def reference_run(setup, mode, extra, monkeypatch):
+    """The uninterrupted run of (mode, extra), trained once per module: (output dir, kill-point call counts)."""
+    key = (mode, extra)
+    if key not in _references:
+        out = setup["root"] / f"full-{len(_references)}"
+        counts = count_calls(monkeypatch, lambda: kdqa.trainer.train(parse_args(argv_for(mode, setup, out, *extra))))
+        _references[key] = (out, counts)
+    return _references[key]
+
+
 def count_calls(monkeypatch, fn):
     """Run fn() counting the calls of every kill point."""
     counts = dict.fromkeys(KILL_POINTS, 0)
@@ -164,16 +178,16 @@ def kill_and_resume(monkeypatch, mode, setup, out, extra, kills):
 ], ids=["finetune", "distill-online", "distill-cache"])
 def test_kills_anywhere_then_resume_give_the_uninterrupted_model_and_log(setup, tmp_path, monkeypatch, mode,
                                                                         extra):
-    extra = tuple(str(tmp_path / "cache") if e == "CACHE" else e for e in extra)
-    full = tmp_path / "full"
-    counts = count_calls(monkeypatch, lambda: kdqa.trainer.train(parse_args(argv_for(mode, setup, full, *extra))))
+    extra = tuple(str(setup["root"] / "cache") if e == "CACHE" else e for e in extra)
+    full, counts = reference_run(setup, mode, extra, monkeypatch)
     reference_log, reference_model = comparable_log(full), final_model(full)
     assert sum("eval_f1" in r for r in reference_log) >= 2
 
-    # The first evaluation (right at a checkpoint's step: an epoch end or step 4), then two random points.
+    # Fixed: inside the step-4 checkpoint (resume from step 3, mid logging window, just after an
+    # evaluation), then the resumed run's first evaluation; then two random points.
     rng = random.Random(f"{mode}{extra}")
     points = [(p, n) for p, c in counts.items() for n in range(1, c + 1)]
-    kills = [("evaluation", 1)] + rng.sample(points, 2)
+    kills = [("checkpoint file", 7), ("evaluation", 1)] + rng.sample(points, 2)
     out = tmp_path / "killed"
     kill_and_resume(monkeypatch, mode, setup, out, extra, kills)
     assert same_model(final_model(out), reference_model), kills
@@ -202,9 +216,9 @@ sys.exit(train.main({argv!r}))
 """
 
 
-def test_sigkill_in_the_middle_of_a_checkpoint_write_then_resume(setup, tmp_path):
-    full, out = tmp_path / "full", tmp_path / "killed"
-    kdqa.trainer.train(parse_args(argv_for("finetune", setup, full, "--eval_strategy", "epoch")))
+def test_sigkill_in_the_middle_of_a_checkpoint_write_then_resume(setup, tmp_path, monkeypatch):
+    full, _ = reference_run(setup, "finetune", ("--eval_strategy", "epoch"), monkeypatch)
+    out = tmp_path / "killed"
     # torch.save runs 3 times a checkpoint: the 5th call is inside the second one (step 3, an epoch end).
     child = CHILD.format(repo=REPO, nth=5, argv=argv_for("finetune", setup, out, "--eval_strategy", "epoch"))
     proc = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -119,8 +119,10 @@ def write_run_id(output_dir: str, run_id: str) -> None:
     fsync_path(output_dir)
 
 
-def _contents(output_dir: str) -> list[str]:
-    return sorted(n for n in os.listdir(output_dir) if n != LOCK_NAME) if os.path.isdir(output_dir) else []
+def _contents(output_dir: str, bookkeeping: bool = True) -> list[str]:
+    """Names in output_dir but the lock (and, bookkeeping=False, run.json: a run that failed at start-up)."""
+    skip = {LOCK_NAME} if bookkeeping else {LOCK_NAME, RUN_FILE}
+    return sorted(n for n in os.listdir(output_dir) if n not in skip) if os.path.isdir(output_dir) else []
 
 
 def _is_checkpoint_name(name: str) -> bool:
@@ -175,7 +177,7 @@ def prepare(output_dir: str, *, resume: bool, overwrite: bool) -> str | None:
             logger.info("removed %s: half-written by an interrupted run", ", ".join(left))
         if resume:
             return read_run_id(output_dir)
-        contents = _contents(output_dir)
+        contents = _contents(output_dir, bookkeeping=False)
         if contents and not overwrite:
             has_ckpt = bool(list_checkpoints(output_dir))
             raise FileExistsError(

@@ -89,6 +89,21 @@ def test_latest_skips_checkpoints_of_another_run(setup, tmp_path, capsys):
     assert code == 1 and "belongs to run" in error_line(err)
 
 
+def test_overwrite_clears_only_a_runs_folder_and_a_run_that_failed_at_start_up_blocks_nothing(tmp_path):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    assert run_dir.prepare(str(other), resume=False, overwrite=True)
+    run_dir.release(str(other))
+    assert (other / "mine.txt").read_text() == "keep me"  # not a kdqa run's folder: nothing deleted
+    fresh = tmp_path / "fresh"
+    first = run_dir.prepare(str(fresh), resume=False, overwrite=False)
+    run_dir.release(str(fresh))  # the run failed before writing anything: only run.json is there
+    second = run_dir.prepare(str(fresh), resume=False, overwrite=False)
+    run_dir.release(str(fresh))
+    assert first != second and run_dir.read_run_id(str(fresh)) == second
+
+
 # ----------------------------------------------------------------------------- 4: changed settings on resume
 
 def test_resume_refuses_changed_settings_naming_the_flag_and_allows_safe_ones(setup, tmp_path, capsys):

@@ -209,6 +209,9 @@ def remove_newer_checkpoints(output_dir: str, step: int) -> list[str]:
     removed = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
+    if removed:
+        logger.info("removed %s: newer than the step-%d checkpoint this run resumes from",
+                    ", ".join(os.path.basename(p) for p in removed), step)
     return removed
 
 

@@ -27,6 +27,9 @@ SAFE_TO_CHANGE = {
     "config": "the values it set are compared one by one",
     "device": "compared as the device type (cpu/cuda), recorded separately",
     "teacher_logits_cache": "where the cached logits live (whether a cache is used is compared)",
+    # What runs after training (issue 16's prediction), not the training itself:
+    "do_predict": "prediction after training",
+    "test_file": "prediction after training",
 }
 
 

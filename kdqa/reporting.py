@@ -22,15 +22,19 @@ def write_json(path: str, obj, indent: int | None = 2) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl and keeps them for the plot."""
+    """Appends one JSON object per line to metrics.jsonl and keeps them for the plot.
+
+    A kill mid-write can leave a torn last line: on resume it is dropped (it belongs to a step after
+    the checkpoint, which the resumed run logs again); a damaged line elsewhere is an error naming
+    the file and line. Rewrites go through a temporary file, so a kill never loses the log.
+    """
 
     def __init__(self, path: str, enabled: bool = True, resume: bool = False):
         self.path = path
         self.enabled = enabled
         self.records: list[dict] = []
         if enabled and resume and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                self.records = [json.loads(line) for line in f if line.strip()]
+            self.records = read_metrics_records(path)
         elif enabled:
             open(path, "w").close()
 
@@ -39,9 +43,13 @@ class MetricsLog:
         if not self.enabled:
             return
         self.records = [r for r in self.records if r.get("step", 0) <= step]
-        with open(self.path, "w", encoding="utf-8") as f:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
             for r in self.records:
                 f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -49,6 +57,28 @@ class MetricsLog:
         self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def read_metrics_records(path: str) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line (a kill mid-write) is dropped with a warning."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if position == len(numbered) - 1:
+                logger.warning("%s: dropped a torn last line %d (a write cut short by an interruption)", path,
+                               number)
+                break
+            raise ValueError(f"{path} line {number} is not a JSON record ({err}); the file was damaged or "
+                             "edited: repair or delete that line, then resume again") from None
+        records.append(record)
+    return records
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -113,6 +113,33 @@ def fingerprint(
     return h.hexdigest()
 
 
+class TeacherCacheError(ValueError):
+    """The teacher's logits cannot be cached as they are (NaN/inf): the teacher's fault, not training's."""
+
+
+def _first_non_finite(arrays, dtype_name: str, chunk: int = 1 << 24) -> int | None:
+    """Index of the first NaN/inf value in the flat logit arrays, or None (read in chunks)."""
+    for arr in arrays:
+        for lo in range(0, arr.shape[0], chunk):
+            part = np.asarray(arr[lo: lo + chunk])
+            if dtype_name == "bfloat16":  # raw bits: exponent all ones is inf or NaN
+                bad = (part & 0x7F80) == 0x7F80
+            else:
+                bad = ~np.isfinite(part)
+            if bad.any():
+                return lo + int(np.argmax(bad))
+    return None
+
+
+def _non_finite_teacher_message(token: int, offsets: np.ndarray, dtype_name: str) -> str:
+    feature = int(np.searchsorted(offsets, token, side="right") - 1)
+    hint = "check the teacher's weights" + (
+        " (or, if its logits are only too large for float16, store them as bfloat16)" if dtype_name == "float16"
+        else "")
+    return (f"teacher logits cache: the teacher produced non-finite logits (NaN or inf) for training feature "
+            f"{feature}; nothing was cached. The teacher model is at fault, not the learning rate: {hint}")
+
+
 class TeacherLogitsCache:
     """Read side of a built cache: `lookup` turns feature indices into padded float32 logits."""
 
@@ -217,8 +244,11 @@ class TeacherLogitsCache:
                 if arr.dtype != _NUMPY_STORAGE[meta["dtype"]] or arr.shape != (total,):
                     return None, f"{name} has shape {arr.shape} ({arr.dtype}), expected ({total},)"
                 arrays.append(arr)
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            bad = _first_non_finite(arrays, meta["dtype"])
+        except Exception as err:  # any unreadable file (empty, truncated, garbage) means: rebuild
             return None, f"unreadable cache ({type(err).__name__}: {err})"
+        if bad is not None:
+            return None, f"the cache holds non-finite logits (NaN or inf) at token {bad}: damaged cache"
         return cls(path, meta, offsets, arrays[0], arrays[1]), "ok"
 
     @classmethod
@@ -280,11 +310,10 @@ class TeacherLogitsCache:
 
             logits_over_features(teacher, features, collate_fn, store, batch_size=batch_size, device=device,
                                  autocast_dtype=autocast_dtype, progress=progress, desc="teacher logits")
+            bad = _first_non_finite(list(flat.values()), dtype_name)
+            if bad is not None:
+                raise TeacherCacheError(_non_finite_teacher_message(bad, offsets, dtype_name))
             for arr in flat.values():
-                if dtype_name == "float16" and not np.isfinite(arr).all():
-                    raise ValueError(
-                        "teacher logits overflow float16; build the cache with storage_dtype=torch.bfloat16"
-                    )
                 arr.flush()
             del flat
             meta = {

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from kdqa import checkpoint as ckpt
+from kdqa import run_dir
 from kdqa.data import fix_answer_starts, load_squad
 from kdqa.distributed import DistState, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
 from kdqa.features import QACollator, prepare_eval_features, prepare_train_features
@@ -43,6 +44,7 @@ from kdqa.modeling import (build_student_from_layers, check_same_vocab, forward_
                            load_tokenizer, parse_layers)
 from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
 from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, write_json
+from kdqa.resume_settings import check_resume_settings, run_settings
 from kdqa.samplers import TrainBatchSampler
 
 logger = logging.getLogger("kdqa")
@@ -84,6 +86,7 @@ class Progress:
     first_bad_step: torch.Tensor | None = None  # first step with a non-finite loss, or -1
     last_eval: dict | None = None
     last_eval_step: int = -1
+    start_step: int = 0           # where this process began (the resumed step, or 0)
 
 
 @dataclass
@@ -116,6 +119,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     tokenizer: object = None
+    run_id: str | None = None         # stamped into every checkpoint: a resume never takes another run's
     data: TrainData | None = None
     schedule: Schedule | None = None
     metrics_log: MetricsLog | None = None
@@ -182,20 +186,14 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def prepare_output_dir(args, dist: DistState) -> None:
-    """Refuse to write over a previous run's results unless asked; checkpoints are never lost silently."""
-    out = args.output_dir
-    if dist.is_main and os.path.isdir(out) and os.listdir(out) and not args.resume_from_checkpoint \
-            and not args.overwrite_output_dir:
-        has_ckpt = bool(ckpt.list_checkpoints(out))
-        raise FileExistsError(
-            f"--output_dir {out} already exists and is not empty"
-            + (" (it holds checkpoints: continue with --resume_from_checkpoint latest)" if has_ckpt else "")
-            + "; pass --overwrite_output_dir to start over there, or choose another --output_dir"
-        )
+def prepare_output_dir(args, dist: DistState) -> str | None:
+    """Lock the output dir, refuse or clear a previous run's results (kdqa.run_dir); returns the run id."""
+    run_id = None
     if dist.is_main:
-        os.makedirs(out, exist_ok=True)
+        run_id = run_dir.prepare(args.output_dir, resume=bool(args.resume_from_checkpoint),
+                                 overwrite=args.overwrite_output_dir)
     barrier(dist)
+    return run_id
 
 
 def load_datasets(args, tokenizer, need_train: bool = True):
@@ -338,7 +336,7 @@ def wrap_student(run: Run) -> None:
 def set_up(args, dist: DistState) -> Run:
     """Output folder, precision, seed, models, data, teacher logits, loader, schedule, optimizer."""
     quiet_progress_bars(not (dist.is_main and not args.disable_tqdm))
-    prepare_output_dir(args, dist)
+    run_id = prepare_output_dir(args, dist)
     autocast_dtype, use_scaler = resolve_precision(args.precision, dist.device)
     set_seed(args.seed)
     student, teacher, tokenizer = load_student_and_teacher(args, dist)
@@ -368,6 +366,7 @@ def set_up(args, dist: DistState) -> Run:
                    total_steps=schedule.total_steps, tokenizer=tokenizer)
     run.data = TrainData(train_examples, train_features, eval_examples, eval_features, collator, sampler, loader)
     run.schedule = schedule
+    run.run_id = run_id
     return run
 
 
@@ -387,6 +386,7 @@ def resume(run: Run) -> str | None:
             f"{dist.world_size}: the data order depends on it. Resume with torchrun --nproc_per_node "
             f"{state['world_size']}, or start a new run without --resume_from_checkpoint"
         )
+    check_resume_settings(state["settings"], args, run.device.type, path)
     if state["total_steps"] != schedule.total_steps or state["batches_per_epoch"] != schedule.batches_per_epoch:
         raise ckpt.CheckpointError(
             f"{path} belongs to a run with {state['total_steps']} steps of {state['batches_per_epoch']} "
@@ -394,7 +394,15 @@ def resume(run: Run) -> str | None:
             "with the same data, batch size, accumulation and epochs"
         )
     p.step, p.epoch, p.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-    p.skipped_steps = state.get("skipped_steps", 0)
+    p.skipped_steps, p.start_step = state["skipped_steps"], state["step"]
+    # Evaluations up to the checkpoint are in metrics.jsonl already; the log window goes on.
+    p.last_eval_step = state["last_eval_step"]
+    p.running = {name: torch.tensor(value, device=run.device) for name, value in state["log_window"]["running"].items()}
+    p.steps_since_log = state["log_window"]["steps"]
+    run.run_id = state["run_id"]
+    if dist.is_main:
+        run_dir.adopt_run_id(args.output_dir, run.run_id, path)
+        ckpt.remove_newer_checkpoints(args.output_dir, p.step)
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, p.step, p.epoch, p.batch_in_epoch)
     return path
 
@@ -526,12 +534,8 @@ def epoch_float(run: Run) -> float:
 
 
 def end_of_epoch(run: Run) -> None:
-    """Evaluate at the epoch's end (--eval_strategy epoch), or where the run ends mid-epoch."""
-    p, s = run.progress, run.schedule
-    finished = p.batch_in_epoch == s.batches_per_epoch
-    if run.args.eval_strategy == "epoch" and (p.step >= s.total_steps or finished):
-        score_on_dev(run, epoch_float(run))
-    if finished:
+    p = run.progress
+    if p.batch_in_epoch == run.schedule.batches_per_epoch:
         p.epoch, p.batch_in_epoch = p.epoch + 1, 0
 
 
@@ -542,9 +546,13 @@ def log_eval_save(run: Run, bar) -> bool:
     args, p, s = run.args, run.progress, run.schedule
     if p.step % args.logging_steps == 0 or p.step == s.total_steps:
         log_training(run, bar)
-    if args.eval_strategy == "steps" and p.step % args.eval_steps == 0:
-        score_on_dev(run, epoch_float(run))
     epoch_done = p.batch_in_epoch == s.batches_per_epoch
+    # Every evaluation of a step runs before that step's checkpoint, so a resume from it never
+    # repeats or skips one (the checkpoint records last_eval_step).
+    if (args.eval_strategy == "steps" and p.step % args.eval_steps == 0) or \
+            (args.eval_strategy == "epoch" and epoch_done) or \
+            (args.eval_strategy != "no" and p.step == s.total_steps):
+        score_on_dev(run, epoch_float(run))
     if (args.save_steps and p.step % args.save_steps == 0) or epoch_done or p.step == s.total_steps:
         save_checkpoint(run, p.epoch + 1 if epoch_done else p.epoch, 0 if epoch_done else p.batch_in_epoch)
         if INTERRUPT_AFTER_STEP is not None and p.step >= INTERRUPT_AFTER_STEP:
@@ -569,8 +577,8 @@ def log_training(run: Run, bar) -> None:
     p.running, p.steps_since_log, p.features_since_log, p.log_time = {}, 0, 0, time.perf_counter()
 
 
-def score_on_dev(run: Run, epoch: float) -> None:
-    """EM/F1 of the student on the dev set (rank 0), logged to metrics.jsonl; every rank waits."""
+def score_on_dev(run: Run, epoch: float, record: bool = True) -> None:
+    """EM/F1 of the student on the dev set (rank 0), logged to metrics.jsonl (when `record`); every rank waits."""
     p, data, args = run.progress, run.data, run.args
     if run.dist.is_main:
         metrics, predictions, nbest = predict_and_score(
@@ -579,8 +587,9 @@ def score_on_dev(run: Run, epoch: float) -> None:
             max_answer_length=args.max_answer_length, autocast_dtype=run.autocast_dtype,
             progress=run.show_progress)
         run.student.train()
-        run.metrics_log.write({"step": p.step, "epoch": round(epoch, 4),
-                               **{f"eval_{k}": v for k, v in metrics.items()}})
+        if record:
+            run.metrics_log.write({"step": p.step, "epoch": round(epoch, 4),
+                                   **{f"eval_{k}": v for k, v in metrics.items()}})
         logger.info("eval at step %d (epoch %.2f): exact_match %.2f f1 %.2f on %d questions (%.1f s)",
                     p.step, epoch, metrics["exact_match"], metrics["f1"], metrics["total"], metrics["runtime_s"])
         p.last_eval = {"metrics": metrics, "predictions": predictions, "nbest": nbest}
@@ -592,37 +601,49 @@ def check_finite(run: Run) -> None:
     """Stop with the first step whose loss was NaN or inf (one device read, only when logging/saving)."""
     bad = int(run.progress.first_bad_step.item())
     if bad >= 0:
-        latest = ckpt.list_checkpoints(run.args.output_dir)
         raise NonFiniteLossError(
             f"the training loss became non-finite (NaN or inf) at optimizer step {bad}; training stopped "
-            f"and wrote nothing after it. Last good checkpoint: {latest[-1] if latest else 'none'}. Lower "
-            "--learning_rate, try --precision bf16 or fp32, or check the data for broken features."
+            f"and wrote nothing after it. Last good checkpoint: {ckpt.last_good_checkpoint(run.args.output_dir)}. "
+            "Lower --learning_rate, try --precision bf16 or fp32, or check the data for broken features."
         )
 
 
 def save_checkpoint(run: Run, epoch: int, batch_in_epoch: int) -> None:
-    """A resumable checkpoint (rank 0) of a run whose loss is finite so far; every rank waits."""
+    """A resumable checkpoint (rank 0) of a run whose loss and parameters are finite; every rank waits.
+
+    It holds what a resume needs to go on as if never stopped: the run's identity and settings,
+    the last evaluated step and the unlogged loss sums of the current log window.
+    """
     check_finite(run)
-    s = run.schedule
+    args, s, p = run.args, run.schedule, run.progress
+    ckpt.check_parameters_finite(run.student, p.step, args.output_dir)  # every rank: same decision
+    names = list(p.running)
+    sums = all_reduce_mean(torch.stack([p.running[n] for n in names]), run.dist).tolist() if names else []
     if run.dist.is_main:
-        ckpt.save_checkpoint(run.args.output_dir, run.progress.step, model=run.student, optimizer=run.optimizer,
-                             scheduler=run.scheduler, scaler=run.scaler, save_total_limit=run.args.save_total_limit,
+        ckpt.save_checkpoint(args.output_dir, p.step, model=run.student, optimizer=run.optimizer,
+                             scheduler=run.scheduler, scaler=run.scaler, save_total_limit=args.save_total_limit,
                              trainer_state={"epoch": epoch, "batch_in_epoch": batch_in_epoch,
                                             "world_size": run.dist.world_size, "total_steps": s.total_steps,
                                             "batches_per_epoch": s.batches_per_epoch,
-                                            "skipped_steps": run.progress.skipped_steps})
+                                            "skipped_steps": p.skipped_steps, "run_id": run.run_id,
+                                            "settings": run_settings(args, run.device.type),
+                                            "last_eval_step": p.last_eval_step,
+                                            "log_window": {"running": dict(zip(names, sums)),
+                                                           "steps": p.steps_since_log}})
     barrier(run.dist)
 
 
 # ----------------------------------------------------------------------------- phase 6: finish
 
 def finish(run: Run) -> dict:
-    """Final evaluation (unless the last step was just evaluated), the model and the result files."""
+    """The model and the result files (plus a final evaluation when resumed from the last checkpoint)."""
     args, p, s = run.args, run.progress, run.schedule
     if p.first_bad_step is not None:
         check_finite(run)
-    if args.eval_strategy != "no" and p.last_eval_step != p.step:  # same decision on every rank
-        score_on_dev(run, s.num_epochs if p.step >= s.total_steps else p.epoch)
+    ckpt.check_parameters_finite(run.student, p.step, args.output_dir)
+    if args.eval_strategy != "no" and p.step == p.start_step:  # same decision on every rank
+        # Resumed at the final checkpoint: its evaluation is logged already; score again for the outputs.
+        score_on_dev(run, s.num_epochs, record=p.last_eval_step != p.step)
     results = {"global_step": p.step, "skipped_steps": p.skipped_steps}
     if run.dist.enabled:
         results["rank_param_checksums"] = check_ranks_in_sync(run.student, run.dist)
@@ -677,6 +698,7 @@ def train(args: argparse.Namespace) -> dict:
             return {"interrupted_at_step": run.progress.step}
         return finish(run)
     finally:
+        run_dir.release(args.output_dir)
         cleanup(dist)
 
 

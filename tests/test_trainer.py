@@ -213,26 +213,11 @@ def test_resume_refuses_a_checkpoint_of_another_run_shape(task, model_dir, tmp_p
     common = ["--model_name_or_path", model_dir, "--max_train_samples", "40", "--per_device_train_batch_size", "8",
               "--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no"]
     run("finetune", task, tmp_path / "a", *common, interrupt=2)
-    with pytest.raises(CheckpointError, match="same data, batch size"):
+    with pytest.raises(CheckpointError, match="--max_steps: now 6, in the checkpoint 4"):
         run("finetune", task, tmp_path / "a", *common[:-6], "--max_steps", "6", "--save_steps", "2",
             "--eval_strategy", "no", "--resume_from_checkpoint", "latest")
     with pytest.raises(FileExistsError, match="resume_from_checkpoint latest"):
         run("finetune", task, tmp_path / "a", *common)
-
-
-def test_half_written_checkpoint_is_never_the_latest(tmp_path):
-    from kdqa.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint
-
-    good = tmp_path / "checkpoint-4"
-    good.mkdir()
-    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json"):
-        (good / name).write_text("x")
-    (tmp_path / "checkpoint-6.tmp").mkdir()  # a crash mid-write
-    (tmp_path / "checkpoint-8").mkdir()  # no trainer_state.json: incomplete
-    assert list_checkpoints(str(tmp_path)) == [str(good)]
-    assert resolve_checkpoint("latest", str(tmp_path)) == str(good)
-    with pytest.raises(CheckpointError, match="not a complete kdqa checkpoint"):
-        resolve_checkpoint(str(tmp_path / "checkpoint-8"), str(tmp_path))
 
 
 def test_non_finite_loss_stops_naming_the_step(task, model_dir, tmp_path, monkeypatch):

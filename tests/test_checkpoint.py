@@ -38,10 +38,14 @@ def argv(setup, out, *extra):
 
 def interrupted(setup, out, at, *extra):
     """A run stopped right after its step-`at` checkpoint, as a crash would leave it."""
+    import kdqa.trainer
     from kdqa.config import parse_args
-    from kdqa.trainer import train as train_run
 
-    assert train_run(parse_args(argv(setup, out, *extra)), _interrupt_at_step=at) == {"interrupted_at_step": at}
+    kdqa.trainer.INTERRUPT_AFTER_STEP = at
+    try:
+        assert kdqa.trainer.train(parse_args(argv(setup, out, *extra))) == {"interrupted_at_step": at}
+    finally:
+        kdqa.trainer.INTERRUPT_AFTER_STEP = None
 
 
 def main(capsys, *args):

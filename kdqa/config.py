@@ -112,6 +112,14 @@ def _add_distill_args(p: argparse.ArgumentParser, teacher_required: bool) -> Non
     g.add_argument("--alpha_kd", type=float, default=0.5, help="weight of T^2 * KL(teacher || student)")
     g.add_argument("--teacher_logits_cache", default=None,
                    help="folder caching the teacher's logits of every training feature, computed once")
+    g.add_argument("--alpha_hidden", type=float, default=0.0,
+                   help="weight of the hidden-state term: student layers learn the teacher's hidden states "
+                        "(0: off, logits only); needs the online teacher, not --teacher_logits_cache")
+    g.add_argument("--hidden_loss", choices=["mse", "cosine"], default="mse",
+                   help="the hidden-state distance over real tokens: mse (TinyBERT) or cosine (DistilBERT's L_cos)")
+    g.add_argument("--hidden_layer_map", default=None,
+                   help="STUDENT:TEACHER layer pairs, 0 = embeddings, e.g. 1:2,2:4,3:6 (default: the layers "
+                        "--student_layers copied, else a uniform map)")
 
 
 # Where our defaults (the seed recipe's) differ from run_qa.py + TrainingArguments (transformers 5.x);
@@ -444,7 +452,7 @@ RANGES = {
     "logging_steps": _at_least(1), "eval_steps": _at_least(1),
     "save_steps": ((lambda v: v >= 0), "at least 0 (0: checkpoints at epoch ends only)"),
     "save_total_limit": _at_least(1),
-    "temperature": _POSITIVE, "alpha_ce": _NON_NEGATIVE, "alpha_kd": _NON_NEGATIVE,
+    "temperature": _POSITIVE, "alpha_ce": _NON_NEGATIVE, "alpha_kd": _NON_NEGATIVE, "alpha_hidden": _NON_NEGATIVE,
 }
 
 
@@ -507,9 +515,13 @@ def _validate_training_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--doc_stride must be smaller than --max_seq_length")
     if args.eval_strategy == "steps" and args.eval_steps is None:
         raise ConfigError("--eval_strategy steps needs --eval_steps N (N >= 1)")
-    if args.command in ("distill", "recipe") and args.alpha_ce == 0 and args.alpha_kd == 0:
+    if args.command in ("distill", "recipe") and args.alpha_ce == 0 and args.alpha_kd == 0 and args.alpha_hidden == 0:
         raise ConfigError("--alpha_ce and --alpha_kd are both 0: nothing would be learnt; "
                           "give one of them a weight > 0")
+    if args.command in ("distill", "recipe") and args.alpha_hidden > 0 and args.teacher_logits_cache:
+        raise ConfigError("--alpha_hidden needs the teacher's hidden states, which --teacher_logits_cache does not "
+                          "hold (it stores logits only): leave out --teacher_logits_cache so the teacher runs "
+                          "online, or set --alpha_hidden 0")
     if args.precision == "fp16" and args.device == "cpu":
         raise ConfigError("--precision fp16 needs a CUDA GPU; on the CPU choose --precision auto, fp32 or bf16")
 

@@ -74,6 +74,20 @@ def format_layer_map(pairs: list[tuple[int, int]]) -> str:
     return ",".join(f"{s}:{t}" for s, t in pairs)
 
 
+def hidden_distillation_for(args, student, teacher) -> "HiddenStateDistillation":
+    """The term for a run: --hidden_layer_map, else the layers --student_layers copied (when they fit
+    the teacher), else a uniform map; projections where the hidden sizes differ."""
+    s_layers, t_layers = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    if args.hidden_layer_map:
+        pairs = parse_layer_map(args.hidden_layer_map, s_layers, t_layers)
+    else:
+        copied = [int(i) for i in args.student_layers.split(",")] if args.student_layers else None
+        if copied is not None and (len(copied) != s_layers or max(copied) >= t_layers):
+            copied = None  # built from another model than this teacher's depth: uniform
+        pairs = default_layer_map(s_layers, t_layers, copied)
+    return HiddenStateDistillation(pairs, student.config.hidden_size, teacher.config.hidden_size, args.hidden_loss)
+
+
 def masked_hidden_distance(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
                            kind: str) -> torch.Tensor:
     """Mean over real tokens of the per-token distance between [B, L, D] hidden states (at least fp32)."""

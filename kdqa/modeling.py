@@ -197,8 +197,9 @@ def takes_token_type_ids(model) -> bool:
     return getattr(config, "type_vocab_size", 2) > 1
 
 
-def forward_qa(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a QA model on a collated batch and return (start_logits, end_logits), [B, L] each.
+def forward_qa(model, batch: dict, output_hidden_states: bool = False) -> tuple:
+    """Run a QA model on a collated batch and return (start_logits, end_logits), [B, L] each, plus
+    the hidden states (embeddings, then every layer's output, [B, L, H] each) when asked.
 
     Only input_ids, attention_mask and (for models that take them) token_type_ids are passed, so
     labels never trigger the model's own loss.
@@ -206,6 +207,9 @@ def forward_qa(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "token_type_ids" in batch and takes_token_type_ids(model):
         inputs["token_type_ids"] = batch["token_type_ids"]
+    if output_hidden_states:
+        out = model(**inputs, output_hidden_states=True)
+        return out.start_logits, out.end_logits, out.hidden_states
     out = model(**inputs)
     if isinstance(out, tuple):
         return out[0], out[1]

@@ -225,7 +225,7 @@ def stage_arguments(args) -> dict[str, argparse.Namespace]:
     distilled.command = distilled.mode = "distill"
     distilled.teacher_model_name_or_path = teacher.output_dir
     distilled.output_dir = os.path.join(out, "distilled")
-    if distilled.teacher_logits_cache is None:
+    if distilled.teacher_logits_cache is None and not args.alpha_hidden:  # hidden states need the online teacher
         distilled.teacher_logits_cache = os.path.join(out, "teacher_logits_cache")
     return {"teacher": teacher, "student": student, "distilled student": distilled}
 
@@ -305,8 +305,10 @@ def check_output_dir(args) -> None:
 # ----------------------------------------------------------------------------- the whole recipe
 
 def run_recipe(args: argparse.Namespace) -> dict:
+    from kdqa.trainer import quiet_progress_bars
+
     started = time.perf_counter()
-    quiet_all_progress_bars(args.disable_tqdm)
+    quiet_progress_bars(args.disable_tqdm)
     check_output_dir(args)
     defaults = recipe_defaults()
     banner: list[str] = []
@@ -347,16 +349,6 @@ def run_recipe(args: argparse.Namespace) -> dict:
     logger.info("recipe: done in %.1f minutes%s; results in %s", elapsed / 60,
                 "" if estimate is None else f" (estimated {estimate / 60:.0f})", out)
     return results
-
-
-def quiet_all_progress_bars(quiet: bool) -> None:
-    """--disable_tqdm silences transformers' own bars (loading weights) too, not only ours and datasets'."""
-    import transformers
-
-    if quiet:
-        transformers.utils.logging.disable_progress_bar()
-    else:
-        transformers.utils.logging.enable_progress_bar()
 
 
 def run_speed_test(args, stages: dict) -> dict:

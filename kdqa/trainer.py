@@ -38,6 +38,7 @@ from kdqa import run_dir
 from kdqa.data import fix_answer_starts, load_squad
 from kdqa.distributed import DistState, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
 from kdqa.features import QACollator, prepare_eval_features, prepare_train_features
+from kdqa.hidden_distill import format_layer_map, hidden_distillation_for
 from kdqa.inference import predict_and_score, write_prediction_outputs
 from kdqa.loss import qa_distillation_loss
 from kdqa.modeling import (build_student_from_layers, check_same_vocab, forward_qa, load_qa_model,
@@ -145,13 +146,17 @@ def trainable_modules(student: torch.nn.Module, loss_modules: torch.nn.ModuleDic
 # ----------------------------------------------------------------------------- set-up helpers
 
 def quiet_progress_bars(quiet: bool) -> None:
-    """--disable_tqdm (and ranks other than 0) silence the tokenisation bars of `datasets` too."""
+    """--disable_tqdm (and ranks other than 0) silence every bar: ours, datasets' (tokenisation) and
+    transformers' (loading weights)."""
     import datasets
+    import transformers
 
     if quiet:
         datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     else:
         datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
 
 
 def set_seed(seed: int) -> None:
@@ -300,10 +305,29 @@ def plan_schedule(args, batches_per_epoch: int) -> Schedule:
 
 
 def build_loss_modules(args, student, teacher) -> torch.nn.ModuleDict:
-    """Trainable modules that loss terms own (none today; a hidden-state projection would go here),
-    created before the optimizer so that it trains and clips them. They are not part of the saved
-    model nor of DDP's wrapper: a term that adds one must also average its gradients across ranks."""
-    return torch.nn.ModuleDict()
+    """Trainable modules that loss terms own (the hidden-state term and its projections), created
+    before the optimizer so that it trains and clips them. They are checkpointed with the student
+    (checkpointed_model) but not part of the saved model, and not inside DDP's wrapper: their
+    gradients are averaged across ranks in optimizer_step."""
+    if args.mode != "distill" or not args.alpha_hidden:
+        return torch.nn.ModuleDict()
+    return torch.nn.ModuleDict({"hidden": hidden_distillation_for(args, student, teacher)})
+
+
+class StudentWithLossModules(torch.nn.Module):
+    """What a checkpoint holds when loss terms have trainable parts: the student and those parts."""
+
+    def __init__(self, student: torch.nn.Module, loss_modules: torch.nn.ModuleDict):
+        super().__init__()
+        self.student = student
+        self.loss_modules = loss_modules
+
+
+def checkpointed_model(run: "Run") -> torch.nn.Module:
+    """The student alone (checkpoints as before), or the student with its loss modules."""
+    if not any(True for _ in run.loss_modules.parameters()):
+        return run.student
+    return StudentWithLossModules(run.student, run.loss_modules)
 
 
 def make_run(args, dist: DistState, student, teacher, *, autocast_dtype, use_scaler: bool, total_steps: int,
@@ -312,6 +336,8 @@ def make_run(args, dist: DistState, student, teacher, *, autocast_dtype, use_sca
     schedule, scaler and the wrapped student. Also what bench_train.py times the step with."""
     loss_weights = {"ce": args.alpha_ce, "kd": args.alpha_kd} if args.mode == "distill" else {"ce": 1.0, "kd": 0.0}
     loss_modules = build_loss_modules(args, student, teacher).to(dist.device)
+    if "hidden" in loss_modules:
+        loss_weights["hidden"] = args.alpha_hidden
     optimizer = build_optimizer(trainable_modules(student, loss_modules), args)
     scheduler = linear_schedule(optimizer, int(args.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=use_scaler)
@@ -378,7 +404,7 @@ def resume(run: Run) -> str | None:
     if not args.resume_from_checkpoint:
         return None
     path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    state = ckpt.load_checkpoint(path, model=run.student, optimizer=run.optimizer, scheduler=run.scheduler,
+    state = ckpt.load_checkpoint(path, model=checkpointed_model(run), optimizer=run.optimizer, scheduler=run.scheduler,
                                  scaler=run.scaler, map_location=run.device)
     if state["world_size"] != dist.world_size:
         raise ckpt.CheckpointError(
@@ -415,24 +441,29 @@ def open_metrics_log(run: Run, resumed: bool) -> None:
 
 # ----------------------------------------------------------------------------- phase 3: the step
 
-def teacher_logits_for(run: Run, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """From the batch (the collator looked them up in the cache), from the online teacher, or none."""
+def teacher_outputs(run: Run, batch: dict, hidden_states: bool = False) -> tuple:
+    """(start, end[, hidden states]) of the teacher: from the batch (the collator looked the logits
+    up in the cache), from the online teacher, or (None, None) when fine-tuning."""
     if "teacher_start_logits" in batch:
         return batch["teacher_start_logits"], batch["teacher_end_logits"]
     if run.teacher is None:
         return None, None
     with torch.no_grad(), autocast(run.device, run.autocast_dtype):
-        return forward_qa(run.teacher, batch)
+        return forward_qa(run.teacher, batch, output_hidden_states=hidden_states)
 
 
-def loss_terms(run: Run, batch: dict, student_logits, teacher_logits) -> tuple[torch.Tensor, dict]:
+def loss_terms(run: Run, batch: dict, student_out: tuple, teacher_out: tuple) -> tuple[torch.Tensor, dict]:
     """(the weighted total, {name: unweighted term}); a new term adds its value here and its weight
     to run.loss_weights (its trainable parts to build_loss_modules)."""
     weights = run.loss_weights
-    out = qa_distillation_loss(*student_logits, batch["start_positions"], batch["end_positions"], *teacher_logits,
+    out = qa_distillation_loss(*student_out[:2], batch["start_positions"], batch["end_positions"], *teacher_out[:2],
                                mask=batch["attention_mask"].bool(), temperature=run.args.temperature,
                                alpha_ce=weights["ce"], alpha_kd=weights["kd"], impl=run.args.loss_impl)
-    return out.loss, {"ce": out.ce, "kd": out.kd}
+    total, terms = out.loss, {"ce": out.ce, "kd": out.kd}
+    if "hidden" in run.loss_modules:
+        terms["hidden"] = run.loss_modules["hidden"](student_out[2], teacher_out[2], batch["attention_mask"])
+        total = total + weights["hidden"] * terms["hidden"]
+    return total, terms
 
 
 def forward_backward(run: Run, batch: dict, *, loss_divisor: int = 1, sync: bool = True) -> dict:
@@ -445,16 +476,19 @@ def forward_backward(run: Run, batch: dict, *, loss_divisor: int = 1, sync: bool
     (inside an accumulation window).
     """
     no_sync = run.student_wrapped.no_sync() if run.dist.enabled and not sync else contextlib.nullcontext()
+    hidden = "hidden" in run.loss_modules
     with no_sync:
         with autocast(run.device, run.autocast_dtype):
-            student_logits = forward_qa(run.student_wrapped, batch)
-        total, terms = loss_terms(run, batch, student_logits, teacher_logits_for(run, batch))
+            student_out = forward_qa(run.student_wrapped, batch, output_hidden_states=hidden)
+        total, terms = loss_terms(run, batch, student_out, teacher_outputs(run, batch, hidden_states=hidden))
         run.scaler.scale(total / loss_divisor).backward()
     return {"loss": total.detach(), **{name: value.detach() for name, value in terms.items()}}
 
 
 def optimizer_step(run: Run) -> None:
     """Clip, step (the fp16 scaler skips a step whose gradients overflowed), schedule, zero grads."""
+    if run.dist.enabled:
+        average_loss_module_grads(run)
     if run.args.max_grad_norm and run.args.max_grad_norm > 0:
         run.scaler.unscale_(run.optimizer)
         run.progress.grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable_parameters(), run.args.max_grad_norm)
@@ -465,6 +499,14 @@ def optimizer_step(run: Run) -> None:
         run.progress.skipped_steps += 1
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+
+
+def average_loss_module_grads(run: Run) -> None:
+    """DDP averages the student's gradients; the loss modules sit outside it, so average theirs here."""
+    for param in run.loss_modules.parameters():
+        if param.grad is not None:
+            torch.distributed.all_reduce(param.grad)
+            param.grad /= run.dist.world_size
 
 
 def add_terms(total: dict, terms: dict, divisor: int = 1) -> dict:
@@ -620,7 +662,7 @@ def save_checkpoint(run: Run, epoch: int, batch_in_epoch: int) -> None:
     names = list(p.running)
     sums = all_reduce_mean(torch.stack([p.running[n] for n in names]), run.dist).tolist() if names else []
     if run.dist.is_main:
-        ckpt.save_checkpoint(args.output_dir, p.step, model=run.student, optimizer=run.optimizer,
+        ckpt.save_checkpoint(args.output_dir, p.step, model=checkpointed_model(run), optimizer=run.optimizer,
                              scheduler=run.scheduler, scaler=run.scaler, save_total_limit=args.save_total_limit,
                              trainer_state={"epoch": epoch, "batch_in_epoch": batch_in_epoch,
                                             "world_size": run.dist.world_size, "total_steps": s.total_steps,
@@ -712,3 +754,8 @@ def log_plan(run: Run) -> None:
                 args.per_device_train_batch_size, run.dist.world_size, s.accumulation,
                 PRECISION_NAMES[run.autocast_dtype], args.loss_impl,
                 ", teacher logits from cache" if data.loader.collate_fn.teacher_logits is not None else "")
+    if "hidden" in run.loss_modules:
+        hidden = run.loss_modules["hidden"]
+        logger.info("hidden-state term: %s x %s over student:teacher layers %s%s", args.alpha_hidden, hidden.kind,
+                    format_layer_map(hidden.layer_map),
+                    ", with a learned projection per layer" if hidden.projections is not None else "")

@@ -111,3 +111,109 @@ def test_layer_maps():
 def test_layer_map_errors_name_the_problem(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_layer_map(spec, 3, 6)
+
+
+# ----------------------------------------------------------------------------- through the trainer
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+from safetensors.torch import load_file  # noqa: E402
+
+import train  # noqa: E402
+from tiny_models import make_model_folder, make_name_task, tiny_bert_config, write_squad  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hidden")
+    return {
+        "train": write_squad(str(root / "train.json"), make_name_task(24, seed=1, prefix="t")),
+        "dev": write_squad(str(root / "dev.json"), make_name_task(8, seed=2, prefix="d")),
+        # A 32-wide, 2-layer teacher and a 16-wide, 1-layer student with the same vocabulary.
+        "teacher": make_model_folder(str(root / "teacher"), tiny_bert_config(layers=2, dropout=0.0)),
+        "narrow": make_model_folder(str(root / "narrow"), tiny_bert_config(layers=1, dropout=0.0, hidden_size=16,
+                                                                           intermediate_size=32), seed=1),
+    }
+
+
+def distill_argv(setup, out, *extra):
+    return ["distill", "--train_file", setup["train"], "--validation_file", setup["dev"], "--output_dir", str(out),
+            "--teacher_model_name_or_path", setup["teacher"], "--max_seq_length", "48", "--doc_stride", "16",
+            "--loss_impl", "torch", "--disable_tqdm", "--per_device_train_batch_size", "4", "--max_steps", "3",
+            "--save_steps", "3", "--logging_steps", "1", "--eval_strategy", "no", "--learning_rate", "1e-3",
+            *map(str, extra)]
+
+
+def test_alpha_hidden_zero_is_todays_distillation_bit_for_bit(setup, tmp_path):
+    from kdqa.config import parse_args
+    from kdqa.trainer import train as train_run
+
+    train_run(parse_args(distill_argv(setup, tmp_path / "plain", "--student_layers", "0")))
+    train_run(parse_args(distill_argv(setup, tmp_path / "zero", "--student_layers", "0", "--alpha_hidden", "0",
+                                      "--hidden_loss", "cosine", "--hidden_layer_map", "1:2")))
+    plain, zero = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(str(tmp_path / "zero" /
+                                                                                         "model.safetensors"))
+    assert plain.keys() == zero.keys() and all(torch.equal(plain[k], zero[k]) for k in plain)
+    with open(tmp_path / "zero" / "metrics.jsonl") as f:
+        assert all("hidden" not in json.loads(line) for line in f)
+
+
+def test_hidden_term_trains_a_projection_that_stays_out_of_the_saved_model(setup, tmp_path):
+    from kdqa.config import parse_args
+    from kdqa.distributed import DistState
+    from kdqa import trainer
+
+    args = parse_args(distill_argv(setup, tmp_path / "p", "--model_name_or_path", setup["narrow"],
+                                   "--alpha_hidden", "1.0", "--max_steps", "2", "--save_steps", "1"))
+    run = trainer.set_up(args, DistState(device=torch.device("cpu")))
+    module = run.loss_modules["hidden"]
+    assert module.layer_map == [(1, 2)]  # uniform: the student's only layer learns the teacher's last
+    assert [tuple(p.shape) for p in module.parameters()] == [(32, 16), (32,)]
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.open_metrics_log(run, resumed=False)
+    assert trainer.train_loop(run)
+    assert all(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    trainer.finish(run)
+    trainer.run_dir.release(args.output_dir)
+    saved = load_file(str(tmp_path / "p" / "model.safetensors"))
+    assert not any("projection" in k or "loss_modules" in k for k in saved)
+    checkpoint = load_file(str(tmp_path / "p" / "checkpoint-2" / "model.safetensors"))
+    assert "loss_modules.hidden.projections.0.weight" in checkpoint
+    with open(tmp_path / "p" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert all(r["hidden"] > 0 for r in records if "loss" in r)
+
+
+def test_resume_with_the_hidden_term_is_bit_exact(setup, tmp_path):
+    from kdqa.config import parse_args
+    from kdqa import trainer
+
+    extra = ("--model_name_or_path", setup["narrow"], "--alpha_hidden", "0.5", "--hidden_loss", "cosine",
+             "--max_steps", "4", "--save_steps", "2")
+    trainer.train(parse_args(distill_argv(setup, tmp_path / "full", *extra)))
+    trainer.INTERRUPT_AFTER_STEP = 2
+    try:
+        trainer.train(parse_args(distill_argv(setup, tmp_path / "cut", *extra)))
+    finally:
+        trainer.INTERRUPT_AFTER_STEP = None
+    trainer.train(parse_args(distill_argv(setup, tmp_path / "cut", *extra, "--resume_from_checkpoint", "latest")))
+    full, cut = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("full", "cut"))
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def error_of(argv, capsys):
+    code = train.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "Traceback" not in err[0]
+    return err[0]
+
+
+def test_the_cache_and_a_bad_map_are_one_clear_line(setup, tmp_path, capsys):
+    message = error_of(distill_argv(setup, tmp_path / "c", "--student_layers", "0", "--alpha_hidden", "1",
+                                    "--teacher_logits_cache", str(tmp_path / "cache")), capsys)
+    assert "--alpha_hidden needs the teacher's hidden states" in message and "leave out --teacher_logits_cache" in message
+    message = error_of(distill_argv(setup, tmp_path / "m", "--student_layers", "0", "--alpha_hidden", "1",
+                                    "--hidden_layer_map", "1:5"), capsys)
+    assert "--hidden_layer_map '1:5': the teacher has layers 0..2" in message
+    assert not os.path.exists(tmp_path / "m" / "model.safetensors")

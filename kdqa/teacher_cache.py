@@ -26,6 +26,7 @@ import torch
 from kdqa.features import FeatureRows
 from kdqa.modeling import logits_over_features
 from kdqa.precision import PRECISION_NAMES
+from kdqa.run_dir import fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +372,7 @@ def _publish(tmp: str, cache_dir: str, key: str, meta: dict) -> None:
     """Make the written folder tmp the cache cache_dir/key: files synced, meta.json last (it marks
     the cache complete), then one rename, replacing whatever incomplete cache held the key."""
     for name in ("offsets.npy", "start_logits.npy", "end_logits.npy"):
-        _fsync(os.path.join(tmp, name))
+        fsync_path(os.path.join(tmp, name))
     with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
         f.flush()
@@ -382,26 +383,12 @@ def _publish(tmp: str, cache_dir: str, key: str, meta: dict) -> None:
         os.replace(final, os.path.join(stale, "old"))
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync(cache_dir)
+    fsync_path(cache_dir)
 
 
 def _check_key(key: str) -> None:
     if not isinstance(key, str) or not _KEY_RE.match(key):
         raise ValueError(f"cache key must be a plain folder name (letters, digits, _ . -), got {key!r}")
-
-
-def _fsync(path: str) -> None:
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove_dead_temp_dirs(cache_dir: str, key: str) -> None:

@@ -201,22 +201,23 @@ def prepare_output_dir(args, dist: DistState) -> str | None:
     return run_id
 
 
-def load_datasets(args, tokenizer, need_train: bool = True):
-    """Raw examples and their features: (train_examples, train_features, eval_examples, eval_features)."""
-    splits = ("train", "validation") if need_train else ("validation",)
+def load_datasets(args, tokenizer):
+    """Raw examples and their features: (train_examples, train_features, eval_examples, eval_features);
+    no dev set where nothing is evaluated (--eval_strategy no, e.g. --do_train without --do_eval)."""
+    evaluates = args.eval_strategy != "no"
     raw = load_squad(train_file=args.train_file, validation_file=args.validation_file,
-                     dataset_name=args.dataset_name, splits=splits)
+                     dataset_name=args.dataset_name, splits=("train", "validation") if evaluates else ("train",))
     lengths = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
                    max_query_length=args.max_query_length)
-    train_examples = train_features = None
-    if need_train:
-        train_examples = raw["train"]
-        if args.max_train_samples is not None:
-            train_examples = train_examples.select(range(min(args.max_train_samples, len(train_examples))))
-        train_examples = fix_answer_starts(train_examples, log=logger.info)
-        train_features = prepare_train_features(train_examples, tokenizer, num_proc=args.preprocessing_num_workers,
-                                                **lengths)
-        train_features = train_features.add_column("feature_index", list(range(len(train_features))))
+    train_examples = raw["train"]
+    if args.max_train_samples is not None:
+        train_examples = train_examples.select(range(min(args.max_train_samples, len(train_examples))))
+    train_examples = fix_answer_starts(train_examples, log=logger.info)
+    train_features = prepare_train_features(train_examples, tokenizer, num_proc=args.preprocessing_num_workers,
+                                            **lengths)
+    train_features = train_features.add_column("feature_index", list(range(len(train_features))))
+    if not evaluates:
+        return train_examples, train_features, None, None
     eval_examples = raw["validation"]
     if args.max_eval_samples is not None:
         eval_examples = eval_examples.select(range(min(args.max_eval_samples, len(eval_examples))))

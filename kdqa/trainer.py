@@ -41,7 +41,7 @@ from kdqa.features import QACollator, prepare_eval_features, prepare_train_featu
 from kdqa.hidden_distill import format_layer_map, hidden_distillation_for
 from kdqa.inference import predict_and_score, write_prediction_outputs
 from kdqa.loss import qa_distillation_loss
-from kdqa.modeling import (build_student_from_layers, check_same_vocab, forward_qa, load_qa_model,
+from kdqa.modeling import (short_model_name, build_student_from_layers, check_same_vocab, forward_qa, load_qa_model,
                            load_tokenizer, parse_layers)
 from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
 from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, write_json
@@ -236,7 +236,7 @@ def load_student_and_teacher(args, dist: DistState):
     tokenizer = load_tokenizer(source)
     if args.student_layers:
         student = build_student_from_layers(student, parse_layers(args.student_layers))
-        logger.info("student: layers %s of %s (%d layers)", args.student_layers, source,
+        logger.info("student: layers %s of %s (%d layers)", args.student_layers, short_model_name(source),
                     student.config.num_hidden_layers)
     teacher = None
     if args.mode == "distill":

@@ -41,7 +41,6 @@ import pathlib
 import platform
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -79,49 +78,6 @@ def synthetic_questions(num_questions):
                      "question": f"When was bridge number {i} built?",
                      "answers": {"text": [str(year)], "answer_start": [context.index(str(year))]}})
     return rows
-
-
-def answer_interleaved(predictors, rows, args):
-    """Answers each row in its own call of the inference path, once per predictor.
-
-    The predictors take turns question by question (and reverse their order on every other
-    question), so a change of machine load during the run affects them alike. Returns, per
-    predictor, a dict: wall_s (sum of the durations of its calls), features, answers (id -> text)
-    and the seconds spent in each stage: features_s (windows), predict_s (the model), decode_s.
-    """
-    from kdqa.inference import answer_texts, decode_answers, logits_over_features
-
-    def answer(predictor, row, stats):
-        question = {"id": [row["id"]], "question": [row["question"]], "context": [row["context"]]}
-        t0 = time.perf_counter()
-        features = predictor.features(question)
-        t1 = time.perf_counter()
-        starts, ends = logits_over_features(predictor.model, features, predictor.collate, predictor.batch_size)
-        t2 = time.perf_counter()
-        answers, _ = decode_answers(question, features, starts, ends, **predictor.decoding)
-        t3 = time.perf_counter()
-        stats["features_s"] += t1 - t0
-        stats["predict_s"] += t2 - t1
-        stats["decode_s"] += t3 - t2
-        stats["wall_s"] += t3 - t0
-        stats["features"] += len(starts)
-        stats["answers"].update(answer_texts(answers))
-
-    def fresh():
-        return {"wall_s": 0.0, "features_s": 0.0, "predict_s": 0.0, "decode_s": 0.0, "features": 0, "answers": {}}
-
-    for predictor in predictors:
-        scratch = fresh()
-        for row in rows[: args.warmup]:
-            answer(predictor, row, scratch)
-    stats = [fresh() for _ in predictors]
-    for q, row in enumerate(rows):
-        order = range(len(predictors)) if q % 2 == 0 else reversed(range(len(predictors)))
-        for m in order:
-            answer(predictors[m], row, stats[m])
-        if args.progress_every and (q + 1) % args.progress_every == 0:
-            print(f"    {q + 1}/{len(rows)} questions", flush=True)
-    return stats
 
 
 def make_smoke_teacher(folder):
@@ -295,7 +251,11 @@ def main(argv=None):
     }
     print(f"bench_inference on {device_name}: {source}, one question per call, rows {', '.join(args.rows)}")
 
-    all_stats = answer_interleaved(predictors, rows, args)
+    from kdqa.speedtest import answer_in_turns
+
+    stats_by_row = answer_in_turns({name: p for (name, *_), p in zip(described, predictors)}, rows,
+                                   warmup=args.warmup, progress_every=args.progress_every)
+    all_stats = [stats_by_row[name] for name, *_ in described]
     results = []
     for (name, role, runtime, precision, desc), st in zip(described, all_stats):
         seconds = st["wall_s"]

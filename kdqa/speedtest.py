@@ -1,9 +1,10 @@
 """The seed's speed test: CPU milliseconds per question, answered one at a time, models taking turns.
 
-A deployed QA model answers one question per request, so that is what is timed: per question, its
-windows are made (prepare_eval_features), run (predict_logits) and decoded (postprocess). The models
+A deployed QA model answers one question per request, so that is what is timed: per question, the
+inference path (kdqa.inference) makes its windows, runs the model and decodes the answer. The models
 take turns question by question, swapping who goes first, so a change of machine load affects them
-alike. The first `warmup` questions are answered once per model, untimed.
+alike. The first `warmup` questions are answered once per model, untimed. The recipe's table and
+benchmarks/bench_inference.py both measure with `answer_in_turns`.
 """
 
 from __future__ import annotations
@@ -11,24 +12,52 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
 
-from kdqa.evaluation import predict_logits
-from kdqa.features import QACollator, prepare_eval_features
-from kdqa.postprocess import postprocess_qa_predictions
-
-COLUMNS = ("id", "title", "context", "question", "answers")
+from kdqa.inference import QAPredictor, TorchQAModel, answer_texts, decode_answers, logits_over_features
 
 
-def _answer_one(model, tokenizer, collate, row: dict, settings: dict, device: str) -> str:
-    examples = {k: [row[k]] for k in COLUMNS}
-    features = prepare_eval_features(examples, tokenizer, max_seq_length=settings["max_seq_length"],
-                                     doc_stride=settings["doc_stride"],
-                                     max_query_length=settings["max_query_length"])
-    starts, ends = predict_logits(model, features, collate, 64, device)  # all windows at once
-    predictions = postprocess_qa_predictions(examples, features, starts, ends, n_best_size=settings["n_best_size"],
-                                             max_answer_length=settings["max_answer_length"])
-    return predictions[row["id"]]
+def _fresh_stats() -> dict:
+    return {"wall_s": 0.0, "features_s": 0.0, "predict_s": 0.0, "decode_s": 0.0, "features": 0, "answers": {}}
+
+
+def _answer_one(predictor: QAPredictor, row: dict, stats: dict) -> None:
+    """One question through the inference path, each stage timed into `stats`."""
+    question = {"id": [row["id"]], "question": [row["question"]], "context": [row["context"]]}
+    t0 = time.perf_counter()
+    features = predictor.features(question)
+    t1 = time.perf_counter()
+    starts, ends = logits_over_features(predictor.model, features, predictor.collate, predictor.batch_size)
+    t2 = time.perf_counter()
+    answers, _ = decode_answers(question, features, starts, ends, **predictor.decoding)
+    t3 = time.perf_counter()
+    stats["features_s"] += t1 - t0
+    stats["predict_s"] += t2 - t1
+    stats["decode_s"] += t3 - t2
+    stats["wall_s"] += t3 - t0
+    stats["features"] += len(starts)
+    stats["answers"].update(answer_texts(answers))
+
+
+def answer_in_turns(predictors: dict[str, QAPredictor], rows: list[dict], *, warmup: int = 2,
+                    progress_every: int = 0) -> dict[str, dict]:
+    """Each row answered in its own call by every predictor, taking turns; per predictor: wall_s (the
+    sum of its calls), the seconds of each stage (features_s, predict_s, decode_s), features, and
+    answers {id: text} for scoring."""
+    if not rows:
+        raise ValueError("the speed test needs at least one question")
+    names = list(predictors)
+    with torch.inference_mode():
+        for name in names:
+            scratch = _fresh_stats()
+            for row in rows[:warmup]:
+                _answer_one(predictors[name], row, scratch)
+        stats = {name: _fresh_stats() for name in names}
+        for q, row in enumerate(rows):
+            for name in (names if q % 2 == 0 else reversed(names)):
+                _answer_one(predictors[name], row, stats[name])
+            if progress_every and (q + 1) % progress_every == 0:
+                print(f"    speed test: {q + 1}/{len(rows)} questions", flush=True)
+    return stats
 
 
 def speed_test(models: dict, examples, num_questions: int, *, max_seq_length: int = 384, doc_stride: int = 128,
@@ -37,27 +66,15 @@ def speed_test(models: dict, examples, num_questions: int, *, max_seq_length: in
     """{name: {"ms_per_question", "questions", "wall_s"}} for models = {name: (model, tokenizer)}.
 
     `examples` are flat SQuAD rows (a datasets.Dataset or a list of dicts); the first
-    `num_questions` of them are answered.
+    `num_questions` of them are answered, one at a time.
     """
     rows = [examples[i] for i in range(min(num_questions, len(examples)))]
-    if not rows:
-        raise ValueError("the speed test needs at least one question")
-    settings = dict(max_seq_length=max_seq_length, doc_stride=doc_stride, max_query_length=max_query_length,
-                    n_best_size=n_best_size, max_answer_length=max_answer_length)
-    runners = {}
-    for name, (model, tokenizer) in models.items():
-        model.to(device).eval()
-        runners[name] = (model, tokenizer, QACollator(tokenizer.pad_token_id))
-    names = list(runners)
-    wall = dict.fromkeys(names, 0.0)
-    with torch.inference_mode():
-        for name in names:
-            for row in rows[:warmup]:
-                _answer_one(*runners[name], row, settings, device)
-        for q, row in enumerate(tqdm(rows, desc="speed test", disable=not progress, dynamic_ncols=True)):
-            for name in (names if q % 2 == 0 else reversed(names)):
-                started = time.perf_counter()
-                _answer_one(*runners[name], row, settings, device)
-                wall[name] += time.perf_counter() - started
-    return {name: {"ms_per_question": 1000.0 * wall[name] / len(rows), "questions": len(rows),
-                   "wall_s": wall[name]} for name in names}
+    predictors = {
+        name: QAPredictor(TorchQAModel(model.to(device).eval(), device), tokenizer, max_seq_length=max_seq_length,
+                          doc_stride=doc_stride, max_query_length=max_query_length, n_best_size=n_best_size,
+                          max_answer_length=max_answer_length, description=name)
+        for name, (model, tokenizer) in models.items()
+    }
+    stats = answer_in_turns(predictors, rows, warmup=warmup, progress_every=100 if progress else 0)
+    return {name: {"ms_per_question": 1000.0 * s["wall_s"] / len(rows), "questions": len(rows),
+                   "wall_s": s["wall_s"]} for name, s in stats.items()}

@@ -94,7 +94,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output_dir", default=None, help="where the model, metrics and checkpoints go")
     g.add_argument("--overwrite_output_dir", action="store_true", help="allow a non-empty output dir without resuming")
     g.add_argument("--logging_steps", type=int, default=50, help="log to metrics.jsonl every N optimizer steps")
-    g.add_argument("--eval_strategy", choices=["epoch", "steps", "no"], default="epoch", help="when to evaluate")
+    g.add_argument("--eval_strategy", choices=["epoch", "steps", "end", "no"], default="epoch",
+                   help="when to score the dev set: every epoch, every --eval_steps, once after the last step (end), "
+                        "or never; epoch and steps also score after the last step")
     g.add_argument("--eval_steps", type=int, default=None, help="evaluate every N steps (eval_strategy steps)")
     g.add_argument("--save_steps", type=int, default=500, help="checkpoint every N optimizer steps (0: only at epoch ends)")
     g.add_argument("--save_total_limit", type=int, default=2, help="keep only the last N checkpoints")
@@ -384,8 +386,8 @@ def _resolve_run_qa_flags(args: argparse.Namespace) -> None:
     if not (args.do_train or args.do_eval or args.do_predict):
         args.do_train = args.do_eval = True  # no --do_* flag: train, then evaluate, as always
     elif args.do_train and not args.do_eval:
-        if args.eval_strategy == "steps":
-            raise ConfigError("--eval_strategy steps evaluates during training: add --do_eval, or leave it out")
+        if args.eval_strategy in ("steps", "end"):
+            raise ConfigError(f"--eval_strategy {args.eval_strategy} evaluates: add --do_eval, or leave it out")
         args.eval_strategy = "no"
 
 

@@ -514,3 +514,11 @@ def test_do_train_without_do_eval_needs_no_dev_set(task, model_dir, tmp_path):
     results = trainer.train(args)
     assert results["global_step"] == 2 and "f1" not in results
     assert os.path.exists(out / "model.safetensors") and not os.path.exists(out / "eval_predictions.json")
+
+
+def test_eval_strategy_end_scores_once_after_the_last_step(task, model_dir, tmp_path):
+    out = tmp_path / "end"
+    results = run("finetune", task, out, "--model_name_or_path", model_dir, "--num_train_epochs", "2",
+                  "--eval_strategy", "end", "--logging_steps", "5")
+    _, evals = read_metrics(out)
+    assert [r["step"] for r in evals] == [results["global_step"]] and "f1" in results

@@ -486,7 +486,7 @@ def test_loss_modules_are_trained_with_the_student(model_dir, tmp_path, monkeypa
 
     projection = torch.nn.Linear(4, 4)
     monkeypatch.setattr(trainer, "build_loss_modules",
-                        lambda args, student, teacher: torch.nn.ModuleDict({"hidden": projection}))
+                        lambda args, student, teacher: torch.nn.ModuleDict({"extra": projection}))
     args = parse_args(["distill", "--teacher_model_name_or_path", model_dir, "--model_name_or_path", model_dir,
                        "--output_dir", str(tmp_path)])
     student = load_qa_model(model_dir)

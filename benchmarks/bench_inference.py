@@ -5,8 +5,9 @@ What it measures: the wall time of answering ``--num_questions`` questions of th
 (the first N, in file order) one question per call, through kdqa's one inference path
 (``kdqa.inference.QAPredictor``: ``prepare_eval_features`` windows -> the model over the question's
 windows -> ``decode_spans``), on the CPU. Five rows, the models taking turns question by question
-(so a change of machine load during the run affects all alike; a model's wall time is the sum of
-its calls):
+``--turn_size`` questions at a time (default 20: so a change of machine load during the run affects
+all alike, while each model runs as it would deployed, alone, not beside the spinning thread pool of
+another runtime; see kdqa/speedtest.py); a model's wall time is the sum of its calls:
 
   teacher PyTorch fp32 | student PyTorch fp32 | student PyTorch int8 (torch dynamic quantisation of
   the Linear layers) | student ONNX Runtime fp32 | student ONNX Runtime int8 (`train.py export
@@ -119,6 +120,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="threads of PyTorch and ONNX Runtime alike (default: torch's default)")
     p.add_argument("--batch_size", type=int, default=16, help="features per forward (a question's windows go in one batch)")
+    p.add_argument("--turn_size", type=int, default=20,
+                   help="questions a model answers before the next takes its turn (1: alternate every question; "
+                        "across runtimes that times each beside the other's spinning threads)")
     p.add_argument("--warmup", type=int, default=5, help="questions answered untimed before the timed pass (smoke: 1)")
     p.add_argument("--progress_every", type=int, default=100, help="print progress every N questions (0: never)")
     p.add_argument("--max_seq_length", type=int, default=384, help="window length")
@@ -254,7 +258,8 @@ def main(argv=None):
     from kdqa.speedtest import answer_in_turns
 
     stats_by_row = answer_in_turns({name: p for (name, *_), p in zip(described, predictors)}, rows,
-                                   warmup=args.warmup, progress_every=args.progress_every)
+                                   warmup=args.warmup, progress_every=args.progress_every,
+                                   turn_size=args.turn_size)
     all_stats = [stats_by_row[name] for name, *_ in described]
     results = []
     for (name, role, runtime, precision, desc), st in zip(described, all_stats):
@@ -286,8 +291,8 @@ def main(argv=None):
         lines.append(f"- {k}: `{env[k]}`")
     lines.append(f"- questions: {source}; each answered alone through kdqa.inference (windows "
                  f"{args.max_seq_length}/{args.doc_stride}/{args.max_query_length}, n_best {args.n_best_size}); "
-                 f"{args.warmup} untimed warm-up questions per row; the rows take turns question by question, "
-                 "wall time = sum of a row's calls")
+                 f"{args.warmup} untimed warm-up questions per row; the rows take turns of {args.turn_size} "
+                 "question(s), wall time = sum of a row's calls")
     lines.append("")
     lines.append("| row | runtime | precision | model | layers | parameters | ms/question | questions/s | speed-up "
                  "| EM | F1 | of which: features (s) | model (s) | decoding (s) |")

@@ -2,8 +2,13 @@
 
 A deployed QA model answers one question per request, so that is what is timed: per question, the
 inference path (kdqa.inference) makes its windows, runs the model and decodes the answer. The models
-take turns question by question, swapping who goes first, so a change of machine load affects them
-alike. The first `warmup` questions are answered once per model, untimed. The recipe's table and
+take turns, `turn_size` questions each, swapping who goes first, so a change of machine load affects
+them alike. Turns of one question are fair between PyTorch models (one thread pool), but not across
+runtimes: ONNX Runtime's and PyTorch's thread pools each keep spinning after a call, so on a small
+CPU the model that follows another runtime's runs beside its spinning threads (measured on the 2-core
+VM: the teacher took 115 ms per question alternating with an ONNX Runtime model against 48 ms alone).
+A deployed model runs alone; turns of 20 questions come close to that and still share the load's
+changes. The first `warmup` questions are answered once per model, untimed. The recipe's table and
 benchmarks/bench_inference.py both measure with `answer_in_turns`.
 """
 
@@ -39,12 +44,14 @@ def _answer_one(predictor: QAPredictor, row: dict, stats: dict) -> None:
 
 
 def answer_in_turns(predictors: dict[str, QAPredictor], rows: list[dict], *, warmup: int = 2,
-                    progress_every: int = 0) -> dict[str, dict]:
-    """Each row answered in its own call by every predictor, taking turns; per predictor: wall_s (the
-    sum of its calls), the seconds of each stage (features_s, predict_s, decode_s), features, and
-    answers {id: text} for scoring."""
+                    progress_every: int = 0, turn_size: int = 1) -> dict[str, dict]:
+    """Each row answered in its own call by every predictor, taking turns of `turn_size` rows; per
+    predictor: wall_s (the sum of its calls), the seconds of each stage (features_s, predict_s,
+    decode_s), features, and answers {id: text} for scoring."""
     if not rows:
         raise ValueError("the speed test needs at least one question")
+    if turn_size < 1:
+        raise ValueError(f"turn_size must be at least 1, got {turn_size}")
     names = list(predictors)
     with torch.inference_mode():
         for name in names:
@@ -52,11 +59,16 @@ def answer_in_turns(predictors: dict[str, QAPredictor], rows: list[dict], *, war
             for row in rows[:warmup]:
                 _answer_one(predictors[name], row, scratch)
         stats = {name: _fresh_stats() for name in names}
-        for q, row in enumerate(rows):
-            for name in (names if q % 2 == 0 else reversed(names)):
-                _answer_one(predictors[name], row, stats[name])
-            if progress_every and (q + 1) % progress_every == 0:
-                print(f"    speed test: {q + 1}/{len(rows)} questions", flush=True)
+        done = 0
+        for turn, first in enumerate(range(0, len(rows), turn_size)):
+            block = rows[first:first + turn_size]
+            for name in (names if turn % 2 == 0 else reversed(names)):
+                for row in block:
+                    _answer_one(predictors[name], row, stats[name])
+            for q in range(done + 1, done + len(block) + 1):
+                if progress_every and q % progress_every == 0:
+                    print(f"    speed test: {q}/{len(rows)} questions", flush=True)
+            done += len(block)
     return stats
 
 

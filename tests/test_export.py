@@ -96,3 +96,40 @@ def test_export_that_disagrees_with_pytorch_is_refused(exported, model_dir, tmp_
     with pytest.raises(ExportError):
         export_model(other_dir, str(existing))
     assert os.listdir(existing) == [], "a refused export writes nothing into an existing folder"
+
+
+def _op_types(path):
+    return {node.op_type for node in onnx.load(path).graph.node}
+
+
+def test_int8_is_quantised_from_onnx_runtimes_fused_graph(exported):
+    """model.onnx stays plain ONNX; model_int8.onnx carries ONNX Runtime's fusions; no intermediate is kept."""
+    plain, int8 = _op_types(os.path.join(exported, ONNX_FILE)), _op_types(os.path.join(exported, ONNX_INT8_FILE))
+    assert "SkipLayerNormalization" not in plain and "LayerNormalization" in plain
+    assert "SkipLayerNormalization" in int8 and "MatMulInteger" in int8
+    assert set(os.listdir(exported)) >= {ONNX_FILE, ONNX_INT8_FILE}
+    assert not [n for n in os.listdir(exported) if n.endswith(".onnx") and n not in (ONNX_FILE, ONNX_INT8_FILE)]
+
+
+def test_int8_falls_back_to_the_plain_graph_when_the_optimizer_fails(model_dir, tmp_path, monkeypatch, caplog):
+    import onnxruntime.transformers.optimizer as ort_optimizer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported pattern")
+
+    monkeypatch.setattr(ort_optimizer, "optimize_model", broken)
+    out = tmp_path / "fallback"
+    with caplog.at_level("WARNING", logger="kdqa"):
+        result = export_model(model_dir, str(out), quantize="int8")
+    assert "optimizer failed (unsupported pattern)" in caplog.text
+    int8 = _op_types(os.path.join(out, ONNX_INT8_FILE))
+    assert "MatMulInteger" in int8 and "SkipLayerNormalization" not in int8
+    assert np.isfinite(result["int8_max_abs_diff"])
+
+
+def test_reexport_without_int8_removes_the_previous_int8_model(model_dir, tmp_path):
+    out = tmp_path / "reexport"
+    export_model(model_dir, str(out), quantize="int8")
+    assert (out / ONNX_INT8_FILE).exists()
+    export_model(model_dir, str(out), quantize="none")
+    assert (out / ONNX_FILE).exists() and not (out / ONNX_INT8_FILE).exists(), "no stale int8 model beside the new one"

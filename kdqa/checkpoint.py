@@ -74,8 +74,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def _model_state(model) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage (tied weights): save contiguous clones.
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    # safetensors refuses shared storage (tied weights): save contiguous copies, made on the CPU so a
+    # checkpoint never needs a second copy of the model in GPU memory.
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
 def _first_non_finite(tensors) -> str | None:
@@ -121,12 +122,13 @@ def _write_json_synced(path: str, obj) -> None:
 
 
 def save_checkpoint(output_dir: str, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict,
-                    save_total_limit: int = 2) -> str:
+                    save_total_limit: int = 2, rng_by_rank: list[dict] | None = None) -> str:
     """Write checkpoint-{step} atomically and durably, then delete the oldest beyond save_total_limit.
 
     Raises NonFiniteParametersError (nothing written) if a parameter is NaN/inf, and CheckpointError
     with one line if the disk is full or not writable (the half-written folder is removed; the
-    previous checkpoints are untouched).
+    previous checkpoints are untouched). rng_by_rank: every rank's RNG states (DDP: each rank's
+    dropout draws from its own GPU's generator), else this process's.
     """
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
     model_state = _model_state(model)
@@ -142,7 +144,8 @@ def save_checkpoint(output_dir: str, step: int, *, model, optimizer, scheduler, 
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-        _write_json_synced(os.path.join(tmp, STATE_FILE), dict(trainer_state, rng=rng_state(), step=step))
+        _write_json_synced(os.path.join(tmp, STATE_FILE), dict(trainer_state, rng=rng_state(), step=step,
+                                                                 rng_by_rank=rng_by_rank))
         files = {}
         for name in PAYLOAD_FILES:
             path = os.path.join(tmp, name)
@@ -246,6 +249,12 @@ def verify_checkpoint(path: str, run_id: str | None = None) -> str | None:
     return None
 
 
+def read_trainer_state(path: str) -> dict:
+    """The checkpoint's trainer state (step, settings, schedule, ...) without touching any weights:
+    what a resume checks before it loads anything."""
+    return _read_state(path)
+
+
 def _read_state(path: str) -> dict:
     state_path = os.path.join(path, STATE_FILE)
     try:
@@ -320,17 +329,25 @@ def _torch_load(path: str, map_location):
         raise CheckpointError(f"{path} is damaged and cannot be read ({type(err).__name__}: {err})") from None
 
 
-def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, map_location="cpu") -> dict:
-    """Restore model, optimizer, scheduler, scaler and RNG states; return the trainer state."""
+def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, map_location="cpu", rank: int = 0) -> dict:
+    """Restore model, optimizer, scheduler, scaler and RNG states (this rank's); return the trainer state."""
     state = _read_state(path)
     model_path = os.path.join(path, "model.safetensors")
     try:
         weights = load_file(model_path, device=str(map_location))
     except Exception as err:  # safetensors raises its own error type for a truncated header
         raise CheckpointError(f"{model_path} is damaged and cannot be read ({type(err).__name__}: {err})") from None
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # missing/unexpected keys or other shapes: another model than this run's
+        first = str(err).strip().splitlines()
+        raise CheckpointError(
+            f"{model_path} does not fit this run's model ({' '.join(first[1:2] or first[:1]).strip()[:200]}); "
+            "resume with the flags the run started with (model, --student_layers, --alpha_hidden, "
+            "--hidden_layer_map), or start a new run without --resume_from_checkpoint") from None
     optimizer.load_state_dict(_torch_load(os.path.join(path, "optimizer.pt"), map_location))
     scheduler.load_state_dict(_torch_load(os.path.join(path, "scheduler.pt"), "cpu"))
     scaler.load_state_dict(_torch_load(os.path.join(path, "scaler.pt"), "cpu"))
-    set_rng_state(state["rng"])
+    by_rank = state.get("rng_by_rank")
+    set_rng_state(by_rank[rank] if by_rank and rank < len(by_rank) else state["rng"])
     return state

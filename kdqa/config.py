@@ -416,6 +416,24 @@ def check_output_dir(path: str, flag: str = "--output_dir") -> None:
         raise ConfigError(f"{flag} {path}: no permission to write in {parent}; choose another {flag}")
 
 
+def _check_models_outside_output_dir(args: argparse.Namespace) -> None:
+    """A training run must not write over the model folder it starts from (its final save would, and
+    --overwrite_output_dir would delete it before it is even loaded)."""
+    out = os.path.realpath(args.output_dir)
+    for flag in ("model_name_or_path", "teacher_model_name_or_path"):
+        path = getattr(args, flag, None)
+        if not path or not os.path.isdir(path):
+            continue
+        real = os.path.realpath(path)
+        if real == out:
+            raise ConfigError(f"--output_dir {args.output_dir} is the folder of --{flag}: training would overwrite "
+                              f"the model it starts from; choose another --output_dir")
+        if getattr(args, "overwrite_output_dir", False) and real.startswith(out + os.sep):
+            raise ConfigError(f"--{flag} {path} lies inside --output_dir {args.output_dir}, which "
+                              "--overwrite_output_dir empties first; copy the model elsewhere or choose another "
+                              "--output_dir")
+
+
 DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -503,6 +521,8 @@ def validate_args(args: argparse.Namespace) -> None:
         need(args.validation_file is not None or args.dataset_name, "evaluate needs --validation_file")
     if getattr(args, "output_dir", None) is not None:
         check_output_dir(args.output_dir)
+        if args.command in ("finetune", "distill"):
+            _check_models_outside_output_dir(args)
     if getattr(args, "teacher_logits_cache", None):
         check_output_dir(args.teacher_logits_cache, "--teacher_logits_cache")
 

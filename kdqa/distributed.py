@@ -6,6 +6,7 @@ A run started without torchrun is a world of one and every helper here is a no-o
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -54,10 +55,25 @@ def init_distributed(device_spec: str = "auto") -> DistState:
                     "launch with --nproc_per_node at most the number of GPUs"
                 )
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 alone builds the teacher cache and scores the dev set while the others wait in a
+        # barrier: NCCL's default 10-minute timeout would abort a full-SQuAD cache build.
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=COLLECTIVE_TIMEOUT_HOURS))
     elif device.type == "cuda":
         torch.cuda.set_device(device)
     return DistState(rank=rank, world_size=world_size, device=device)
+
+
+COLLECTIVE_TIMEOUT_HOURS = 2
+
+
+def all_reduce_min(tensor: torch.Tensor, state: DistState) -> torch.Tensor:
+    """Min of a tensor over ranks (a decision every rank must take alike, e.g. stop on a NaN)."""
+    if not state.enabled:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out
 
 
 def barrier(state: DistState) -> None:
@@ -81,6 +97,15 @@ def broadcast_object(obj, state: DistState):
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def all_gather_object(obj, state: DistState) -> list:
+    """Every rank's value of a small picklable object, in rank order, on every rank."""
+    if not state.enabled:
+        return [obj]
+    gathered = [None] * state.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def cleanup(state: DistState) -> None:

@@ -201,13 +201,24 @@ def _layer_prefix(model) -> str:
     raise AssertionError("unreachable")
 
 
+def unwrapped(model):
+    """The model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, in any nesting."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
 def takes_token_type_ids(model) -> bool:
-    """BERT takes token_type_ids; DistilBERT and RoBERTa-style models do not use them."""
-    forward = model.module.forward if hasattr(model, "module") else model.forward
-    if "token_type_ids" not in inspect.signature(forward).parameters:
+    """BERT takes token_type_ids; DistilBERT and RoBERTa-style models do not use them.
+
+    Read from the unwrapped model: a compiled module's forward is (*args, **kwargs), which would
+    silently drop BERT's segment ids in training while evaluation (the raw model) uses them."""
+    model = unwrapped(model)
+    if "token_type_ids" not in inspect.signature(model.forward).parameters:
         return False
-    config = getattr(model, "config", None) or model.module.config
-    return getattr(config, "type_vocab_size", 2) > 1
+    return getattr(getattr(model, "config", None), "type_vocab_size", 2) > 1
 
 
 def forward_qa(model, batch: dict, output_hidden_states: bool = False) -> tuple:

@@ -30,6 +30,11 @@ SAFE_TO_CHANGE = {
     # What runs after training (issue 16's prediction), not the training itself:
     "do_predict": "prediction after training",
     "test_file": "prediction after training",
+    # The recipe's own flags, copied into each stage's settings: what they decide (data files, sizes)
+    # is compared through the stage's resolved flags (--train_file, --max_train_samples, ...).
+    "data_dir": "recipe: where data is looked for (the files found are compared)",
+    "full": "recipe: the preset's sizes (the sizes themselves are compared)",
+    "speed_test_questions": "recipe: the speed test after training",
 }
 
 

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from kdqa import checkpoint as ckpt
 from kdqa import run_dir
 from kdqa.data import fix_answer_starts, load_squad
-from kdqa.distributed import DistState, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
+from kdqa.distributed import (DistState, all_gather_object, all_reduce_mean, all_reduce_min, barrier, broadcast_object,
+                              cleanup, init_distributed)
 from kdqa.features import QACollator, prepare_eval_features, prepare_train_features
 from kdqa.hidden_distill import format_layer_map, hidden_distillation_for
 from kdqa.inference import predict_and_score, write_prediction_outputs
@@ -405,8 +406,7 @@ def resume(run: Run) -> str | None:
     if not args.resume_from_checkpoint:
         return None
     path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    state = ckpt.load_checkpoint(path, model=checkpointed_model(run), optimizer=run.optimizer, scheduler=run.scheduler,
-                                 scaler=run.scaler, map_location=run.device)
+    state = ckpt.read_trainer_state(path)  # checked first: a changed flag is named, not a state-dict traceback
     if state["world_size"] != dist.world_size:
         raise ckpt.CheckpointError(
             f"{path} was written by a run with {state['world_size']} process(es), this run has "
@@ -420,6 +420,8 @@ def resume(run: Run) -> str | None:
             f"batches per epoch, this one has {schedule.total_steps} and {schedule.batches_per_epoch}: resume "
             "with the same data, batch size, accumulation and epochs"
         )
+    state = ckpt.load_checkpoint(path, model=checkpointed_model(run), optimizer=run.optimizer, scheduler=run.scheduler,
+                                 scaler=run.scaler, map_location=run.device, rank=dist.rank)
     p.step, p.epoch, p.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
     p.skipped_steps, p.start_step = state["skipped_steps"], state["step"]
     # Evaluations up to the checkpoint are in metrics.jsonl already; the log window goes on.
@@ -595,6 +597,7 @@ def log_eval_save(run: Run, bar) -> bool:
     if (args.eval_strategy == "steps" and p.step % args.eval_steps == 0) or \
             (args.eval_strategy == "epoch" and epoch_done) or \
             (args.eval_strategy != "no" and p.step == s.total_steps):
+        check_finite(run)  # a diverged model is neither scored nor logged
         score_on_dev(run, epoch_float(run))
     if (args.save_steps and p.step % args.save_steps == 0) or epoch_done or p.step == s.total_steps:
         save_checkpoint(run, p.epoch + 1 if epoch_done else p.epoch, 0 if epoch_done else p.batch_in_epoch)
@@ -641,8 +644,13 @@ def score_on_dev(run: Run, epoch: float, record: bool = True) -> None:
 
 
 def check_finite(run: Run) -> None:
-    """Stop with the first step whose loss was NaN or inf (one device read, only when logging/saving)."""
-    bad = int(run.progress.first_bad_step.item())
+    """Stop with the first step whose loss was NaN or inf (one device read, only when logging/saving).
+
+    Decided over all ranks: a NaN on one rank stops every rank, none is left waiting in a collective."""
+    step = run.progress.first_bad_step
+    never = torch.iinfo(step.dtype).max
+    bad = int(all_reduce_min(torch.where(step < 0, torch.full_like(step, never), step), run.dist).item())
+    bad = -1 if bad == never else bad
     if bad >= 0:
         raise NonFiniteLossError(
             f"the training loss became non-finite (NaN or inf) at optimizer step {bad}; training stopped "
@@ -662,9 +670,11 @@ def save_checkpoint(run: Run, epoch: int, batch_in_epoch: int) -> None:
     ckpt.check_parameters_finite(run.student, p.step, args.output_dir)  # every rank: same decision
     names = list(p.running)
     sums = all_reduce_mean(torch.stack([p.running[n] for n in names]), run.dist).tolist() if names else []
+    rng_by_rank = all_gather_object(ckpt.rng_state(), run.dist)
     if run.dist.is_main:
         ckpt.save_checkpoint(args.output_dir, p.step, model=checkpointed_model(run), optimizer=run.optimizer,
                              scheduler=run.scheduler, scaler=run.scaler, save_total_limit=args.save_total_limit,
+                             rng_by_rank=rng_by_rank,
                              trainer_state={"epoch": epoch, "batch_in_epoch": batch_in_epoch,
                                             "world_size": run.dist.world_size, "total_steps": s.total_steps,
                                             "batches_per_epoch": s.batches_per_epoch,

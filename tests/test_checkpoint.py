@@ -113,13 +113,30 @@ def test_overwrite_clears_only_a_runs_folder_and_a_run_that_failed_at_start_up_b
 def test_resume_refuses_changed_settings_naming_the_flag_and_allows_safe_ones(setup, tmp_path, capsys):
     out = tmp_path / "out"
     interrupted(setup, out, 2)
-    for flag, value in (("--learning_rate", "5e-4"), ("--seed", "7"), ("--gradient_accumulation_steps", "2")):
+    # --student_layers changes the model itself: named as a flag, before any weights are loaded.
+    for flag, value in (("--learning_rate", "5e-4"), ("--seed", "7"), ("--gradient_accumulation_steps", "2"),
+                        ("--student_layers", "0")):
         code, err = main(capsys, *argv(setup, out, flag, value, "--resume_from_checkpoint", "latest"))
         line = error_line(err)
         assert code == 1 and f"{flag}: now" in line and "--logging_steps" in line, line
     code, _ = main(capsys, *argv(setup, out, "--logging_steps", "2", "--save_total_limit", "3", "--eval_strategy",
                                  "steps", "--eval_steps", "3", "--resume_from_checkpoint", "latest"))
     assert code == 0
+
+
+def test_the_recipes_own_flags_may_change_on_resume():
+    """The recipe copies --speed_test_questions/--data_dir/--full into each stage's args; they must not
+    block resuming an interrupted stage (what they decide is compared through the resolved flags)."""
+    import argparse
+
+    from kdqa.resume_settings import changed_settings, run_settings
+
+    before = argparse.Namespace(learning_rate=1e-4, speed_test_questions=200, data_dir=None, full=False)
+    after = argparse.Namespace(learning_rate=1e-4, speed_test_questions=50, data_dir="data/squad", full=True)
+    assert changed_settings(run_settings(before, "cpu"), run_settings(after, "cpu")) == []
+    after.learning_rate = 2e-4
+    assert changed_settings(run_settings(before, "cpu"), run_settings(after, "cpu")) == [
+        "--learning_rate: now 0.0002, in the checkpoint 0.0001"]
 
 
 # ----------------------------------------------------------------------------- 6: never a non-finite checkpoint
@@ -145,6 +162,34 @@ def test_a_diverged_run_writes_no_checkpoint_and_names_no_bad_one_as_good(setup,
     line = error_line(err)
     assert code == 1 and "non-finite" in line and "step 1" in line and "Last good checkpoint: none" in line, line
     assert ckpt.list_checkpoints(str(out)) == [] and not (out / "model.safetensors").exists()
+
+
+def test_each_rank_resumes_its_own_random_streams(tmp_path):
+    """DDP: rank 0 writes every rank's RNG states; rank r restores entry r (its dropout stream), not rank 0's."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    parts = dict(model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                 scaler=torch.amp.GradScaler("cpu", enabled=False))
+    trainer_state = {k: 0 for k in ckpt.STATE_KEYS if k != "rng"}
+    torch.manual_seed(0)
+    rank0 = ckpt.rng_state()
+    torch.manual_seed(1)
+    rank1 = ckpt.rng_state()
+    expected_rank1 = torch.rand(3)
+    path = ckpt.save_checkpoint(str(tmp_path), 2, trainer_state=trainer_state, rng_by_rank=[rank0, rank1], **parts)
+    torch.manual_seed(5)
+    ckpt.load_checkpoint(path, rank=1, **parts)
+    assert torch.equal(torch.rand(3), expected_rank1)
+    torch.manual_seed(0)
+    expected_rank0 = torch.rand(3)
+    ckpt.load_checkpoint(path, rank=0, **parts)
+    assert torch.equal(torch.rand(3), expected_rank0)
+
+
+def test_checkpoint_weights_are_copied_to_the_cpu(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    state = ckpt._model_state(model)
+    assert all(t.device.type == "cpu" and t.data_ptr() != p.data_ptr() for t, p in zip(state.values(), model.parameters()))
 
 
 def test_save_checkpoint_refuses_nan_parameters(tmp_path):

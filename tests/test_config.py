@@ -171,6 +171,25 @@ def test_output_dir_that_is_or_sits_under_a_file_is_one_line(tmp_path, capsys):
     assert "--teacher_logits_cache" in err
 
 
+def test_output_dir_that_holds_the_starting_model_is_refused_before_anything_is_deleted(tmp_path, capsys):
+    """Training into the folder it loads from would overwrite (or, with --overwrite_output_dir, delete) it."""
+    model = tmp_path / "student"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    err = main_error(["finetune", "--model_name_or_path", str(model), "--output_dir", str(model),
+                      "--overwrite_output_dir"], capsys)
+    assert "is the folder of --model_name_or_path" in err and "choose another --output_dir" in err
+    err = main_error(["distill", "--teacher_model_name_or_path", str(model / "."), "--model_name_or_path", "m",
+                      "--output_dir", str(model)], capsys)
+    assert "is the folder of --teacher_model_name_or_path" in err
+    inner = model / "checkpoint-10"
+    inner.mkdir()
+    err = main_error(["finetune", "--model_name_or_path", str(inner), "--output_dir", str(model),
+                      "--overwrite_output_dir"], capsys)
+    assert "lies inside --output_dir" in err
+    assert (model / "config.json").exists() and inner.exists(), "nothing was deleted"
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write anywhere")
 def test_output_dir_without_write_permission_is_one_line(tmp_path, capsys):
     locked = tmp_path / "locked"

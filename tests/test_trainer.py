@@ -522,3 +522,26 @@ def test_eval_strategy_end_scores_once_after_the_last_step(task, model_dir, tmp_
                   "--eval_strategy", "end", "--logging_steps", "5")
     _, evals = read_metrics(out)
     assert [r["step"] for r in evals] == [results["global_step"]] and "f1" in results
+
+
+def test_segment_ids_are_seen_through_compile_and_ddp_style_wrappers():
+    """A compiled BERT's forward is (*args, **kwargs): the check must look inside, or training drops
+    the segment ids that evaluation (the raw model) uses."""
+    from kdqa.modeling import takes_token_type_ids, unwrapped
+    from tiny_models import tiny_bert_config
+    from transformers import BertForQuestionAnswering
+
+    bert = BertForQuestionAnswering(tiny_bert_config())
+    compiled = torch.compile(bert)
+
+    class DDPLike(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    assert takes_token_type_ids(bert)
+    assert unwrapped(compiled) is bert and unwrapped(DDPLike(compiled)) is bert
+    assert takes_token_type_ids(compiled) and takes_token_type_ids(DDPLike(compiled))

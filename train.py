@@ -36,7 +36,7 @@ def run_command(args) -> None:
     if args.do_train:
         from kdqa.trainer import train
         train(args)  # evaluates unless --do_train came without --do_eval (then eval_strategy is "no")
-    elif args.do_eval:
+    elif args.do_eval and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one rank writes the files
         from kdqa.inference import evaluate_command
         evaluate_command(args)  # --do_eval alone: the model as it is
     if args.do_predict and int(os.environ.get("RANK", "0")) == 0:

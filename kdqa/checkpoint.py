@@ -144,8 +144,10 @@ def save_checkpoint(output_dir: str, step: int, *, model, optimizer, scheduler, 
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-        _write_json_synced(os.path.join(tmp, STATE_FILE), dict(trainer_state, rng=rng_state(), step=step,
-                                                                 rng_by_rank=rng_by_rank))
+        state = dict(trainer_state, rng=rng_by_rank[0] if rng_by_rank else rng_state(), step=step)
+        if rng_by_rank and len(rng_by_rank) > 1:
+            state["rng_by_rank"] = rng_by_rank  # the other ranks' streams (rank 0's is "rng")
+        _write_json_synced(os.path.join(tmp, STATE_FILE), state)
         files = {}
         for name in PAYLOAD_FILES:
             path = os.path.join(tmp, name)
@@ -241,7 +243,7 @@ def verify_checkpoint(path: str, run_id: str | None = None) -> str | None:
         if _sha256(file_path) != expected.get("sha256"):
             return f"{file_path} does not match its checksum (damaged)"
     try:
-        state = _read_state(path)
+        state = read_trainer_state(path)
     except CheckpointError as err:
         return str(err)
     if run_id is not None and state["run_id"] != run_id:
@@ -252,10 +254,6 @@ def verify_checkpoint(path: str, run_id: str | None = None) -> str | None:
 def read_trainer_state(path: str) -> dict:
     """The checkpoint's trainer state (step, settings, schedule, ...) without touching any weights:
     what a resume checks before it loads anything."""
-    return _read_state(path)
-
-
-def _read_state(path: str) -> dict:
     state_path = os.path.join(path, STATE_FILE)
     try:
         with open(state_path, encoding="utf-8") as f:
@@ -331,7 +329,7 @@ def _torch_load(path: str, map_location):
 
 def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, map_location="cpu", rank: int = 0) -> dict:
     """Restore model, optimizer, scheduler, scaler and RNG states (this rank's); return the trainer state."""
-    state = _read_state(path)
+    state = read_trainer_state(path)
     model_path = os.path.join(path, "model.safetensors")
     try:
         weights = load_file(model_path, device=str(map_location))

@@ -5,6 +5,7 @@ teacher-logits cache and the benchmarks share."""
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import os
@@ -216,9 +217,15 @@ def takes_token_type_ids(model) -> bool:
     Read from the unwrapped model: a compiled module's forward is (*args, **kwargs), which would
     silently drop BERT's segment ids in training while evaluation (the raw model) uses them."""
     model = unwrapped(model)
-    if "token_type_ids" not in inspect.signature(model.forward).parameters:
+    if not _forward_takes_token_type_ids(type(model)):
         return False
     return getattr(getattr(model, "config", None), "type_vocab_size", 2) > 1
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_token_type_ids(model_class: type) -> bool:
+    """Read once per class: forward_qa asks on every step and every answered question."""
+    return "token_type_ids" in inspect.signature(model_class.forward).parameters
 
 
 def forward_qa(model, batch: dict, output_hidden_states: bool = False) -> tuple:

@@ -59,16 +59,14 @@ def answer_in_turns(predictors: dict[str, QAPredictor], rows: list[dict], *, war
             for row in rows[:warmup]:
                 _answer_one(predictors[name], row, scratch)
         stats = {name: _fresh_stats() for name in names}
-        done = 0
         for turn, first in enumerate(range(0, len(rows), turn_size)):
             block = rows[first:first + turn_size]
             for name in (names if turn % 2 == 0 else reversed(names)):
                 for row in block:
                     _answer_one(predictors[name], row, stats[name])
-            for q in range(done + 1, done + len(block) + 1):
-                if progress_every and q % progress_every == 0:
-                    print(f"    speed test: {q}/{len(rows)} questions", flush=True)
-            done += len(block)
+            answered = first + len(block)
+            if progress_every and answered // progress_every > first // progress_every:
+                print(f"    speed test: {answered}/{len(rows)} questions", flush=True)
     return stats
 
 

@@ -290,27 +290,38 @@ def hub_dataset_cached(dataset_name: str) -> bool:
     what datasets itself reads there when the hub cannot be reached (its CachedDatasetModuleFactory)."""
     from datasets.load import CachedDatasetModuleFactory
 
-    quiet = logging.getLogger("datasets.load")  # it logs "using the latest cached version" on every look
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        CachedDatasetModuleFactory(dataset_name, cache_dir=datasets_cache_dir()).get_module()
+        _quietly(CachedDatasetModuleFactory(dataset_name, cache_dir=datasets_cache_dir()).get_module)
         return True
     except Exception:  # FileNotFoundError where absent; a name that is no repository id fails its checks
         return False
+
+
+def _quietly(function, *args):
+    """function(*args) without datasets' "using the latest cached version" warnings (four lines on
+    every load); kdqa says it in one."""
+    loggers = [logging.getLogger(name) for name in ("datasets.load", "datasets.packaged_modules.cache.cache")]
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(logging.ERROR)
+    try:
+        return function(*args)
     finally:
-        quiet.setLevel(level)
+        for each, level in zip(loggers, levels):
+            each.setLevel(level)
 
 
 def _load_dataset_offline(dataset_name: str):
     """`load_dataset` in offline mode, reading the datasets cache. datasets reads HF_HUB_OFFLINE once, at
     import; with the hub unreachable it must not be asked (or retried) either, so the mode is set here."""
+    logger.info("dataset %r: from the datasets cache (%s), as the hub cannot be reached", dataset_name,
+                datasets_cache_dir())
     names = [n for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(datasets.config, n)]
     saved = {n: getattr(datasets.config, n) for n in names}
     for name in names:
         setattr(datasets.config, name, True)
     try:
-        return datasets.load_dataset(dataset_name)
+        return _quietly(datasets.load_dataset, dataset_name)
     finally:
         for name, value in saved.items():
             setattr(datasets.config, name, value)

@@ -138,15 +138,17 @@ def choose_models_and_data(args, banner: list[str], defaults: dict, given=()) ->
 
             found = find_squad_files(args.data_dir)
             args.train_file, args.validation_file = found.train_file, found.validation_file
-            why = "" if explicit_data_dir else (f", because the hub is unreachable for the dataset {args.dataset_name!r} and "
-                                                f"the datasets cache ({datasets_cache_dir()}) does not hold it")
+            why = "" if explicit_data_dir else (f", because the hub is unreachable for the dataset "
+                                                f"{args.dataset_name!r} and the datasets cache "
+                                                f"({datasets_cache_dir()}) does not hold it")
             banner.append(f"data: SQuAD v1.1 from {found.folder} ({found.source}{why}); choose with --data_dir, "
                           "$KDQA_DATA_DIR or --train_file/--validation_file")
     preflight(args, online=online)
 
 
 # The files a hub model needs besides config.json: one of these weight files.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def hub_cache_dir() -> str:
@@ -199,17 +201,18 @@ def preflight(args: argparse.Namespace, data: bool = True, online: bool = False)
     if not _is_local(args.teacher_model_name_or_path) and not hub_cache_holds(args.teacher_model_name_or_path):
         needs_hub.append(f"the teacher {args.teacher_model_name_or_path!r} (--teacher_model_name_or_path)")
         needed.append(("model", args.teacher_model_name_or_path))
-    if not args.student_layers and not _is_local(args.model_name_or_path) and not hub_cache_holds(args.model_name_or_path):
+    if not (args.student_layers or _is_local(args.model_name_or_path) or hub_cache_holds(args.model_name_or_path)):
         needs_hub.append(f"the student {args.model_name_or_path!r} (--model_name_or_path, or --student_layers)")
         needed.append(("model", args.model_name_or_path))
     if data and not (args.train_file and args.validation_file) and not hub_dataset_cached(args.dataset_name):
         needs_hub.append(f"the dataset {args.dataset_name!r} (--train_file and --validation_file)")
         needed.append(("dataset", args.dataset_name))
     if needs_hub and not (online or hub_reachable()):
+        caches = sorted({hub_cache_dir() if kind == "model" else datasets_cache_dir() for kind, _ in needed})
         raise ModelLoadError(
             "the recipe needs the Hugging Face hub for " + "; ".join(needs_hub)
-            + f", and the hub cannot be reached (nor do the local caches hold it: {hub_cache_dir()}, "
-            f"{datasets_cache_dir()}). " + prefill_help(needed) + OFFLINE_HELP
+            + f", and the hub cannot be reached (nor does the local cache hold it: {', '.join(caches)}). "
+            + prefill_help(needed) + OFFLINE_HELP
         )
 
 

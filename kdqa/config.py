@@ -363,11 +363,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ConfigError as err:
         raise ConfigError(f"{err}; see `train.py {argv[0]} --help`") from None
     _resolve_run_qa_flags(args)
+    if args.command == "recipe":
+        args.given_flags = sorted(given_flags(argv))  # the recipe replaces only flags left at their defaults
     # The one place the mode is decided: the trainer uses a teacher exactly when mode is "distill".
     # The recipe has no single mode and sets one per stage.
     args.mode = args.command if args.command in ("finetune", "distill") else None
     validate_args(args)
     return args
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The flags that argv (the command line and --config's tokens) sets, by dest: a value equal to its
+    default still counts as given, which the values alone cannot tell."""
+    parser = build_parser()
+    for p in (parser, *_subparsers(parser).values()):
+        p._defaults.clear()  # set_defaults values (the recipe's models, fixed phases) are defaults too
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
 
 
 def _resolve_run_qa_flags(args: argparse.Namespace) -> None:

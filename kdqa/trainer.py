@@ -727,7 +727,9 @@ def write_report_card(run: Run) -> None:
     write_run_report_and_card(
         args, metrics=last.get("metrics"), predictions=last.get("predictions"),
         objective=objective_as_run(args, run.loss_weights, run.loss_modules,
-                                   loss_impl=resolve_loss_impl(args.loss_impl, run.device)),
+                                   loss_impl=resolve_loss_impl(args.loss_impl, run.device))
+        | ({"teacher_logits": "from the cache " + args.teacher_logits_cache if data.collator.teacher_logits is not None
+            else "online"} if args.mode == "distill" else {}),
         data={"train_questions": len(data.train_examples), "train_features": len(data.train_features),
               "dev_questions": None if data.eval_examples is None else len(data.eval_examples),
               "max_seq_length": args.max_seq_length},

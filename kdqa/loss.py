@@ -188,6 +188,11 @@ def _choose_impl(impl: str, device: torch.device) -> str:
     return "torch"
 
 
+def resolve_loss_impl(impl: str, device: torch.device) -> str:
+    """Which implementation `impl` runs on `device` ("triton" or "torch"), as the loss will choose it."""
+    return _choose_impl(impl, device)
+
+
 def qa_distillation_loss(student_start_logits: Tensor, student_end_logits: Tensor,
                          start_positions: Tensor, end_positions: Tensor,
                          teacher_start_logits: Optional[Tensor] = None,

@@ -28,6 +28,7 @@ import torch
 from kdqa.checkpoint import list_checkpoints
 from kdqa.data import datasets_cache_dir, hub_dataset_cached, load_squad
 from kdqa.modeling import ModelLoadError, OFFLINE_HELP, hub_reachable, short_model_name
+from kdqa.report_card import recipe_report, write_recipe_report
 from kdqa.reporting import write_json
 
 logger = logging.getLogger("kdqa")
@@ -412,6 +413,9 @@ def run_recipe(args: argparse.Namespace) -> dict:
         "settings": banner, "elapsed_s": round(elapsed, 1),
         "estimate_s": None if estimate is None else round(estimate, 1)})
     plot_results(rows, os.path.join(out, "recipe_results.png"))
+    write_recipe_report(out, recipe_report(rows, {name: stages[name].output_dir for name, _ in STAGES},
+                                           threads=torch.get_num_threads(), speed_questions=args.speed_test_questions,
+                                           elapsed_s=elapsed))
     logger.info("recipe: done in %.1f minutes%s; results in %s", elapsed / 60,
                 "" if estimate is None else f" (estimated {estimate / 60:.0f})", out)
     return results

@@ -39,9 +39,10 @@ from kdqa.data import fix_answer_starts, load_squad
 from kdqa.distributed import (DistState, all_gather_object, all_reduce_mean, all_reduce_min, barrier, broadcast_object,
                               cleanup, init_distributed)
 from kdqa.features import QACollator, prepare_eval_features, prepare_train_features
+from kdqa.report_card import objective_as_run, write_run_report_and_card
 from kdqa.hidden_distill import format_layer_map, hidden_distillation_for
 from kdqa.inference import predict_and_score, write_prediction_outputs
-from kdqa.loss import qa_distillation_loss
+from kdqa.loss import qa_distillation_loss, resolve_loss_impl
 from kdqa.modeling import (short_model_name, build_student_from_layers, check_same_vocab, forward_qa, load_qa_model,
                            load_tokenizer, parse_layers)
 from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
@@ -126,6 +127,7 @@ class Run:
     schedule: Schedule | None = None
     metrics_log: MetricsLog | None = None
     progress: Progress = field(default_factory=Progress)
+    started: float = field(default_factory=time.perf_counter)  # this process's start, for the report's wall time
 
     @property
     def device(self) -> torch.device:
@@ -713,8 +715,27 @@ def finish(run: Run) -> dict:
                     loss_terms=list(run.loss_weights))
         write_json(os.path.join(args.output_dir, "train_results.json"), results)
         write_json(os.path.join(args.output_dir, "all_results.json"), all_results)
+        write_report_card(run)
     barrier(run.dist)
     return results
+
+
+def write_report_card(run: Run) -> None:
+    """report.md/report.json and the model card (README.md) of the finished run (rank 0)."""
+    args, p, data = run.args, run.progress, run.data
+    last = p.last_eval or {}
+    write_run_report_and_card(
+        args, metrics=last.get("metrics"), predictions=last.get("predictions"),
+        objective=objective_as_run(args, run.loss_weights, run.loss_modules,
+                                   loss_impl=resolve_loss_impl(args.loss_impl, run.device))
+        | ({"teacher_logits": "from the cache " + args.teacher_logits_cache if data.collator.teacher_logits is not None
+            else "online"} if args.mode == "distill" else {}),
+        data={"train_questions": len(data.train_examples), "train_features": len(data.train_features),
+              "dev_questions": None if data.eval_examples is None else len(data.eval_examples),
+              "max_seq_length": args.max_seq_length},
+        training={"epochs": run.schedule.num_epochs, "optimizer_steps": p.step,
+                  "wall_time_s": round(time.perf_counter() - run.started, 1),
+                  "precision": PRECISION_NAMES[run.autocast_dtype], "seed": args.seed})
 
 
 def check_ranks_in_sync(model, dist: DistState) -> list[float]:

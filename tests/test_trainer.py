@@ -384,6 +384,15 @@ def test_recipe_runs_teacher_student_and_distilled_student_and_prints_the_table(
     # Student and distilled student start from the same weights: layers 0 and 2 of the base model.
     kd_log, _ = read_metrics(out / "distilled")
     assert kd_log[-1]["kd"] > 0
+    # The recipe's report card: the table's scores, each student's agreement with the teacher, the objectives.
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"]["distilled student"]["f1"] == results["distilled student"]["f1"]
+    assert report["models"]["student"]["agreement_with_teacher"]["questions"] == 60
+    kd_terms = {t["name"]: t for t in report["models"]["distilled student"]["objective"]["terms"]}
+    assert kd_terms["kd"]["temperature"] == args.temperature and kd_terms["kd"]["weight"] == args.alpha_kd
+    assert "gap to the teacher closed" in (out / "report.md").read_text()
+    for run_dir in ("teacher", "student", "distilled"):
+        assert (out / run_dir / "README.md").read_text().startswith("---\n")
 
 
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):

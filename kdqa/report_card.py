@@ -1,0 +1,293 @@
+"""What a finished run tells a person: `report.md` / `report.json` beside the model, and a model card.
+
+The report states the objective exactly as it ran (every term, its weight, T and whether T² was
+applied, the layer maps, the loss implementation), so that a silently different objective shows at
+a glance; its scores are read from the same dictionaries that `eval_results.json` is written from.
+The model card (`README.md` in the model folder) follows the Hugging Face hub's format: YAML front
+matter with `model-index` results, then prose, so the folder can be uploaded as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .metric import f1_score, normalize_answer
+from .modeling import short_model_name
+from .reporting import write_json
+
+REPORT_NAMES = ("report.md", "report.json")
+MODEL_CARD_NAME = "README.md"
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+def answer_agreement(student: dict[str, str], teacher: dict[str, str]) -> dict | None:
+    """How often the student's answer is the teacher's (after SQuAD's normalisation), and the mean
+    token F1 between the two answers, over the questions both answered."""
+    shared = [qid for qid in student if qid in teacher]
+    if not shared:
+        return None
+    same = sum(normalize_answer(student[q]) == normalize_answer(teacher[q]) for q in shared)
+    return {"questions": len(shared), "same_answer": round(100.0 * same / len(shared), 2),
+            "answer_f1": round(100.0 * sum(f1_score(student[q], teacher[q]) for q in shared) / len(shared), 2)}
+
+
+def gap_closed(model_f1: float, baseline_f1: float, teacher_f1: float) -> float | None:
+    """Share of the teacher's lead over the fine-tuned baseline that the model recovered, in %."""
+    if teacher_f1 is None or baseline_f1 is None or model_f1 is None or teacher_f1 <= baseline_f1:
+        return None
+    return round(100.0 * (model_f1 - baseline_f1) / (teacher_f1 - baseline_f1), 1)
+
+
+def objective_as_run(args, loss_weights: dict, loss_modules=None, loss_impl: str | None = None) -> dict:
+    """Every term of the loss with its weight, and the settings that change its value; loss_impl:
+    the implementation that ran (the fused Triton kernel or the PyTorch reference)."""
+    terms = []
+    for name, weight in loss_weights.items():
+        term = {"name": name, "weight": float(weight)}  # weight 0: the term is off, listed to show it
+        if name == "ce":
+            term["what"] = "cross-entropy of the gold start/end positions"
+        elif name == "kd":
+            term.update(what="KL(teacher ‖ student) of the temperature-softened start/end distributions",
+                        temperature=float(args.temperature), t_squared=True)
+        else:
+            module = None if loss_modules is None or name not in loss_modules else loss_modules[name]
+            term.update(_describe_module(module))
+        terms.append(term)
+    formula = " + ".join(f"{t['weight']:g}·" + ("T²·KL" if t["name"] == "kd" else t["name"].upper() if t["name"] == "ce"
+                                                 else t["name"]) for t in terms if t["weight"])
+    asked = getattr(args, "loss_impl", None)
+    ran = loss_impl or asked
+    return {"terms": terms, "formula": formula,
+            "loss_impl": ran if asked in (None, ran) else f"{ran} (--loss_impl {asked})"}
+
+
+def _describe_module(module) -> dict:
+    """A loss module's settings: its own describe() where it has one, else its layer map, kind, projections."""
+    if module is None:
+        return {}
+    if callable(getattr(module, "describe", None)):
+        return module.describe()
+    facts = {}
+    if getattr(module, "kind", None):
+        facts["loss"] = module.kind
+    if getattr(module, "layer_map", None):
+        facts["layer_map (student:teacher)"] = ",".join(f"{s}:{t}" for s, t in module.layer_map)
+    if hasattr(module, "projections"):
+        facts["learned_projection"] = module.projections is not None
+    return facts
+
+
+def read_json_if_present(path: str):
+    """A JSON file a run wrote, or None where there is none or it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def teacher_results(teacher_dir: str | None) -> tuple[dict | None, dict | None]:
+    """The teacher's eval_results.json and eval_predictions.json, where its folder holds them."""
+    if not teacher_dir or not os.path.isdir(teacher_dir):
+        return None, None
+    return (read_json_if_present(os.path.join(teacher_dir, "eval_results.json")),
+            read_json_if_present(os.path.join(teacher_dir, "eval_predictions.json")))
+
+
+# ----------------------------------------------------------------------------- the run's report
+
+def run_report(args, *, metrics: dict | None, predictions: dict | None, objective: dict, data: dict,
+               training: dict) -> dict:
+    """The report of one finetune/distill run (see the module docstring)."""
+    report = {"command": args.command, "output_dir": os.path.abspath(args.output_dir),
+              "model": args.model_name_or_path, "scores": None, "teacher": None,
+              "agreement_with_teacher": None, "objective": objective, "data": data, "training": training}
+    if metrics:
+        report["scores"] = {"exact_match": metrics.get("exact_match"), "f1": metrics.get("f1")}
+    teacher = getattr(args, "teacher_model_name_or_path", None) if args.mode == "distill" else None
+    if teacher:
+        results, teacher_predictions = teacher_results(teacher)
+        report["teacher"] = {"model": teacher, "exact_match": (results or {}).get("exact_match"),
+                             "f1": (results or {}).get("f1"),
+                             "source": "its eval_results.json" if results else "not scored (no eval_results.json)"}
+        if predictions and teacher_predictions:
+            report["agreement_with_teacher"] = answer_agreement(predictions, teacher_predictions)
+    return report
+
+
+def _score(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def render_report(report: dict) -> str:
+    """report.md: the same facts as report.json, for people."""
+    lines = [f"# Report: {report['command']} → {os.path.basename(report['output_dir'])}", ""]
+    scores = report.get("scores") or {}
+    lines += ["| model | EM | F1 |", "| --- | ---: | ---: |",
+              f"| this model ({os.path.basename(report['output_dir'])}, from {short_model_name(report['model'])}) | {_score(scores.get('exact_match'))} | {_score(scores.get('f1'))} |"]
+    teacher = report.get("teacher")
+    if teacher:
+        lines.append(f"| teacher ({short_model_name(teacher['model'])}) | {_score(teacher['exact_match'])} | {_score(teacher['f1'])} |")
+    for row in report.get("extra_rows", []):
+        lines.append(f"| {row['label']} | {_score(row.get('exact_match'))} | {_score(row.get('f1'))} |")
+    lines.append("")
+    if report.get("gap_closed") is not None:
+        lines.append(f"- gap to the teacher closed against the fine-tuned student: {report['gap_closed']:.1f} %")
+    agreement = report.get("agreement_with_teacher")
+    if agreement:
+        lines.append(f"- agreement with the teacher on {agreement['questions']} dev questions: same answer "
+                     f"{agreement['same_answer']:.2f} %, F1 between the answers {agreement['answer_f1']:.2f}")
+    if report.get("int8"):
+        i8 = report["int8"]
+        lines.append(f"- served int8 ({i8['runtime']}): F1 {_score(i8.get('f1'))}, drop {i8.get('f1_drop', 0):+.2f} F1")
+    if report.get("speed"):
+        sp = report["speed"]
+        lines.append(f"- CPU ms/question: {sp['ms_per_question']:.1f} ({sp['threads']} threads, one at a time)")
+    lines.append("- data: " + _facts(report.get("data") or {}))
+    lines.append("- training: " + _facts(report.get("training") or {}))
+    objective = report["objective"]
+    lines += ["", "## Objective as run", "", f"`loss = {objective['formula']}` "
+              f"(loss implementation: {objective.get('loss_impl')})", "",
+              "| term | weight | settings |", "| --- | ---: | --- |"]
+    for term in objective["terms"]:
+        settings = "; ".join(str(v) if k == "what" else f"{k.replace('_', ' ')} {v}"
+                             for k, v in term.items() if k not in ("name", "weight"))
+        lines.append(f"| {term['name']} | {term['weight']:g} | {settings} |")
+    return "\n".join(lines) + "\n"
+
+
+def _facts(facts: dict) -> str:
+    """{"wall_time_s": 3.2, "epochs": 1} -> "wall time 3.2 s, epochs 1"."""
+    return ", ".join(f"{k[:-2].replace('_', ' ')} {v} s" if k.endswith("_s") else f"{k.replace('_', ' ')} {v}"
+                     for k, v in facts.items() if v is not None)
+
+
+def write_report(output_dir: str, report: dict) -> list[str]:
+    """report.json and report.md into output_dir (each written atomically)."""
+    paths = [os.path.join(output_dir, name) for name in REPORT_NAMES]
+    write_json(paths[1], report)
+    tmp = paths[0] + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(render_report(report))
+    os.replace(tmp, paths[0])
+    return paths
+
+
+# ----------------------------------------------------------------------------- the model card
+
+def model_card(report: dict, *, model_name: str, base_model: str | None, license_of_data: str = "cc-by-sa-4.0") -> str:
+    """A Hugging Face hub model card (README.md): YAML front matter with model-index, then prose."""
+    scores = report.get("scores") or {}
+    front = ["---", "library_name: transformers", "pipeline_tag: question-answering", "tags:",
+             "- question-answering", "- knowledge-distillation" if report.get("teacher") else "- fine-tuned",
+             "- kdqa", "datasets:", "- rajpurkar/squad", f"license: {license_of_data}"]
+    if base_model and not os.path.isabs(base_model):
+        front.append(f"base_model: {base_model}")
+    front += ["model-index:", f"- name: {json.dumps(model_name)}", "  results:", "  - task:",
+              "      type: question-answering", "      name: Extractive question answering", "    dataset:",
+              "      type: rajpurkar/squad", "      name: SQuAD v1.1", "      split: validation", "    metrics:"]
+    for key, name in (("exact_match", "Exact match"), ("f1", "F1")):
+        if scores.get(key) is not None:
+            front += [f"    - type: {key}", f"      value: {scores[key]:.2f}", f"      name: {name}"]
+    front.append("---")
+    teacher = report.get("teacher")
+    how = f"distilled from the teacher `{short_model_name(teacher['model'])}`" if teacher else "fine-tuned"
+    if base_model:
+        how += f", starting from `{short_model_name(base_model)}`"
+    body = [f"# {model_name}", "",
+            f"An extractive question-answering model (SQuAD v1.1), {how} with kdqa.", "",
+            "## Scores", "",
+            f"SQuAD v1.1 dev, official metric, on {report['data'].get('dev_questions', 'the')} questions: "
+            f"EM {_score(scores.get('exact_match'))}, F1 {_score(scores.get('f1'))}.", "",
+            "## How it was trained", "", render_report(report).split("\n", 2)[2],
+            "The data (SQuAD v1.1) is licensed CC BY-SA 4.0."]
+    return "\n".join(front) + "\n\n" + "\n".join(body) + "\n"
+
+
+def write_model_card(model_dir: str, report: dict, *, model_name: str, base_model: str | None) -> str:
+    path = os.path.join(model_dir, MODEL_CARD_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(model_card(report, model_name=model_name, base_model=base_model))
+    os.replace(tmp, path)
+    return path
+
+
+def write_run_report_and_card(args, **facts) -> dict:
+    """A finished finetune/distill run: report.md/report.json, and the model card in its model folder."""
+    report = run_report(args, **facts)
+    write_report(args.output_dir, report)
+    name = os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
+    write_model_card(args.output_dir, report, model_name=name, base_model=args.model_name_or_path)
+    return report
+
+
+# ----------------------------------------------------------------------------- the recipe's report
+
+def recipe_report(rows: dict, stage_dirs: dict[str, str], *, threads: int, speed_questions: int,
+                  elapsed_s: float, baseline: str = "student", teacher: str = "teacher") -> dict:
+    """The recipe's report: each model's scores and speed (the table's rows), the gap to the teacher
+    each distilled model closed against the fine-tuned `baseline`, each student's agreement with the
+    teacher's answers, and each stage's own report (its objective as run)."""
+    teacher_f1, baseline_f1 = rows[teacher]["f1"], rows.get(baseline, {}).get("f1")
+    teacher_predictions = read_json_if_present(os.path.join(stage_dirs[teacher], "eval_predictions.json"))
+    models = {}
+    for name, row in rows.items():
+        stage_dir = stage_dirs.get(name)
+        entry = dict(row)
+        if name not in (teacher, baseline):
+            entry["gap_closed"] = gap_closed(row["f1"], baseline_f1, teacher_f1)
+        if name != teacher and stage_dir and teacher_predictions:
+            predictions = read_json_if_present(os.path.join(stage_dir, "eval_predictions.json"))
+            entry["agreement_with_teacher"] = predictions and answer_agreement(predictions, teacher_predictions)
+        if stage_dir:
+            stage_report = read_json_if_present(os.path.join(stage_dir, "report.json")) or {}
+            entry["objective"] = stage_report.get("objective")
+            entry["data"], entry["training"] = stage_report.get("data"), stage_report.get("training")
+        models[name] = entry
+    return {"models": models, "speed_test": {"questions": speed_questions, "threads": threads, "device": "cpu"},
+            "elapsed_s": round(elapsed_s, 1)}
+
+
+def render_recipe_report(report: dict) -> str:
+    sp = report["speed_test"]
+    lines = ["# Report: the recipe", "",
+             f"| model | EM | F1 | gap to the teacher closed | same answer as the teacher | answer F1 vs the teacher "
+             f"| CPU ms/question ({sp['threads']} threads) | speed-up |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for entry in report["models"].values():
+        gap = entry.get("gap_closed")
+        agreement = entry.get("agreement_with_teacher") or {}
+        cells = [entry["label"], _score(entry.get("exact_match")), _score(entry.get("f1")),
+                 "" if gap is None else f"{gap:.1f} %",
+                 "" if not agreement else f"{agreement['same_answer']:.2f} %",
+                 "" if not agreement else f"{agreement['answer_f1']:.2f}",
+                 f"{entry['ms_per_question']:.1f}", f"{entry['speedup']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Speed: {sp['questions']} dev questions answered one at a time on the CPU with {sp['threads']} "
+              f"threads. Whole recipe: {report['elapsed_s'] / 60:.1f} minutes.", ""]
+    for entry in report["models"].values():
+        if not entry.get("objective"):
+            continue
+        lines += [f"## {entry['label']}", "", f"- objective: `loss = {entry['objective']['formula']}` "
+                  f"(loss implementation: {entry['objective'].get('loss_impl')})"]
+        for term in entry["objective"]["terms"]:
+            if term["weight"] and term["name"] not in ("ce",):
+                settings = "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in term.items()
+                                     if k not in ("name", "weight", "what"))
+                lines.append(f"  - {term['name']} × {term['weight']:g}: {settings}")
+        lines.append("- data: " + _facts(entry.get("data") or {}))
+        lines += ["- training: " + _facts(entry.get("training") or {}), ""]
+    return "\n".join(lines)
+
+
+def write_recipe_report(output_dir: str, report: dict) -> list[str]:
+    paths = [os.path.join(output_dir, name) for name in REPORT_NAMES]
+    write_json(paths[1], report)
+    tmp = paths[0] + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(render_recipe_report(report))
+    os.replace(tmp, paths[0])
+    return paths

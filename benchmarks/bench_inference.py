@@ -236,7 +236,8 @@ def main(argv=None):
         role, runtime, precision = ROWS[name]
         path = teacher_path if role == "teacher" else exported if runtime == "onnxruntime" else student_path
         predictors.append(QAPredictor.load(path, runtime=runtime, quantize="int8" if precision == "int8" else "none",
-                                           device="cpu", threads=threads, **settings))
+                                           device="cpu", threads=threads, trained_head=args.teacher is not None,
+                                           **settings))  # the packaged default teacher has a random head
         described.append((name, role, runtime, precision, teacher_desc if role == "teacher" else student_desc))
     shapes = {}
     for role, path in (("teacher", teacher_path), ("student", student_path)):

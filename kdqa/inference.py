@@ -239,12 +239,13 @@ class QAPredictor:
     @classmethod
     def load(cls, path: str, *, runtime: str = "auto", quantize: str = "none", device="cpu",
              autocast_dtype: torch.dtype | None = None, threads: int | None = None,
-             attn_implementation: str | None = "sdpa", **settings) -> "QAPredictor":
+             attn_implementation: str | None = "sdpa", trained_head: bool = True, **settings) -> "QAPredictor":
         """A model folder ready to answer: PyTorch, or ONNX Runtime for an exported folder / .onnx file.
 
         runtime "auto": ONNX Runtime when `path` is a .onnx file or a folder with model.onnx, else
         PyTorch. quantize "int8": PyTorch dynamic int8 Linear layers, or the folder's
-        model_int8.onnx (written by `train.py export --quantize int8`).
+        model_int8.onnx (written by `train.py export --quantize int8`). trained_head=False lets a
+        base model answer from a random QA head (speed measurements only).
         """
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -264,7 +265,7 @@ class QAPredictor:
             what = f"{os.path.basename(onnx_file)} in ONNX Runtime"
         else:
             tokenizer = load_tokenizer(path)
-            network = load_qa_model(path, attn_implementation=attn_implementation, trained_head=True)
+            network = load_qa_model(path, attn_implementation=attn_implementation, trained_head=trained_head)
             if quantize == "int8":
                 if torch.device(device).type != "cpu":
                     raise ValueError(f"PyTorch dynamic int8 runs on the CPU only; use --device cpu (got {device})")

@@ -92,7 +92,8 @@ def make_smoke_teacher(folder):
     os.makedirs(folder, exist_ok=True)
     with open(vocab, "w") as f:
         f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=vocab, do_lower_case=True)
+    # from the folder: transformers 5's BertTokenizerFast(vocab_file=...) ignores the file (5 special tokens)
+    tokenizer = BertTokenizerFast.from_pretrained(folder, do_lower_case=True)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
                         intermediate_size=128, max_position_embeddings=512)

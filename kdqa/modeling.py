@@ -142,7 +142,11 @@ def check_tokenizer_fits_model(tokenizer, config, folder: str) -> None:
             "holds another model's. Copy the tokenizer the model was trained with into it (tokenizer.save_pretrained)"
         )
     positions = getattr(config, "max_position_embeddings", None)
-    if positions and (tokenizer.model_max_length is None or tokenizer.model_max_length > positions):
+    limit = tokenizer.model_max_length
+    if positions and (limit is None or limit > positions):
+        if limit is None or limit >= 1_000_000:  # transformers' "no limit" stand-in is 1e30
+            logger.info("%s: the tokenizer sets no model_max_length; using the model's %d positions",
+                        short_model_name(folder), positions)
         tokenizer.model_max_length = int(positions)
 
 

@@ -92,7 +92,8 @@ def make_smoke_teacher(folder):
     os.makedirs(folder, exist_ok=True)
     with open(vocab, "w") as f:
         f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=vocab, do_lower_case=True)
+    # from the folder: transformers 5's BertTokenizerFast(vocab_file=...) ignores the file (5 special tokens)
+    tokenizer = BertTokenizerFast.from_pretrained(folder, do_lower_case=True)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
                         intermediate_size=128, max_position_embeddings=512)
@@ -236,7 +237,8 @@ def main(argv=None):
         role, runtime, precision = ROWS[name]
         path = teacher_path if role == "teacher" else exported if runtime == "onnxruntime" else student_path
         predictors.append(QAPredictor.load(path, runtime=runtime, quantize="int8" if precision == "int8" else "none",
-                                           device="cpu", threads=threads, **settings))
+                                           device="cpu", threads=threads, trained_head=args.teacher is not None,
+                                           **settings))  # the packaged default teacher has a random head
         described.append((name, role, runtime, precision, teacher_desc if role == "teacher" else student_desc))
     shapes = {}
     for role, path in (("teacher", teacher_path), ("student", student_path)):

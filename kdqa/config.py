@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -269,9 +270,13 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def load_config_file(path: str) -> dict:
     """Read a YAML or JSON config file into a dict of flag values."""
     if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+        raise ConfigError(f"--config {path}: {'is a folder, not a file' if os.path.isdir(path) else 'file not found'}")
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows editors) is dropped, as in data files
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                          "save it as UTF-8") from None
     try:
         values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
@@ -525,6 +530,7 @@ def validate_args(args: argparse.Namespace) -> None:
         need(args.do_predict or args.test_file is None, "--test_file is read by --do_predict only: add --do_predict")
         if args.do_predict:
             need(args.test_file is not None, "--do_predict needs --test_file F (the questions to answer)")
+            need(not os.path.isdir(args.test_file), f"--test_file {args.test_file} is a folder; give the file")
             need(os.path.isfile(args.test_file), f"--test_file {args.test_file}: file not found")
     if args.command in ("finetune", "distill", "evaluate"):
         need(args.output_dir is not None, f"{args.command} needs --output_dir")
@@ -553,12 +559,33 @@ def _validate_training_flags(args: argparse.Namespace) -> None:
     if args.command in ("distill", "recipe") and args.alpha_ce == 0 and args.alpha_kd == 0 and args.alpha_hidden == 0:
         raise ConfigError("--alpha_ce and --alpha_kd are both 0: nothing would be learnt; "
                           "give one of them a weight > 0")
+    if args.command in ("distill", "recipe"):
+        _check_hidden_flags(args)
     if args.command in ("distill", "recipe") and args.alpha_hidden > 0 and args.teacher_logits_cache:
         raise ConfigError("--alpha_hidden needs the teacher's hidden states, which --teacher_logits_cache does not "
                           "hold (it stores logits only): leave out --teacher_logits_cache so the teacher runs "
                           "online, or set --alpha_hidden 0")
     if args.precision == "fp16" and args.device == "cpu":
         raise ConfigError("--precision fp16 needs a CUDA GPU; on the CPU choose --precision auto, fp32 or bf16")
+
+
+def _check_hidden_flags(args: argparse.Namespace) -> None:
+    """A --hidden_layer_map is checked as far as it can be before the models are loaded (their layer
+    counts come later), even at --alpha_hidden 0; hidden flags that then do nothing get one warning."""
+    from kdqa.hidden_distill import parse_layer_map
+
+    if args.hidden_layer_map is not None:
+        try:
+            parse_layer_map(args.hidden_layer_map, 10**6, 10**6)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if args.alpha_hidden == 0:
+        given = [f"--{k}" for k, default in (("hidden_layer_map", None), ("hidden_loss", "mse"))
+                 if getattr(args, k) != default]  # set to something other than the parser's default
+        if given:
+            logging.getLogger("kdqa").warning(
+                "%s %s no effect: the hidden-state term is off at --alpha_hidden 0 (give --alpha_hidden W > 0 "
+                "to use it)", " and ".join(given), "have" if len(given) > 1 else "has")
 
 
 # ----------------------------------------------------------------------------- predict and export (issue 16)
@@ -617,7 +644,11 @@ def validate_inference_args(args: argparse.Namespace) -> None:
             raise ConfigError("export needs --output_dir (where model.onnx goes)")
         if not args.tolerance > 0:
             raise ConfigError(f"--tolerance must be > 0, got {args.tolerance}")
-        return
+        check_output_dir(args.output_dir)
+        return check_opset(args.opset)
+    for flag in ("question", "context"):
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():
+            raise ConfigError(f"predict: --{flag} is empty; give its text")
     one = args.question is not None or args.context is not None
     if one and (args.question is None or args.context is None):
         raise ConfigError("predict: --question and --context go together; give both")
@@ -625,7 +656,29 @@ def validate_inference_args(args: argparse.Namespace) -> None:
         raise ConfigError("predict needs either --question Q --context C or --test_file F (not both)")
     if args.test_file is not None and not args.output_dir:
         raise ConfigError("predict --test_file needs --output_dir (where predict_predictions.json goes)")
+    if args.test_file is not None and os.path.isdir(args.test_file):
+        raise ConfigError(f"--test_file {args.test_file} is a folder; give the file")
+    if args.output_dir:
+        check_output_dir(args.output_dir)
     if args.max_seq_length <= 0 or not 0 < args.doc_stride < args.max_seq_length:
         raise ConfigError("--max_seq_length must be positive and --doc_stride between 1 and --max_seq_length - 1")
     if args.per_device_eval_batch_size < 1:
         raise ConfigError("--per_device_eval_batch_size must be at least 1")
+
+
+MIN_OPSET = 18  # torch.onnx.export(dynamo=True) writes opset 18 at least; below it fails or quietly writes 18
+
+
+def check_opset(opset: int) -> None:
+    """export --opset within what the exporter writes and the installed onnx knows."""
+    if opset < MIN_OPSET:
+        raise ConfigError(f"--opset {opset}: torch's ONNX exporter writes opset {MIN_OPSET} or later; "
+                          f"give --opset {MIN_OPSET} (the default) or higher")
+    try:
+        import onnx
+    except ImportError:
+        return  # export itself says to install kdqa[onnx]
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ConfigError(f"--opset {opset}: the installed onnx knows opsets up to {newest}; give --opset "
+                          f"{MIN_OPSET} to {newest} (default {MIN_OPSET})")

@@ -57,8 +57,9 @@ class SquadDataError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_json(path: str):
-    """Parse a plain or gzip-compressed JSON file (gzip is recognised by its magic bytes)."""
+def read_text(path: str) -> str:
+    """A plain or gzip-compressed UTF-8 file as text (gzip is recognised by its magic bytes; a UTF-8
+    BOM is dropped, as kdqa.evaluate's JSON reading does); every error names the file."""
     if not os.path.exists(path):
         raise SquadDataError(f"{path}: file not found. Give the path of a SQuAD v1.1 JSON file (.json or .json.gz)")
     if os.path.isdir(path):
@@ -78,9 +79,15 @@ def _read_json(path: str):
     if not raw.strip():
         raise SquadDataError(f"{path}: is empty, not SQuAD v1.1 JSON")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise SquadDataError(f"{path}: is not JSON (not UTF-8 text: {err.reason} at byte {err.start})") from None
+        raise SquadDataError(f"{path}: is not JSON (not UTF-8 text: {err.reason} at byte {err.start}); "
+                             "save it as UTF-8") from None
+
+
+def _read_json(path: str):
+    """Parse a plain or gzip-compressed JSON file (or JSON lines)."""
+    text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:

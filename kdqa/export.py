@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import warnings
 
 import numpy as np
 import torch
 
+from .config import MIN_OPSET, check_opset
 from .inference import ONNX_FILE, ONNX_INT8_FILE, OnnxQAModel
-from .modeling import load_qa_model, load_tokenizer, takes_token_type_ids
+from .modeling import ModelLoadError, load_qa_model, load_tokenizer, takes_token_type_ids
 
 logger = logging.getLogger("kdqa")
 
@@ -153,25 +156,71 @@ def optimize_for_onnxruntime(onnx_path: str, optimized_path: str) -> bool:
     return True
 
 
+STAGING_PREFIX = ".export-"  # + host-pid-random: a folder whose export died (kill -9) is found and removed
+
+
+def remove_dead_staging(output_dir: str) -> None:
+    """Delete staging folders that exports killed on this host left behind (their pid is gone);
+    a live export's folder, and any folder of another host, is kept."""
+    from .teacher_cache import _pid_alive
+
+    pattern = re.compile(re.escape(f"{STAGING_PREFIX}{socket.gethostname()}-") + r"(\d+)-")
+    for name in os.listdir(output_dir):
+        match = pattern.match(name)
+        if match and not _pid_alive(int(match.group(1))):
+            logger.info("removing %s, left by an export that was killed", os.path.join(output_dir, name))
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def _export_and_check(model, tokenizer, onnx_path: str, opset: int, check: dict) -> float:
+    """Export, then the largest logit difference ONNX Runtime vs PyTorch; one line when the exporter
+    fails or writes a graph ONNX Runtime cannot load, or writes another opset than asked for."""
+    try:
+        _export_onnx(model, sample_inputs(tokenizer, model.with_token_types), onnx_path, opset)
+        written = _default_opset(onnx_path)
+        if written != opset:
+            raise ExportError(f"--opset {opset}: the exporter wrote opset {written} instead; nothing was kept. "
+                              f"Give --opset {written}")
+        return max_logit_difference(onnx_path, model, check)
+    except ExportError:
+        raise
+    except ModelLoadError as err:
+        raise ExportError(f"the model exported with --opset {opset} cannot be run by ONNX Runtime "
+                          f"({getattr(err, 'reason', err)}); nothing was kept. Try --opset {MIN_OPSET} "
+                          "(the default)") from None
+    except Exception as err:  # torch.export / onnxscript raise many types on an unsupported graph or opset
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ExportError(f"torch's ONNX exporter failed at --opset {opset} ({first[:300]}); nothing was kept. "
+                          f"Try --opset {MIN_OPSET} (the default)") from None
+
+
+def _default_opset(onnx_path: str) -> int | None:
+    import onnx
+
+    model = onnx.load(onnx_path, load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def export_model(model_dir: str, output_dir: str, quantize: str = "none", tolerance: float = DEFAULT_TOLERANCE,
                  opset: int = 18) -> dict:
     """Export and check; returns {"files": [...], "max_abs_diff": float, "int8_max_abs_diff": float | None}."""
     _require_onnx()
+    check_opset(opset)
     tokenizer = load_tokenizer(model_dir)
-    network = load_qa_model(model_dir).float().cpu().eval()
+    network = load_qa_model(model_dir, trained_head=True).float().cpu().eval()
     # token_type_ids become an input only when the model uses them and the tokenizer gives them, as
     # in PyTorch prediction (features.py / forward_qa), so both runtimes see the same inputs.
     with_token_types = takes_token_type_ids(network) and "token_type_ids" in tokenizer("a", "b")
     model = _LogitsOnly(network, with_token_types).eval()
     created = not os.path.isdir(output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".export-", dir=output_dir)
+    remove_dead_staging(output_dir)
+    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=output_dir)
     kept = False
     try:
         onnx_path = os.path.join(staging, ONNX_FILE)
-        _export_onnx(model, sample_inputs(tokenizer, model.with_token_types), onnx_path, opset)
         check = sample_inputs(tokenizer, model.with_token_types, long=True)
-        diff = max_logit_difference(onnx_path, model, check)
+        diff = _export_and_check(model, tokenizer, onnx_path, opset, check)
         if not diff <= tolerance:
             raise ExportError(
                 f"the exported model disagrees with PyTorch: a start/end logit differs by {diff:.3g} "

@@ -19,7 +19,6 @@ needed; when the examples have them, `predict_and_score` adds EM/F1.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import torch
 
 from .features import DOC_STRIDE, MAX_QUERY_LENGTH, MAX_SEQ_LENGTH, QACollator, prepare_eval_features
 from .metric import squad_v1_score
-from .modeling import load_qa_model, load_tokenizer
+from .modeling import ModelLoadError, load_qa_model, load_tokenizer
 from .modeling import logits_over_features as run_over_features
 from .postprocess import decode_spans
 
@@ -84,14 +83,35 @@ class OnnxQAModel:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only: no warnings about unused initialisers
         self.path = path
-        self.session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        self.session = _onnx_session(ort, path, options)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        if not set(self.input_names) <= set(MODEL_COLUMNS) or len(self.session.get_outputs()) != 2:
+            raise ModelLoadError(f"{path} is not a kdqa QA export (inputs {self.input_names}, "
+                                 f"{len(self.session.get_outputs())} outputs); {REEXPORT_HINT}")
         self.device = torch.device("cpu")
 
     def __call__(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
         feed = {name: batch[name].numpy() for name in self.input_names}
         start, end = self.session.run(None, feed)
         return start, end
+
+
+REEXPORT_HINT = "re-export it: python train.py export --model_name_or_path MODEL_DIR --output_dir EXPORT_DIR"
+
+
+def _onnx_session(ort, path: str, options):
+    """ONNX Runtime's session, or one line naming the file when it is empty, truncated or not a valid
+    graph (ONNX Runtime raises its own exception types, InvalidProtobuf, InvalidGraph, Fail, ...)."""
+    if os.path.getsize(path) == 0:
+        raise ModelLoadError(f"{path} is empty (an interrupted copy or export?); {REEXPORT_HINT}")
+    try:
+        return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as err:
+        reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)[:300]
+        error = ModelLoadError(f"{path} is not a valid ONNX model that ONNX Runtime can load ({reason}); "
+                               f"{REEXPORT_HINT}")
+        error.reason = reason  # export names the cause in its own words
+        raise error from None
 
 
 def import_onnxruntime():
@@ -219,12 +239,13 @@ class QAPredictor:
     @classmethod
     def load(cls, path: str, *, runtime: str = "auto", quantize: str = "none", device="cpu",
              autocast_dtype: torch.dtype | None = None, threads: int | None = None,
-             attn_implementation: str | None = "sdpa", **settings) -> "QAPredictor":
+             attn_implementation: str | None = "sdpa", trained_head: bool = True, **settings) -> "QAPredictor":
         """A model folder ready to answer: PyTorch, or ONNX Runtime for an exported folder / .onnx file.
 
         runtime "auto": ONNX Runtime when `path` is a .onnx file or a folder with model.onnx, else
         PyTorch. quantize "int8": PyTorch dynamic int8 Linear layers, or the folder's
-        model_int8.onnx (written by `train.py export --quantize int8`).
+        model_int8.onnx (written by `train.py export --quantize int8`). trained_head=False lets a
+        base model answer from a random QA head (speed measurements only).
         """
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -244,7 +265,7 @@ class QAPredictor:
             what = f"{os.path.basename(onnx_file)} in ONNX Runtime"
         else:
             tokenizer = load_tokenizer(path)
-            network = load_qa_model(path, attn_implementation=attn_implementation)
+            network = load_qa_model(path, attn_implementation=attn_implementation, trained_head=trained_head)
             if quantize == "int8":
                 if torch.device(device).type != "cpu":
                     raise ValueError(f"PyTorch dynamic int8 runs on the CPU only; use --device cpu (got {device})")
@@ -306,48 +327,58 @@ def read_questions_file(path: str):
     """--test_file: SQuAD v1.1 (the layouts kdqa.data reads) or JSON lines of {id, question, context}.
 
     JSON lines whose first record has no "answers" are questions to answer, read here; everything
-    else goes to kdqa.data, which knows the SQuAD layouts and their errors.
+    else goes to kdqa.data, which knows the SQuAD layouts and their errors. Both read the file with
+    kdqa.data.read_text (gzip, UTF-8 with or without a BOM, errors naming the file).
     """
-    from .data import SquadDataError, load_squad_json
+    from .data import load_squad_json, read_text
 
-    if not os.path.isfile(path):
-        raise SquadDataError(f"--test_file {path}: file not found")
-    with _open_text(path) as handle:
-        first = next((line for line in handle if line.strip()), "")
+    text = read_text(path)
+    first = next((line for line in text.splitlines() if line.strip()), "")
     try:
         record = json.loads(first)
     except json.JSONDecodeError:
         record = None
     if isinstance(record, dict) and "data" not in record and "answers" not in record:
-        return _read_question_lines(path)
-    return load_squad_json(path)
+        return _read_question_lines(text, path)
+    return _scored_only_if_all_answered(load_squad_json(path), path)
 
 
-def _open_text(path: str):
-    with open(path, "rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8")
+def _scored_only_if_all_answered(examples, path: str):
+    """The rule `evaluate` follows: a file is scored only when every question has a gold answer (one
+    without would score 0 whatever the model says). None has one: answered, not scored. Some: refused."""
+    from .data import SquadDataError
+
+    unanswered = sum(1 for gold in examples["answers"] if not gold["text"])
+    if unanswered == len(examples):
+        logger.info("%s: no question has a gold answer; answering them without a score", path)
+        return examples.remove_columns("answers")
+    if unanswered:
+        raise SquadDataError(
+            f"{path}: {unanswered} of {len(examples)} questions have no gold answer, and a question without one "
+            "would score 0 whatever the model says (evaluate refuses such a file too). Remove those questions, or "
+            "remove every gold answer to have the questions answered without a score."
+        )
+    return examples
 
 
-def _read_question_lines(path: str) -> dict[str, list]:
+def _read_question_lines(text: str, path: str) -> dict[str, list]:
     """JSON lines of {id, question, context} as columns; errors name the line and the fix."""
     from .data import SquadDataError
 
     columns = {"id": [], "question": [], "context": []}
-    with _open_text(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SquadDataError(f"{path}: line {number} is not JSON ({err.msg})") from None
-            bad = [k for k in columns if not isinstance(record.get(k) if isinstance(record, dict) else None, str)]
-            if bad:
-                raise SquadDataError(f"{path}: line {number} lacks {bad} as text; each line must be "
-                                     '{"id": ..., "question": ..., "context": ...}')
-            for key in columns:
-                columns[key].append(record[key])
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SquadDataError(f"{path}: line {number} is not JSON ({err.msg})") from None
+        bad = [k for k in columns if not isinstance(record.get(k) if isinstance(record, dict) else None, str)]
+        if bad:
+            raise SquadDataError(f"{path}: line {number} lacks {bad} as text; each line must be "
+                                 '{"id": ..., "question": ..., "context": ...}')
+        for key in columns:
+            columns[key].append(record[key])
     if not columns["id"]:
         raise SquadDataError(f"{path}: no questions in the file")
     if len(set(columns["id"])) != len(columns["id"]):

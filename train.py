@@ -6,6 +6,8 @@
     python train.py predict --model_name_or_path M --question Q --context C   # or --test_file F --output_dir D
     python train.py export --model_name_or_path M --output_dir E [--quantize int8]   # ONNX (+ int8)
     python train.py            # the seed recipe: teacher, student, distilled student, and their table
+    python train.py --model_name_or_path M --train_file T --validation_file V --do_train --do_eval --output_dir D
+                               # run_qa.py's command line: any --do_* (or args.json) without a sub-command = finetune
 
 Several GPUs: torchrun --nproc_per_node N train.py distill ...
 `python train.py <command> --help` lists every flag with its default.

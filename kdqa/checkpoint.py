@@ -1,8 +1,9 @@
 """Checkpoints that resume a run exactly, survive a kill at any moment and tell a damaged one apart.
 
 A checkpoint folder holds the model (safetensors), the optimizer, scheduler and gradient-scaler
-states (loaded with torch.load(weights_only=True): no arbitrary unpickling), trainer_state.json
-(step, data-order position, every RNG state, the run id, the settings that shape the run) and
+states (loaded with torch.load(weights_only=True): no arbitrary unpickling), kdqa_state.json
+(step, data-order position, every RNG state, the run id, the settings that shape the run; named
+trainer_state.json before issue 24, still read: HF's file of that name holds other keys) and
 checksums.json (size and sha256 of every other file). It is written under `checkpoint-N.tmp`,
 every file fsync'ed, renamed whole and the directory fsync'ed, so a crash leaves either the
 complete checkpoint or none. Resume verifies the checksums: a damaged newest checkpoint is
@@ -32,7 +33,8 @@ logger = logging.getLogger("kdqa")
 
 CHECKPOINT_PREFIX = "checkpoint-"
 MANIFEST = "checksums.json"
-STATE_FILE = "trainer_state.json"
+STATE_FILE = "kdqa_state.json"
+LEGACY_STATE_FILE = "trainer_state.json"  # older kdqa checkpoints; HF's Trainer's file of that name differs
 PAYLOAD_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", STATE_FILE)
 STATE_KEYS = ("step", "epoch", "batch_in_epoch", "world_size", "total_steps", "batches_per_epoch", "rng",
               "run_id", "settings", "last_eval_step", "log_window")
@@ -193,7 +195,7 @@ def list_checkpoints(output_dir: str) -> list[str]:
         m = _CHECKPOINT_RE.match(name)
         path = os.path.join(output_dir, name)
         if m and os.path.isdir(path) and (os.path.isfile(os.path.join(path, MANIFEST))
-                                          or os.path.isfile(os.path.join(path, STATE_FILE))):
+                                          or os.path.isfile(os.path.join(path, state_file_name(path)))):
             found.append((int(m.group(1)), path))
     return [p for _, p in sorted(found)]
 
@@ -220,6 +222,19 @@ def remove_newer_checkpoints(output_dir: str, step: int) -> list[str]:
     return removed
 
 
+def state_file_name(path: str) -> str:
+    """The checkpoint's state file: kdqa_state.json, or trainer_state.json in one an older kdqa wrote."""
+    if not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, LEGACY_STATE_FILE)):
+        return LEGACY_STATE_FILE
+    return STATE_FILE
+
+
+def payload_files(path: str) -> tuple[str, ...]:
+    """The files checksums.json must list for this checkpoint (the state file under its name there)."""
+    name = state_file_name(path)
+    return tuple(name if f == STATE_FILE else f for f in PAYLOAD_FILES)
+
+
 def verify_checkpoint(path: str, run_id: str | None = None) -> str | None:
     """None when the checkpoint is intact (and of run_id, if given), else why not, naming the file."""
     manifest_path = os.path.join(path, MANIFEST)
@@ -230,7 +245,7 @@ def verify_checkpoint(path: str, run_id: str | None = None) -> str | None:
             files = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"{manifest_path} is unreadable ({type(err).__name__})"
-    for name in PAYLOAD_FILES:
+    for name in payload_files(path):
         file_path = os.path.join(path, name)
         expected = files.get(name) if isinstance(files, dict) else None
         if expected is None:
@@ -254,7 +269,7 @@ def verify_checkpoint(path: str, run_id: str | None = None) -> str | None:
 def read_trainer_state(path: str) -> dict:
     """The checkpoint's trainer state (step, settings, schedule, ...) without touching any weights:
     what a resume checks before it loads anything."""
-    state_path = os.path.join(path, STATE_FILE)
+    state_path = os.path.join(path, state_file_name(path))
     try:
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)

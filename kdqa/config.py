@@ -1,9 +1,11 @@
 """The command line of train.py: sub-commands, every flag with its default, and --config files.
 
 Flag names follow Hugging Face's run_qa.py so SQuAD users feel at home (its --do_*, --fp16/--bf16,
---pad_to_max_length and `COMMAND args.json` work too). A --config file (YAML or JSON) holds the same
-keys as the flags and is parsed by the same parser, so its values meet the same types, choices and
-range checks; flags given on the command line override it. Every error is a ConfigError: one line.
+--pad_to_max_length and `COMMAND args.json` work too; without a sub-command, a run_qa.py command
+line means finetune, and TrainingArguments' forms such as `--fp16 True` are accepted). A --config
+file (YAML or JSON) holds the same keys as the flags and is parsed by the same parser, so its values
+meet the same types, choices and range checks; flags given on the command line override it.
+Every error is a ConfigError: one line.
 """
 
 from __future__ import annotations
@@ -37,10 +39,44 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises ConfigError (one line from train.py, exit 2) instead of exiting here."""
+    """argparse, but a bad flag raises ConfigError (one line from train.py, exit 2) instead of exiting here.
+
+    Every store_true flag also takes HfArgumentParser's value form (`--fp16 True`, `--pad_to_max_length
+    False`), and a TrainingArguments flag kdqa lacks is named as such, not as "unrecognized".
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", "store_true", _BoolFlag)
 
     def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            flags = [token[2:].split("=")[0] for token in message.split(": ", 1)[1].split() if token.startswith("--")]
+            unsupported = unsupported_hf_flags(flags)
+            if unsupported:
+                raise ConfigError(unsupported_message(unsupported))
         raise ConfigError(message)
+
+
+def str_to_bool(text) -> bool:
+    """HfArgumentParser's booleans: yes/true/t/y/1 and no/false/f/n/0, any case."""
+    value = str(text).lower()
+    if value in ("yes", "true", "t", "y", "1"):
+        return True
+    if value in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class _BoolFlag(argparse.Action):
+    """A store_true flag that also takes a value, as run_qa.py users type it: `--fp16`, `--fp16 True`."""
+
+    def __init__(self, option_strings, dest, default=False, required=False, help=None):
+        super().__init__(option_strings, dest, nargs="?", const=True, default=default, type=str_to_bool,
+                         required=required, help=help, metavar="BOOL")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
 
 
 def _add_config_arg(p: argparse.ArgumentParser) -> None:
@@ -140,15 +176,90 @@ RUN_QA_DEFAULTS = {
 }
 
 
+# Flags run_qa.py has too, with another meaning there (issue 24): kept as kdqa's, said in --help and README.
+RUN_QA_MEANINGS = {
+    "max_train_samples": "kdqa cuts questions (all windows of the first N); run_qa.py cuts features (windows)",
+    "max_eval_samples": "kdqa cuts questions (all windows of the first N); run_qa.py cuts features (windows), "
+                        "which can leave questions without a window",
+    "do_eval": "with --do_train kdqa scores every epoch (--eval_strategy epoch); run_qa.py once at the end, "
+               "which --eval_strategy end does",
+}
+
+REPORT_TO = ("all", "none", "tensorboard")
+
+
+def _add_training_arguments_args(p: argparse.ArgumentParser) -> None:
+    """TrainingArguments flags run_qa.py users type (issue 24): logging, saving, schedule, memory."""
+    g = p.add_argument_group("TrainingArguments compatibility")
+    g.add_argument("--report_to", nargs="+", default=["all"], metavar="{all,none,tensorboard}",
+                   help="tensorboard: TensorBoard event files in OUTPUT_DIR/runs/ (or $TENSORBOARD_LOGGING_DIR); "
+                        "all: each integration that is installed (kdqa has one: tensorboard) (default: %(default)s; "
+                        "transformers 5's: none, 4.x's: all)")
+    g.add_argument("--logging_strategy", choices=["steps", "epoch", "no"], default="steps",
+                   help="steps: a metrics.jsonl record every --logging_steps; epoch: at each epoch's end; no: only "
+                        "one at the last step (the mean over the whole run); every strategy logs the last step")
+    g.add_argument("--save_strategy", choices=["steps", "epoch", "no"], default="steps",
+                   help="steps: a checkpoint every --save_steps and at each epoch's end and the last step; epoch: "
+                        "at epoch ends and the last step; no: no checkpoints (the run cannot be resumed)")
+    g.add_argument("--warmup_steps", type=float, default=0,
+                   help="optimizer steps of warm-up (a value below 1: that fraction of all steps, as transformers 5); "
+                        "give it or --warmup_ratio, not both")
+    g.add_argument("--lr_scheduler_type", choices=["linear", "cosine", "constant", "constant_with_warmup"],
+                   default="linear", help="learning-rate schedule after the warm-up (as transformers' get_scheduler)")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute the student's activations in the backward pass: less memory, slower steps")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                   help="accepted for torch.distributed.launch and ignored: kdqa reads LOCAL_RANK from torchrun")
+
+
+# run_qa.py's own (non-TrainingArguments) flags that kdqa does not have.
+RUN_QA_ONLY_FLAGS = ("config_name", "tokenizer_name", "cache_dir", "model_revision", "token", "trust_remote_code",
+                     "dataset_config_name", "overwrite_cache", "max_predict_samples", "null_score_diff_threshold")
+# TrainingArguments fields, where transformers cannot be imported (it is a dependency, so rarely used).
+_TRAINING_ARGUMENTS_FALLBACK = ("push_to_hub", "hub_model_id", "deepspeed", "fsdp", "optim", "tf32", "eval_on_start",
+                                "load_best_model_at_end", "metric_for_best_model", "label_smoothing_factor",
+                                "auto_find_batch_size", "logging_dir", "run_name", "hub_token", "ddp_backend")
+
+
+def _training_arguments_fields() -> set[str]:
+    """The field names of transformers' TrainingArguments (imported only on this error path: it is slow)."""
+    import dataclasses
+
+    try:
+        from transformers import TrainingArguments
+    except ImportError:
+        return set(_TRAINING_ARGUMENTS_FALLBACK)
+    return {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def unsupported_hf_flags(names) -> list[str]:
+    """Of `names` (flag names without --), those that are run_qa.py / TrainingArguments flags."""
+    names = [n.replace("-", "_") for n in names]
+    if not names:
+        return []
+    known = _training_arguments_fields() | set(RUN_QA_ONLY_FLAGS)
+    return [n for n in names if n in known]
+
+
+def unsupported_message(names: list[str]) -> str:
+    flags = ", ".join(f"--{n}" for n in names)
+    one = len(names) == 1
+    return (f"{flags}: {'a ' if one else ''}run_qa.py / TrainingArguments flag{'' if one else 's'} that kdqa does "
+            f"not support; leave {'it' if one else 'them'} out")
+
+
 class _RefuseFlag(argparse.Action):
-    """A run_qa.py flag that kdqa deliberately does not support: refused by name, never ignored."""
+    """A run_qa.py flag that kdqa deliberately does not support: refused by name, never ignored
+    (`--flag False`, HfArgumentParser's way of leaving it off, is accepted)."""
 
     def __init__(self, option_strings, dest, reason: str, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        super().__init__(option_strings, dest, nargs="?", const=True, type=str_to_bool, default=argparse.SUPPRESS,
+                         metavar="BOOL", **kwargs)
         self.reason = reason
 
     def __call__(self, parser, namespace, values, option_string=None):
-        raise argparse.ArgumentError(self, self.reason)
+        if values:
+            raise argparse.ArgumentError(self, self.reason)
 
 
 def _add_run_qa_args(p: argparse.ArgumentParser, fixed_phases: dict | None = None) -> None:
@@ -177,9 +288,12 @@ def _add_run_qa_args(p: argparse.ArgumentParser, fixed_phases: dict | None = Non
         g.add_argument("--test_file", default=None, help="SQuAD JSON answered by --do_predict")
     else:
         p.set_defaults(**fixed_phases, do_predict=False, test_file=None)
+    _add_training_arguments_args(p)
     for action in p._actions:
         if action.dest in RUN_QA_DEFAULTS:
             action.help = f"{action.help} (default: %(default)s; run_qa.py's: {RUN_QA_DEFAULTS[action.dest]})"
+        if action.dest in RUN_QA_MEANINGS:
+            action.help = f"{action.help}; NOTE: {RUN_QA_MEANINGS[action.dest]}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
             "run_qa.py users: --do_train/--do_eval/--do_predict, --fp16/--bf16, --pad_to_max_length and\n"
             "`python train.py finetune args.json` work; each command's --help marks the defaults that differ\n"
             "from run_qa.py's (batch size, learning rate, weight decay: the seed recipe's).\n"
+            "Without a sub-command, a run_qa.py command line (any --do_* flag, or an args.json with do_* keys)\n"
+            "runs finetune; anything else runs the recipe.\n"
         ),
     )
     _add_config_arg(parser)
@@ -305,12 +421,28 @@ def _with_command(argv: list[str], commands: list[str]) -> list[str]:
     elif argv and not argv[0].startswith("-") and not argv[0].endswith(CONFIG_SUFFIXES):
         raise ConfigError(f"unknown sub-command {argv[0]!r}; choose one of {', '.join(commands)}")
     else:
-        command, rest = "recipe", argv
+        command, rest = ("finetune" if _looks_like_run_qa(argv) else "recipe"), argv
     if len(rest) == 1 and rest[0].endswith(CONFIG_SUFFIXES) and not rest[0].startswith("-"):
         rest = ["--config", rest[0]]
     if sum(a == "--config" or a.startswith("--config=") for a in head + rest) > 1:
         raise ConfigError("--config is given more than once; give one file")
     return [command] + head + rest
+
+
+def _looks_like_run_qa(argv: list[str]) -> bool:
+    """A command line without a sub-command that is run_qa.py's (issue 24): it has a --do_* flag, or
+    it is one JSON file (HfArgumentParser's args.json) holding a do_* key. Then it means `finetune`."""
+    do_flags = ("--do_train", "--do_eval", "--do_predict")
+    if any(a in do_flags or a.startswith(tuple(f + "=" for f in do_flags)) for a in argv):
+        return True
+    if len(argv) == 1 and argv[0].endswith(".json") and os.path.isfile(argv[0]):
+        try:
+            with open(argv[0], encoding="utf-8") as f:
+                values = json.load(f)
+        except (OSError, ValueError):
+            return False  # the recipe's --config reading names the problem
+        return isinstance(values, dict) and any(k in values for k in ("do_train", "do_eval", "do_predict"))
+    return False
 
 
 def config_tokens(values: dict, parser: argparse.ArgumentParser, path: str) -> list[str]:
@@ -327,7 +459,7 @@ def config_tokens(values: dict, parser: argparse.ArgumentParser, path: str) -> l
             unknown.append(str(key))
             continue
         where = f"--config {path}: {key}"
-        if action.nargs == 0:
+        if action.nargs == 0 or isinstance(action, (_BoolFlag, _RefuseFlag)):
             if isinstance(value, str) and value.lower() in ("true", "false"):
                 value = value.lower() == "true"
             if not isinstance(value, bool):
@@ -338,6 +470,9 @@ def config_tokens(values: dict, parser: argparse.ArgumentParser, path: str) -> l
             continue
         if key == "student_layers" and isinstance(value, list):
             value = ",".join(str(v) for v in value)
+        if action.nargs == "+":  # --report_to: one value or a list, as TrainingArguments' JSON holds it
+            tokens += [f"--{key}", *(str(v) for v in (value if isinstance(value, list) else [value]))]
+            continue
         if isinstance(value, (bool, list, dict)):
             raise ConfigError(f"{where}: expected one {getattr(action.type, '__name__', 'str')} value, got {value!r}")
         text = str(value)
@@ -346,6 +481,9 @@ def config_tokens(values: dict, parser: argparse.ArgumentParser, path: str) -> l
         except argparse.ArgumentError as err:
             raise ConfigError(f"--config {path}: {err}") from None
         tokens.append(f"--{key}={text}")  # one token: a value starting with '-' is not taken for a flag
+    unsupported = unsupported_hf_flags(unknown)
+    if unsupported:
+        raise ConfigError(f"--config {path}: {unsupported_message(unsupported)}")
     if unknown:
         raise ConfigError(f"--config {path}: unknown key(s) {sorted(unknown)} for '{parser.prog.split()[-1]}'")
     return tokens
@@ -368,6 +506,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ConfigError as err:
         raise ConfigError(f"{err}; see `train.py {argv[0]} --help`") from None
     _resolve_run_qa_flags(args)
+    _resolve_training_arguments_flags(args)
     if args.command == "recipe":
         args.given_flags = sorted(given_flags(argv))  # the recipe replaces only flags left at their defaults
     # The one place the mode is decided: the trainer uses a teacher exactly when mode is "distill".
@@ -407,6 +546,35 @@ def _resolve_run_qa_flags(args: argparse.Namespace) -> None:
         if args.eval_strategy in ("steps", "end"):
             raise ConfigError(f"--eval_strategy {args.eval_strategy} evaluates: add --do_eval, or leave it out")
         args.eval_strategy = "no"
+
+
+def _resolve_training_arguments_flags(args: argparse.Namespace) -> None:
+    """--report_to to the integrations that will run (all: those installed); --warmup_steps checked."""
+    if not hasattr(args, "report_to"):
+        return  # predict / export
+    wanted = set(args.report_to)
+    others = sorted(wanted - set(REPORT_TO))
+    if others:
+        raise ConfigError(f"--report_to {' '.join(others)} is not supported: kdqa writes metrics.jsonl and, with "
+                          "--report_to tensorboard, TensorBoard event files; choose all, none or tensorboard")
+    if "none" in wanted and len(wanted) > 1:
+        raise ConfigError("--report_to none contradicts the other values given; give none alone")
+    import importlib.util
+
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if "tensorboard" in wanted and not installed:
+        raise ConfigError("--report_to tensorboard needs the tensorboard package: pip install 'kdqa[tensorboard]' "
+                          "(or --report_to none)")
+    args.report_to = ["tensorboard"] if ("tensorboard" in wanted or "all" in wanted) and installed else []
+    steps = args.warmup_steps
+    if not (math.isfinite(steps) and steps >= 0) or (steps >= 1 and steps != int(steps)):
+        raise ConfigError(f"--warmup_steps must be a whole number of steps, or a fraction below 1 of all steps, "
+                          f"got {steps:g}")
+    if steps > 0 and args.warmup_ratio > 0:
+        raise ConfigError("--warmup_steps and --warmup_ratio both set the warm-up; give one of them")
+    if args.lr_scheduler_type == "constant" and (steps > 0 or args.warmup_ratio > 0):
+        raise ConfigError("--lr_scheduler_type constant has no warm-up; use constant_with_warmup, or drop the "
+                          "warm-up flag")
 
 
 def parse_student_layers(spec: str) -> list[int]:

@@ -263,10 +263,28 @@ def export_model(model_dir: str, output_dir: str, quantize: str = "none", tolera
             "int8_max_abs_diff": int8_diff}
 
 
+class _OtherLibrariesAtDebug(logging.Filter):
+    """Shows other libraries' INFO records (the ONNX exporter's and optimisers' passes: about a hundred
+    lines under the [kdqa] prefix) at DEBUG, i.e. only where logging is set to DEBUG; their warnings stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] == "kdqa" or record.levelno >= logging.WARNING:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+
+
 def export_command(args) -> dict:
-    """`train.py export`."""
-    result = export_model(args.model_name_or_path, args.output_dir, quantize=args.quantize,
-                          tolerance=args.tolerance, opset=args.opset)
+    """`train.py export`: one log line of ours, the libraries' progress at debug level."""
+    handlers, quiet = list(logging.getLogger().handlers), _OtherLibrariesAtDebug()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        result = export_model(args.model_name_or_path, args.output_dir, quantize=args.quantize,
+                              tolerance=args.tolerance, opset=args.opset)
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
     for path in result["files"]:
         print(path)
     return result

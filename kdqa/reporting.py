@@ -32,6 +32,7 @@ class MetricsLog:
     def __init__(self, path: str, enabled: bool = True, resume: bool = False):
         self.path = path
         self.enabled = enabled
+        self.sink = None  # called with every record written (--report_to tensorboard: kdqa.tensorboard_log)
         self.records: list[dict] = []
         if enabled and resume and os.path.isfile(path):
             self.records = read_metrics_records(path)
@@ -57,6 +58,8 @@ class MetricsLog:
         self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.sink is not None:
+            self.sink(record)
 
 
 def read_metrics_records(path: str) -> list[dict]:
@@ -79,6 +82,24 @@ def read_metrics_records(path: str) -> list[dict]:
                              "edited: repair or delete that line, then resume again") from None
         records.append(record)
     return records
+
+
+def train_figures(records: list[dict], *, runtime: float, samples: int, steps_run: int, samples_run: int,
+                  epoch: float) -> dict:
+    """run_qa.py's train_results.json keys (Trainer's speed_metrics) from this run's metrics.jsonl records.
+
+    train_loss is the mean loss over every optimizer step (each record is the mean of its steps, so
+    it is weighted by how many steps it covers), as Trainer reports it; runtime, steps and samples
+    per second are this process's (a resumed run: since the resume), as Trainer's are.
+    """
+    total, last_step = 0.0, 0
+    for record in (r for r in records if "loss" in r):
+        total += record["loss"] * (record["step"] - last_step)
+        last_step = record["step"]
+    return {"epoch": epoch, "train_loss": total / last_step if last_step else float("nan"),
+            "train_runtime": round(runtime, 4), "train_samples": samples,
+            "train_samples_per_second": round(samples_run / max(runtime, 1e-9), 3),
+            "train_steps_per_second": round(steps_run / max(runtime, 1e-9), 3)}
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -46,9 +46,10 @@ from kdqa.loss import qa_distillation_loss, resolve_loss_impl
 from kdqa.modeling import (short_model_name, build_student_from_layers, check_same_vocab, forward_qa, load_qa_model,
                            load_tokenizer, parse_layers)
 from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
-from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, write_json
+from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, train_figures, write_json
 from kdqa.resume_settings import check_resume_settings, run_settings
 from kdqa.samplers import TrainBatchSampler
+from kdqa.tensorboard_log import open_tensorboard
 
 logger = logging.getLogger("kdqa")
 
@@ -90,6 +91,7 @@ class Progress:
     last_eval: dict | None = None
     last_eval_step: int = -1
     start_step: int = 0           # where this process began (the resumed step, or 0)
+    started: float = field(default_factory=time.perf_counter)  # train_runtime counts from here
 
 
 @dataclass
@@ -127,7 +129,6 @@ class Run:
     schedule: Schedule | None = None
     metrics_log: MetricsLog | None = None
     progress: Progress = field(default_factory=Progress)
-    started: float = field(default_factory=time.perf_counter)  # this process's start, for the report's wall time
 
     @property
     def device(self) -> torch.device:
@@ -191,6 +192,35 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.opt
         if step < warmup_steps:
             return step / max(1, warmup_steps)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_steps_for(args, total_steps: int) -> int:
+    """--warmup_steps N (a fraction below 1: of all steps, rounded up as transformers 5 does), else
+    --warmup_ratio of all steps (rounded down, as kdqa always did)."""
+    steps = getattr(args, "warmup_steps", 0) or 0
+    if steps >= 1:
+        return int(steps)
+    if steps > 0:
+        return math.ceil(steps * total_steps)
+    return int(args.warmup_ratio * total_steps)
+
+
+def lr_schedule(optimizer, kind: str, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """--lr_scheduler_type: linear (linear_schedule, unchanged), cosine (half a cosine to 0 after the
+    warm-up), constant, constant_with_warmup; the factors of transformers' get_scheduler."""
+    if kind == "linear":
+        return linear_schedule(optimizer, warmup_steps, total_steps)
+    if kind not in ("cosine", "constant", "constant_with_warmup"):
+        raise ValueError(f"unknown --lr_scheduler_type {kind!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        if kind != "cosine":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -343,11 +373,24 @@ def make_run(args, dist: DistState, student, teacher, *, autocast_dtype, use_sca
     if "hidden" in loss_modules:
         loss_weights["hidden"] = args.alpha_hidden
     optimizer = build_optimizer(trainable_modules(student, loss_modules), args)
-    scheduler = linear_schedule(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    scheduler = lr_schedule(optimizer, getattr(args, "lr_scheduler_type", "linear"),
+                            warmup_steps_for(args, total_steps), total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=use_scaler)
     return Run(args=args, dist=dist, autocast_dtype=autocast_dtype, student=student, student_wrapped=student,
                teacher=teacher, loss_weights=loss_weights, loss_modules=loss_modules, optimizer=optimizer,
                scheduler=scheduler, scaler=scaler, tokenizer=tokenizer)
+
+
+def enable_gradient_checkpointing(student) -> None:
+    """--gradient_checkpointing: transformers' own, non-reentrant (torch's recommended form; the RNG
+    state is replayed, so dropout and the gradients are those of the plain backward). Transformers 5
+    renamed gradient_checkpointing_enable to activation_checkpointing_enable."""
+    if not getattr(student, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--gradient_checkpointing: {type(student).__name__} does not support it; leave it out")
+    if hasattr(student, "activation_checkpointing_enable"):
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def wrap_student(run: Run) -> None:
@@ -370,6 +413,8 @@ def set_up(args, dist: DistState) -> Run:
     autocast_dtype, use_scaler = resolve_precision(args.precision, dist.device)
     set_seed(args.seed)
     student, teacher, tokenizer = load_student_and_teacher(args, dist)
+    if getattr(args, "gradient_checkpointing", False):
+        enable_gradient_checkpointing(student)
     train_examples, train_features, eval_examples, eval_features = load_datasets(args, tokenizer)
     if len(train_features) == 0:
         raise ValueError("no training features: the training set is empty after filtering")
@@ -442,6 +487,8 @@ def open_metrics_log(run: Run, resumed: bool) -> None:
     run.metrics_log = MetricsLog(os.path.join(run.args.output_dir, "metrics.jsonl"), enabled=run.dist.is_main,
                                  resume=resumed)
     run.metrics_log.truncate_after(run.progress.step)
+    run.metrics_log.sink = open_tensorboard(run.args, start_step=run.progress.step, resumed=resumed,
+                                            is_main=run.dist.is_main)
 
 
 # ----------------------------------------------------------------------------- phase 3: the step
@@ -591,9 +638,9 @@ def end_of_epoch(run: Run) -> None:
 def log_eval_save(run: Run, bar) -> bool:
     """After an optimizer step: log, evaluate and checkpoint as the flags say. False: stop (tests)."""
     args, p, s = run.args, run.progress, run.schedule
-    if p.step % args.logging_steps == 0 or p.step == s.total_steps:
-        log_training(run, bar)
     epoch_done = p.batch_in_epoch == s.batches_per_epoch
+    if logs_now(args, p.step, epoch_done, s.total_steps):
+        log_training(run, bar)
     # Every evaluation of a step runs before that step's checkpoint, so a resume from it never
     # repeats or skips one (the checkpoint records last_eval_step).
     if (args.eval_strategy == "steps" and p.step % args.eval_steps == 0) or \
@@ -601,11 +648,28 @@ def log_eval_save(run: Run, bar) -> bool:
             (args.eval_strategy != "no" and p.step == s.total_steps):
         check_finite(run)  # a diverged model is neither scored nor logged
         score_on_dev(run, epoch_float(run))
-    if (args.save_steps and p.step % args.save_steps == 0) or epoch_done or p.step == s.total_steps:
+    if saves_now(args, p.step, epoch_done, s.total_steps):
         save_checkpoint(run, p.epoch + 1 if epoch_done else p.epoch, 0 if epoch_done else p.batch_in_epoch)
         if INTERRUPT_AFTER_STEP is not None and p.step >= INTERRUPT_AFTER_STEP:
             return False
     return True
+
+
+def logs_now(args, step: int, epoch_done: bool, total_steps: int) -> bool:
+    """--logging_strategy: steps (every --logging_steps), epoch, no; the last step always logs."""
+    strategy = getattr(args, "logging_strategy", "steps")
+    return step == total_steps or (strategy == "steps" and step % args.logging_steps == 0) or \
+        (strategy == "epoch" and epoch_done)
+
+
+def saves_now(args, step: int, epoch_done: bool, total_steps: int) -> bool:
+    """--save_strategy: steps (every --save_steps, epoch ends, the last step), epoch (epoch ends, the
+    last step), no (never)."""
+    strategy = getattr(args, "save_strategy", "steps")
+    if strategy == "no":
+        return False
+    return epoch_done or step == total_steps or (strategy == "steps" and bool(args.save_steps)
+                                                 and step % args.save_steps == 0)
 
 
 def log_training(run: Run, bar) -> None:
@@ -713,8 +777,7 @@ def finish(run: Run) -> dict:
         plot_curves(run.metrics_log.records, os.path.join(args.output_dir, "training_curves.png"),
                     title=f"{args.command}: {os.path.basename(os.path.normpath(args.output_dir))}",
                     loss_terms=list(run.loss_weights))
-        write_json(os.path.join(args.output_dir, "train_results.json"), results)
-        write_json(os.path.join(args.output_dir, "all_results.json"), all_results)
+        write_results_files(run, results, all_results)
         write_report_card(run)
     barrier(run.dist)
     return results
@@ -734,8 +797,25 @@ def write_report_card(run: Run) -> None:
               "dev_questions": None if data.eval_examples is None else len(data.eval_examples),
               "max_seq_length": args.max_seq_length},
         training={"epochs": run.schedule.num_epochs, "optimizer_steps": p.step,
-                  "wall_time_s": round(time.perf_counter() - run.started, 1),
+                  "wall_time_s": round(time.perf_counter() - p.started, 1),
                   "precision": PRECISION_NAMES[run.autocast_dtype], "seed": args.seed})
+
+
+def write_results_files(run: Run, results: dict, all_results: dict) -> None:
+    """train_results.json and all_results.json in run_qa.py's shapes (Trainer's train_* figures, and in
+    all_results eval_samples: the dev features), kdqa's own keys beside them."""
+    args, p, s = run.args, run.progress, run.schedule
+    steps_run = p.step - p.start_step
+    figures = train_figures(run.metrics_log.records, runtime=time.perf_counter() - p.started,
+                            samples=len(run.data.train_features), steps_run=steps_run,
+                            samples_run=steps_run * args.per_device_train_batch_size * s.accumulation
+                            * run.dist.world_size, epoch=round(epoch_float(run), 4))
+    write_json(os.path.join(args.output_dir, "train_results.json"), {**figures, **results})
+    if run.data.eval_features is not None and "eval_f1" in all_results:
+        all_results["eval_samples"] = len(run.data.eval_features)
+    write_json(os.path.join(args.output_dir, "all_results.json"), {**figures, **all_results})
+    if run.metrics_log.sink is not None:  # the last record is written: close the TensorBoard file
+        run.metrics_log.sink.close()
 
 
 def check_ranks_in_sync(model, dist: DistState) -> list[float]:

@@ -209,7 +209,7 @@ def test_save_checkpoint_refuses_nan_parameters(tmp_path):
 def _rewrite_manifest(path):
     """Make checksums.json match the files again: damage the checksum cannot see."""
     files = {n: {"bytes": os.path.getsize(os.path.join(path, n)), "sha256": ckpt._sha256(os.path.join(path, n))}
-             for n in ckpt.PAYLOAD_FILES}
+             for n in ckpt.payload_files(path)}
     with open(os.path.join(path, ckpt.MANIFEST), "w") as f:
         json.dump({"files": files}, f)
 
@@ -240,7 +240,7 @@ def two_checkpoints(setup, tmp_path_factory):
 
 @pytest.mark.parametrize("name,damage", [
     ("model.safetensors", _truncate), ("model.safetensors", _empty), ("optimizer.pt", _truncate),
-    ("scheduler.pt", _empty), ("scaler.pt", _truncate), ("trainer_state.json", _drop_state_key),
+    ("scheduler.pt", _empty), ("scaler.pt", _truncate), ("kdqa_state.json", _drop_state_key),
 ])
 def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_used(two_checkpoints, tmp_path, name, damage,
                                                                       caplog):

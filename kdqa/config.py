@@ -17,7 +17,7 @@ import sys
 
 import yaml
 
-from kdqa import loss
+from kdqa import loss, objective
 
 RECIPE_DEFAULTS = {
     "teacher_model_name_or_path": "bert-base-uncased",
@@ -537,13 +537,12 @@ def _validate_training_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--doc_stride must be smaller than --max_seq_length")
     if args.eval_strategy == "steps" and args.eval_steps is None:
         raise ConfigError("--eval_strategy steps needs --eval_steps N (N >= 1)")
-    if args.command in ("distill", "recipe") and args.alpha_ce == 0 and args.alpha_kd == 0 and args.alpha_hidden == 0:
+    distills = args.command in ("distill", "recipe")
+    if distills and args.alpha_ce == 0 and args.alpha_kd == 0 and not objective.terms_on(args):
         raise ConfigError("--alpha_ce and --alpha_kd are both 0: nothing would be learnt; "
                           "give one of them a weight > 0")
-    if args.command in ("distill", "recipe") and args.alpha_hidden > 0 and args.teacher_logits_cache:
-        raise ConfigError("--alpha_hidden needs the teacher's hidden states, which --teacher_logits_cache does not "
-                          "hold (it stores logits only): leave out --teacher_logits_cache so the teacher runs "
-                          "online, or set --alpha_hidden 0")
+    if distills and (problem := objective.cache_conflict(args)):
+        raise ConfigError(problem)
     if args.precision == "fp16" and args.device == "cpu":
         raise ConfigError("--precision fp16 needs a CUDA GPU; on the CPU choose --precision auto, fp32 or bf16")
 

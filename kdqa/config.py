@@ -122,6 +122,12 @@ def _add_distill_args(p: argparse.ArgumentParser, teacher_required: bool) -> Non
     g.add_argument("--hidden_layer_map", default=None,
                    help="STUDENT:TEACHER layer pairs, 0 = embeddings, e.g. 1:2,2:4,3:6 (default: the layers "
                         "--student_layers copied, else a uniform map)")
+    g.add_argument("--alpha_attention", type=float, default=0.0,
+                   help="weight of the attention term: KL between the mapped layers' attention distributions, per "
+                        "head (0: off); runs eager attention, needs the online teacher")
+    g.add_argument("--attention_layer_map", default=None,
+                   help="STUDENT:TEACHER layer pairs of the attention term, layers from 1, e.g. 1:2,2:4,3:6 "
+                        "(default: as --hidden_layer_map's)")
 
 
 # Where our defaults (the seed recipe's) differ from run_qa.py + TrainingArguments (transformers 5.x);
@@ -473,6 +479,7 @@ RANGES = {
     "save_steps": ((lambda v: v >= 0), "at least 0 (0: checkpoints at epoch ends only)"),
     "save_total_limit": _at_least(1),
     "temperature": _POSITIVE, "alpha_ce": _NON_NEGATIVE, "alpha_kd": _NON_NEGATIVE, "alpha_hidden": _NON_NEGATIVE,
+    "alpha_attention": _NON_NEGATIVE,
 }
 
 

@@ -68,8 +68,60 @@ def describe_hidden(weight: float, module: HiddenStateDistillation) -> str:
             + (", with a learned projection per layer" if module.projections is not None else ""))
 
 
+# ----------------------------------------------------------------------------- attention transfer
+
+ATTENTION_FLAG = "--attention_layer_map"
+PROBABILITY_FLOOR = 1e-12  # log of a student probability that underflowed to 0: large, but finite
+
+
+def masked_attention_kl(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher row || student row) of [B, heads, L, L] attention probabilities, summed over real
+    keys, averaged over heads and real queries (at least fp32). The models' masks give padding keys
+    zero probability, so each row's real keys already sum to 1."""
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    keys = attention_mask[:, None, None, :].to(dtype)
+    per_query = (keys * (torch.xlogy(teacher, teacher) - teacher * student.clamp_min(PROBABILITY_FLOOR).log())).sum(-1)
+    queries = attention_mask[:, None, :].to(dtype).expand_as(per_query)
+    return (per_query * queries).sum() / queries.sum().clamp_min(1.0)
+
+
+class AttentionDistillation(torch.nn.Module):
+    """TinyBERT's / MiniLM's attention transfer: mapped student layers learn the teacher's attention
+    distributions, head by head (no trainable parts). Layers count from 1 (0, the embeddings, has none)."""
+
+    def __init__(self, layer_map: list[tuple[int, int]], student_heads: int, teacher_heads: int):
+        super().__init__()
+        if student_heads != teacher_heads:
+            raise ValueError(f"--alpha_attention compares attention head by head, but the student has {student_heads} "
+                             f"heads per layer and the teacher {teacher_heads}: distil into a student with the "
+                             "teacher's head count (e.g. --student_layers), or set --alpha_attention 0")
+        if any(s < 1 or t < 1 for s, t in layer_map):
+            raise ValueError(f"{ATTENTION_FLAG} {format_layer_map(layer_map)!r}: layer 0 is the embedding output, "
+                             "which has no attention; map encoder layers (1 and up)")
+        self.layer_map = list(layer_map)
+
+    def forward(self, student_attentions: tuple[torch.Tensor, ...], teacher_attentions: tuple[torch.Tensor, ...],
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.stack([masked_attention_kl(student_attentions[s - 1], teacher_attentions[t - 1].detach(),
+                                                attention_mask) for s, t in self.layer_map]).mean()
+
+
+def attention_term(args, student, teacher) -> AttentionDistillation:
+    """--attention_layer_map, defaulting as --hidden_layer_map does."""
+    pairs = choose_layer_map(args.attention_layer_map, num_layers(student), num_layers(teacher), copied_layers(args),
+                             flag=ATTENTION_FLAG)
+    return AttentionDistillation(pairs, student.config.num_attention_heads, teacher.config.num_attention_heads)
+
+
+def describe_attention(weight: float, module: AttentionDistillation) -> str:
+    return (f"attention term: {weight} x KL(teacher || student) per head over student:teacher layers "
+            f"{format_layer_map(module.layer_map)}")
+
+
 EXTRA_TERMS = (
     Term("hidden", "alpha_hidden", "hidden_states", hidden_term, describe_hidden),
+    Term("attention", "alpha_attention", "attentions", attention_term, describe_attention),
 )
 
 

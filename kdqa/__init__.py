@@ -9,6 +9,7 @@ Where things live:
                    model over length-sorted features
 - precision.py     the precision rule and the autocast-or-nothing context
 - loss.py          qa_distillation_loss: the fused Triton kernel (kernels/) or its PyTorch reference
+- objective.py     the loss: the span term and the extra terms, each with what it needs of the models
 - hidden_distill.py the hidden-state term (--alpha_hidden): layer maps, projections, MSE / cosine
 - teacher_cache.py the teacher's logits computed once, memory-mapped, keyed by a fingerprint
 - trainer.py       the hand-written training loop, in named phases

@@ -20,7 +20,7 @@ import sys
 
 import yaml
 
-from kdqa import loss
+from kdqa import loss, objective
 
 RECIPE_DEFAULTS = {
     "teacher_model_name_or_path": "bert-base-uncased",
@@ -159,6 +159,12 @@ def _add_distill_args(p: argparse.ArgumentParser, teacher_required: bool) -> Non
     g.add_argument("--hidden_layer_map", default=None,
                    help="STUDENT:TEACHER layer pairs, 0 = embeddings, e.g. 1:2,2:4,3:6 (default: the layers "
                         "--student_layers copied, else a uniform map)")
+    g.add_argument("--alpha_attention", type=float, default=0.0,
+                   help="weight of the attention term: KL between the mapped layers' attention distributions, per "
+                        "head (0: off); runs eager attention, needs the online teacher")
+    g.add_argument("--attention_layer_map", default=None,
+                   help="STUDENT:TEACHER layer pairs of the attention term, layers from 1, e.g. 1:2,2:4,3:6 "
+                        "(default: as --hidden_layer_map's)")
 
 
 # Where our defaults (the seed recipe's) differ from run_qa.py + TrainingArguments (transformers 5.x);
@@ -659,6 +665,7 @@ RANGES = {
     "save_steps": ((lambda v: v >= 0), "at least 0 (0: checkpoints at epoch ends only)"),
     "save_total_limit": _at_least(1),
     "temperature": _POSITIVE, "alpha_ce": _NON_NEGATIVE, "alpha_kd": _NON_NEGATIVE, "alpha_hidden": _NON_NEGATIVE,
+    "alpha_attention": _NON_NEGATIVE,
 }
 
 
@@ -724,15 +731,14 @@ def _validate_training_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--doc_stride must be smaller than --max_seq_length")
     if args.eval_strategy == "steps" and args.eval_steps is None:
         raise ConfigError("--eval_strategy steps needs --eval_steps N (N >= 1)")
-    if args.command in ("distill", "recipe") and args.alpha_ce == 0 and args.alpha_kd == 0 and args.alpha_hidden == 0:
+    distills = args.command in ("distill", "recipe")
+    if distills and args.alpha_ce == 0 and args.alpha_kd == 0 and not objective.terms_on(args):
         raise ConfigError("--alpha_ce and --alpha_kd are both 0: nothing would be learnt; "
                           "give one of them a weight > 0")
-    if args.command in ("distill", "recipe"):
+    if distills:
         _check_hidden_flags(args)
-    if args.command in ("distill", "recipe") and args.alpha_hidden > 0 and args.teacher_logits_cache:
-        raise ConfigError("--alpha_hidden needs the teacher's hidden states, which --teacher_logits_cache does not "
-                          "hold (it stores logits only): leave out --teacher_logits_cache so the teacher runs "
-                          "online, or set --alpha_hidden 0")
+    if distills and (problem := objective.cache_conflict(args)):
+        raise ConfigError(problem)
     if args.precision == "fp16" and args.device == "cpu":
         raise ConfigError("--precision fp16 needs a CUDA GPU; on the CPU choose --precision auto, fp32 or bf16")
 

@@ -25,8 +25,10 @@ import torch.nn.functional as F
 HIDDEN_LOSSES = ("mse", "cosine")
 
 
-def parse_layer_map(spec: str, student_num_layers: int, teacher_num_layers: int) -> list[tuple[int, int]]:
-    """'1:2,2:4,3:6' -> [(1, 2), (2, 4), (3, 6)]: student layer -> teacher layer, 0 = embeddings."""
+def parse_layer_map(spec: str, student_num_layers: int, teacher_num_layers: int,
+                    flag: str = "--hidden_layer_map") -> list[tuple[int, int]]:
+    """'1:2,2:4,3:6' -> [(1, 2), (2, 4), (3, 6)]: student layer -> teacher layer, 0 = embeddings;
+    errors name `flag`, the option the map came from."""
     pairs = []
     for part in str(spec).split(","):
         if not part.strip():
@@ -35,21 +37,21 @@ def parse_layer_map(spec: str, student_num_layers: int, teacher_num_layers: int)
             s, t = (int(x) for x in part.split(":"))
         except ValueError:
             raise ValueError(
-                f"--hidden_layer_map {spec!r}: each entry must be STUDENT:TEACHER layer numbers like 1:2 "
+                f"{flag} {spec!r}: each entry must be STUDENT:TEACHER layer numbers like 1:2 "
                 "(0 is the embedding output)") from None
         pairs.append((s, t))
     if not pairs:
-        raise ValueError(f"--hidden_layer_map {spec!r} names no layer pair; give e.g. 1:2,2:4,3:6")
+        raise ValueError(f"{flag} {spec!r} names no layer pair; give e.g. 1:2,2:4,3:6")
     for s, t in pairs:
         if not 0 <= s <= student_num_layers:
-            raise ValueError(f"--hidden_layer_map {spec!r}: the student has layers 0..{student_num_layers} "
+            raise ValueError(f"{flag} {spec!r}: the student has layers 0..{student_num_layers} "
                              f"(0 = embeddings), not {s}")
         if not 0 <= t <= teacher_num_layers:
-            raise ValueError(f"--hidden_layer_map {spec!r}: the teacher has layers 0..{teacher_num_layers} "
+            raise ValueError(f"{flag} {spec!r}: the teacher has layers 0..{teacher_num_layers} "
                              f"(0 = embeddings), not {t}")
     students = [s for s, _ in pairs]
     if len(set(students)) != len(students):
-        raise ValueError(f"--hidden_layer_map {spec!r} maps a student layer twice")
+        raise ValueError(f"{flag} {spec!r} maps a student layer twice")
     return pairs
 
 
@@ -74,18 +76,15 @@ def format_layer_map(pairs: list[tuple[int, int]]) -> str:
     return ",".join(f"{s}:{t}" for s, t in pairs)
 
 
-def hidden_distillation_for(args, student, teacher) -> "HiddenStateDistillation":
-    """The term for a run: --hidden_layer_map, else the layers --student_layers copied (when they fit
-    the teacher), else a uniform map; projections where the hidden sizes differ."""
-    s_layers, t_layers = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-    if args.hidden_layer_map:
-        pairs = parse_layer_map(args.hidden_layer_map, s_layers, t_layers)
-    else:
-        copied = [int(i) for i in args.student_layers.split(",")] if args.student_layers else None
-        if copied is not None and (len(copied) != s_layers or max(copied) >= t_layers):
-            copied = None  # built from another model than this teacher's depth: uniform
-        pairs = default_layer_map(s_layers, t_layers, copied)
-    return HiddenStateDistillation(pairs, student.config.hidden_size, teacher.config.hidden_size, args.hidden_loss)
+def choose_layer_map(spec: str | None, student_num_layers: int, teacher_num_layers: int,
+                     copied: list[int] | None = None, flag: str = "--hidden_layer_map") -> list[tuple[int, int]]:
+    """The map of a run: `spec` (a --*_layer_map) when given, else the teacher layers the student
+    was copied from (`copied`, --student_layers, when they fit this teacher), else a uniform map."""
+    if spec:
+        return parse_layer_map(spec, student_num_layers, teacher_num_layers, flag=flag)
+    if copied is not None and (len(copied) != student_num_layers or max(copied) >= teacher_num_layers):
+        copied = None  # built from another model than this teacher's depth: uniform
+    return default_layer_map(student_num_layers, teacher_num_layers, copied)
 
 
 def masked_hidden_distance(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,

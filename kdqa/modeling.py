@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import socket
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from typing import Callable
@@ -299,9 +300,28 @@ def _forward_takes_token_type_ids(model_class: type) -> bool:
     return "token_type_ids" in inspect.signature(model_class.forward).parameters
 
 
-def forward_qa(model, batch: dict, output_hidden_states: bool = False) -> tuple:
-    """Run a QA model on a collated batch and return (start_logits, end_logits), [B, L] each, plus
-    the hidden states (embeddings, then every layer's output, [B, L, H] each) when asked.
+MODEL_OUTPUTS = ("hidden_states", "attentions")
+"""What forward_qa can return besides the span logits (the outputs a loss term may ask for)."""
+
+
+@dataclass
+class QAOutputs:
+    """forward_qa's named outputs: the span logits, [B, L] each, and only the internals asked for
+    (else None): hidden_states (the embeddings, then every layer's output, [B, L, H] each) and
+    attentions (every layer's attention probabilities, [B, heads, L, L] each)."""
+    start: torch.Tensor
+    end: torch.Tensor
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+    @property
+    def logits(self) -> tuple:
+        return self.start, self.end
+
+
+def forward_qa(model, batch: dict, outputs: frozenset | set | tuple = ()) -> QAOutputs:
+    """Run a QA model on a collated batch: its span logits, plus the `outputs` (names in
+    MODEL_OUTPUTS) that loss terms asked for; attention probabilities need eager attention.
 
     Only input_ids, attention_mask and (for models that take them) token_type_ids are passed, so
     labels never trigger the model's own loss.
@@ -309,13 +329,17 @@ def forward_qa(model, batch: dict, output_hidden_states: bool = False) -> tuple:
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "token_type_ids" in batch and takes_token_type_ids(model):
         inputs["token_type_ids"] = batch["token_type_ids"]
-    if output_hidden_states:
-        out = model(**inputs, output_hidden_states=True)
-        return out.start_logits, out.end_logits, out.hidden_states
-    out = model(**inputs)
+    unknown = set(outputs) - set(MODEL_OUTPUTS)
+    if unknown:
+        raise ValueError(f"forward_qa returns {', '.join(MODEL_OUTPUTS)} besides the logits, not {sorted(unknown)}")
+    out = model(**inputs, **{f"output_{name}": True for name in sorted(outputs)})
     if isinstance(out, tuple):
-        return out[0], out[1]
-    return out.start_logits, out.end_logits
+        return QAOutputs(out[0], out[1])
+    named = {name: getattr(out, name) for name in outputs}
+    if "attentions" in named and not named["attentions"]:
+        raise ValueError("the model returned no attention probabilities: its attention kernel (SDPA) computes "
+                         "none; load it with attn_implementation='eager'")
+    return QAOutputs(out.start_logits, out.end_logits, **named)
 
 
 def logits_over_features(
@@ -337,10 +361,10 @@ def logits_over_features(
     little and an out-of-memory error shows in the first batch. The logits are [B, L] on `device`
     in the model's output dtype; row j belongs to feature indices[j], whose real tokens are the
     first lengths[j]. A PyTorch model runs in eval mode under inference_mode (its mode is restored);
-    any other model (ONNX Runtime) runs through `forward(model, batch)`, which defaults to forward_qa.
+    any other model (ONNX Runtime) runs through `forward(model, batch)`, which defaults to forward_qa's logits.
     Shared by the inference path (evaluation, predict, benchmarks) and the teacher-logits cache.
     """
-    forward = forward or forward_qa
+    forward = forward or (lambda m, b: forward_qa(m, b).logits)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     rows = FeatureRows(features)

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from kdqa import objective
 from kdqa.checkpoint import list_checkpoints
 from kdqa.data import datasets_cache_dir, hub_dataset_cached, load_squad
 from kdqa.modeling import ModelLoadError, OFFLINE_HELP, hub_reachable, short_model_name
@@ -291,7 +292,7 @@ def stage_arguments(args) -> dict[str, argparse.Namespace]:
     distilled.command = distilled.mode = "distill"
     distilled.teacher_model_name_or_path = teacher.output_dir
     distilled.output_dir = os.path.join(out, "distilled")
-    if distilled.teacher_logits_cache is None and not args.alpha_hidden:  # hidden states need the online teacher
+    if distilled.teacher_logits_cache is None and not objective.needs_teacher_internals(args):
         distilled.teacher_logits_cache = os.path.join(out, "teacher_logits_cache")
     return {"teacher": teacher, "student": student, "distilled student": distilled}
 

@@ -102,7 +102,7 @@ def run_report(args, *, metrics: dict | None, predictions: dict | None, objectiv
                training: dict) -> dict:
     """The report of one finetune/distill run (see the module docstring)."""
     report = {"command": args.command, "output_dir": os.path.abspath(args.output_dir),
-              "model": args.model_name_or_path, "scores": None, "teacher": None,
+              "model": starting_model(args), "scores": None, "teacher": None,
               "agreement_with_teacher": None, "objective": objective, "data": data, "training": training}
     if metrics:
         report["scores"] = {"exact_match": metrics.get("exact_match"), "f1": metrics.get("f1")}
@@ -115,6 +115,13 @@ def run_report(args, *, metrics: dict | None, predictions: dict | None, objectiv
         if predictions and teacher_predictions:
             report["agreement_with_teacher"] = answer_agreement(predictions, teacher_predictions)
     return report
+
+
+def starting_model(args) -> str:
+    """What the run started from: --model_name_or_path, or the teacher's layers it copied."""
+    if args.model_name_or_path:
+        return args.model_name_or_path
+    return f"layers {args.student_layers} of {short_model_name(args.teacher_model_name_or_path)}"
 
 
 def _score(value) -> str:
@@ -220,7 +227,8 @@ def write_run_report_and_card(args, **facts) -> dict:
     report = run_report(args, **facts)
     write_report(args.output_dir, report)
     name = os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
-    write_model_card(args.output_dir, report, model_name=name, base_model=args.model_name_or_path)
+    write_model_card(args.output_dir, report, model_name=name,
+                     base_model=args.model_name_or_path or args.teacher_model_name_or_path)
     return report
 
 

@@ -34,17 +34,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from kdqa import checkpoint as ckpt
-from kdqa import run_dir
+from kdqa import objective, run_dir
 from kdqa.data import fix_answer_starts, load_squad
 from kdqa.distributed import (DistState, all_gather_object, all_reduce_mean, all_reduce_min, barrier, broadcast_object,
                               cleanup, init_distributed)
 from kdqa.features import QACollator, prepare_eval_features, prepare_train_features
-from kdqa.report_card import objective_as_run, write_run_report_and_card
-from kdqa.hidden_distill import format_layer_map, hidden_distillation_for
 from kdqa.inference import predict_and_score, write_prediction_outputs
-from kdqa.loss import qa_distillation_loss, resolve_loss_impl
-from kdqa.modeling import (short_model_name, build_student_from_layers, check_same_vocab, forward_qa, load_qa_model,
-                           load_tokenizer, parse_layers)
+from kdqa.loss import resolve_loss_impl
+from kdqa.modeling import (QAOutputs, short_model_name, build_student_from_layers, check_same_vocab, forward_qa,
+                           load_qa_model, load_tokenizer, parse_layers)
+from kdqa.report_card import objective_as_run, write_run_report_and_card
 from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
 from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, train_figures, write_json
 from kdqa.resume_settings import check_resume_settings, run_settings
@@ -261,7 +260,7 @@ def load_datasets(args, tokenizer):
 def load_student_and_teacher(args, dist: DistState):
     """The student (from --model_name_or_path, or --student_layers of it / of the teacher), and the
     teacher in distill mode (None in finetune mode, even where a teacher is named)."""
-    attn = args.attn_implementation
+    attn = objective.attn_implementation(args)  # eager where a loss term reads attention probabilities
     # The student is built first, right after seeding, so its fresh QA head (if any) is the same
     # whether or not a teacher follows: fine-tuned and distilled students start identical.
     source = args.model_name_or_path or args.teacher_model_name_or_path
@@ -339,13 +338,11 @@ def plan_schedule(args, batches_per_epoch: int) -> Schedule:
 
 
 def build_loss_modules(args, student, teacher) -> torch.nn.ModuleDict:
-    """Trainable modules that loss terms own (the hidden-state term and its projections), created
+    """The extra loss terms (kdqa.objective) and their trainable parts (projections), created
     before the optimizer so that it trains and clips them. They are checkpointed with the student
     (checkpointed_model) but not part of the saved model, and not inside DDP's wrapper: their
     gradients are averaged across ranks in optimizer_step."""
-    if args.mode != "distill" or not args.alpha_hidden:
-        return torch.nn.ModuleDict()
-    return torch.nn.ModuleDict({"hidden": hidden_distillation_for(args, student, teacher)})
+    return objective.build_loss_modules(args, student, teacher)
 
 
 class StudentWithLossModules(torch.nn.Module):
@@ -368,10 +365,8 @@ def make_run(args, dist: DistState, student, teacher, *, autocast_dtype, use_sca
              tokenizer=None) -> Run:
     """The step's pieces around models already on the device: loss weights and modules, optimizer,
     schedule, scaler and the wrapped student. Also what bench_train.py times the step with."""
-    loss_weights = {"ce": args.alpha_ce, "kd": args.alpha_kd} if args.mode == "distill" else {"ce": 1.0, "kd": 0.0}
     loss_modules = build_loss_modules(args, student, teacher).to(dist.device)
-    if "hidden" in loss_modules:
-        loss_weights["hidden"] = args.alpha_hidden
+    loss_weights = objective.loss_weights(args, loss_modules)
     optimizer = build_optimizer(trainable_modules(student, loss_modules), args)
     scheduler = lr_schedule(optimizer, getattr(args, "lr_scheduler_type", "linear"),
                             warmup_steps_for(args, total_steps), total_steps)
@@ -493,29 +488,20 @@ def open_metrics_log(run: Run, resumed: bool) -> None:
 
 # ----------------------------------------------------------------------------- phase 3: the step
 
-def teacher_outputs(run: Run, batch: dict, hidden_states: bool = False) -> tuple:
-    """(start, end[, hidden states]) of the teacher: from the batch (the collator looked the logits
-    up in the cache), from the online teacher, or (None, None) when fine-tuning."""
+def teacher_outputs(run: Run, batch: dict, outputs: frozenset = frozenset()) -> QAOutputs:
+    """The teacher's logits (and the `outputs` loss terms need): from the batch (the collator looked
+    the logits up in the cache), from the online teacher, or None logits when fine-tuning."""
     if "teacher_start_logits" in batch:
-        return batch["teacher_start_logits"], batch["teacher_end_logits"]
+        return QAOutputs(batch["teacher_start_logits"], batch["teacher_end_logits"])
     if run.teacher is None:
-        return None, None
+        return QAOutputs(None, None)
     with torch.no_grad(), autocast(run.device, run.autocast_dtype):
-        return forward_qa(run.teacher, batch, output_hidden_states=hidden_states)
+        return forward_qa(run.teacher, batch, outputs)
 
 
-def loss_terms(run: Run, batch: dict, student_out: tuple, teacher_out: tuple) -> tuple[torch.Tensor, dict]:
-    """(the weighted total, {name: unweighted term}); a new term adds its value here and its weight
-    to run.loss_weights (its trainable parts to build_loss_modules)."""
-    weights = run.loss_weights
-    out = qa_distillation_loss(*student_out[:2], batch["start_positions"], batch["end_positions"], *teacher_out[:2],
-                               mask=batch["attention_mask"].bool(), temperature=run.args.temperature,
-                               alpha_ce=weights["ce"], alpha_kd=weights["kd"], impl=run.args.loss_impl)
-    total, terms = out.loss, {"ce": out.ce, "kd": out.kd}
-    if "hidden" in run.loss_modules:
-        terms["hidden"] = run.loss_modules["hidden"](student_out[2], teacher_out[2], batch["attention_mask"])
-        total = total + weights["hidden"] * terms["hidden"]
-    return total, terms
+def loss_terms(run: Run, batch: dict, student_out: QAOutputs, teacher_out: QAOutputs) -> tuple[torch.Tensor, dict]:
+    """(the weighted total, {name: unweighted term}); a new term is one entry of objective.EXTRA_TERMS."""
+    return objective.objective_loss(run.args, run.loss_weights, run.loss_modules, batch, student_out, teacher_out)
 
 
 def forward_backward(run: Run, batch: dict, *, loss_divisor: int = 1, sync: bool = True) -> dict:
@@ -528,11 +514,11 @@ def forward_backward(run: Run, batch: dict, *, loss_divisor: int = 1, sync: bool
     (inside an accumulation window).
     """
     no_sync = run.student_wrapped.no_sync() if run.dist.enabled and not sync else contextlib.nullcontext()
-    hidden = "hidden" in run.loss_modules
+    outputs = objective.outputs_needed(run.loss_modules)
     with no_sync:
         with autocast(run.device, run.autocast_dtype):
-            student_out = forward_qa(run.student_wrapped, batch, output_hidden_states=hidden)
-        total, terms = loss_terms(run, batch, student_out, teacher_outputs(run, batch, hidden_states=hidden))
+            student_out = forward_qa(run.student_wrapped, batch, outputs)
+        total, terms = loss_terms(run, batch, student_out, teacher_outputs(run, batch, outputs))
         run.scaler.scale(total / loss_divisor).backward()
     return {"loss": total.detach(), **{name: value.detach() for name, value in terms.items()}}
 
@@ -866,8 +852,5 @@ def log_plan(run: Run) -> None:
                 args.per_device_train_batch_size, run.dist.world_size, s.accumulation,
                 PRECISION_NAMES[run.autocast_dtype], args.loss_impl,
                 ", teacher logits from cache" if data.loader.collate_fn.teacher_logits is not None else "")
-    if "hidden" in run.loss_modules:
-        hidden = run.loss_modules["hidden"]
-        logger.info("hidden-state term: %s x %s over student:teacher layers %s%s", args.alpha_hidden, hidden.kind,
-                    format_layer_map(hidden.layer_map),
-                    ", with a learned projection per layer" if hidden.projections is not None else "")
+    for line in objective.describe(args, run.loss_modules):
+        logger.info(line)

@@ -106,7 +106,7 @@ def test_cached_logits_equal_online_teacher(built, teacher, features):
     padded_lengths = set()
     for batch in _online_batches(features, batch_size=5):
         with torch.no_grad():
-            start, end = forward_qa(teacher, batch)
+            start, end = forward_qa(teacher, batch).logits
         seq_len = batch["input_ids"].shape[1]
         padded_lengths.add(seq_len)
         cached_start, cached_end = cache.lookup(batch["feature_index"], seq_len)
@@ -126,8 +126,8 @@ def test_loss_from_cache_matches_online_teacher(built, teacher, features):
     for batch in _online_batches(features, batch_size=8, seed=2):
         mask = batch["attention_mask"].bool()
         with torch.no_grad():
-            s_start, s_end = forward_qa(student, batch)
-            t_start, t_end = forward_qa(teacher, batch)
+            s_start, s_end = forward_qa(student, batch).logits
+            t_start, t_end = forward_qa(teacher, batch).logits
         c_start, c_end = cache.lookup(batch["feature_index"].tolist(), batch["input_ids"].shape[1])
         online = _kd_loss(s_start, s_end, t_start, t_end, mask)
         cached = _kd_loss(s_start, s_end, c_start, c_end, mask)
@@ -344,7 +344,7 @@ def test_with_project_collator_and_length_grouped_sampler(tmp_path, teacher, fea
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collator)
     for batch in loader:
         with torch.no_grad():
-            start, _ = forward_qa(teacher, batch)
+            start, _ = forward_qa(teacher, batch).logits
         cached, _ = cache.lookup(batch["feature_index"], batch["input_ids"].shape[1])
         mask = batch["attention_mask"].bool()
         torch.testing.assert_close(cached[mask], _rounded(start[mask], torch.float16), rtol=2.0**-10, atol=1e-4)

@@ -124,17 +124,17 @@ def test_saved_model_answers_through_the_transformers_pipeline(task, model_dir, 
 
 
 def test_distill_calls_fused_loss_with_nonzero_kd(task, model_dir, tmp_path, monkeypatch):
-    import kdqa.trainer as trainer
+    import kdqa.objective as objective  # the span term of the trainer's loss
 
     calls = []
-    real = trainer.qa_distillation_loss
+    real = objective.qa_distillation_loss
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         calls.append((kwargs["impl"], args[4] is not None, float(out.kd)))
         return out
 
-    monkeypatch.setattr(trainer, "qa_distillation_loss", spy)
+    monkeypatch.setattr(objective, "qa_distillation_loss", spy)
     teacher = tmp_path / "teacher"
     make_model_folder(str(teacher), tiny_bert_config(), seed=3)
     out = tmp_path / "kd"
@@ -221,10 +221,11 @@ def test_resume_refuses_a_checkpoint_of_another_run_shape(task, model_dir, tmp_p
 
 
 def test_non_finite_loss_stops_naming_the_step(task, model_dir, tmp_path, monkeypatch):
+    import kdqa.objective as objective  # the span term of the trainer's loss
     import kdqa.trainer as trainer
     from kdqa.loss import QALoss
 
-    real = trainer.qa_distillation_loss
+    real = objective.qa_distillation_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -234,7 +235,7 @@ def test_non_finite_loss_stops_naming_the_step(task, model_dir, tmp_path, monkey
             return QALoss(out.loss * float("nan"), out.ce, out.kd)
         return out
 
-    monkeypatch.setattr(trainer, "qa_distillation_loss", poisoned)
+    monkeypatch.setattr(objective, "qa_distillation_loss", poisoned)
     with pytest.raises(trainer.NonFiniteLossError, match="at optimizer step 3"):
         run("finetune", task, tmp_path / "nan", "--model_name_or_path", model_dir, "--max_train_samples", "64",
             "--per_device_train_batch_size", "8", "--max_steps", "6", "--logging_steps", "1",

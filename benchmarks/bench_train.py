@@ -28,7 +28,13 @@ Variants, all in the same run and with the same AdamW:
    ``+group`` (``group_by_length`` batches), ``+sdpa`` (``attn_implementation="sdpa"``),
    ``+compile`` (``torch.compile(dynamic=True)`` of the student and of the online teacher);
 4. ``+cache+group``: ours with cached logits and length grouping (the CPU comparison of issue 14);
-5. ``all``: all of them together.
+5. ``all``: all of them together;
+6. ``hf_trainer``: the peer's recipe itself, Hugging Face's ``Trainer`` with the seed notebook's
+   ``DistillationTrainer`` (a ``compute_loss`` override: student forward, teacher under no_grad,
+   KL * T^2 plus CE), ours' batch size, precision, AdamW settings, schedule and steps, features padded
+   to max length as run_qa.py does; needs accelerate (``pip install -e '.[bench]'``), else skipped
+   with one line. ``--rounds N`` runs the variants in turn N times, so load on a shared machine
+   hits them alike.
 
 Reported per variant: features/s, speed-up against ``usual``, peak memory
 (``torch.cuda.max_memory_allocated`` from model creation to the last step: weights, optimizer state,

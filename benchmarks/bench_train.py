@@ -28,7 +28,13 @@ Variants, all in the same run and with the same AdamW:
    ``+group`` (``group_by_length`` batches), ``+sdpa`` (``attn_implementation="sdpa"``),
    ``+compile`` (``torch.compile(dynamic=True)`` of the student and of the online teacher);
 4. ``+cache+group``: ours with cached logits and length grouping (the CPU comparison of issue 14);
-5. ``all``: all of them together.
+5. ``all``: all of them together;
+6. ``hf_trainer``: the peer's recipe itself, Hugging Face's ``Trainer`` with the seed notebook's
+   ``DistillationTrainer`` (a ``compute_loss`` override: student forward, teacher under no_grad,
+   KL * T^2 plus CE), ours' batch size, precision, AdamW settings, schedule and steps, features padded
+   to max length as run_qa.py does; needs accelerate (``pip install -e '.[bench]'``), else skipped
+   with one line. ``--rounds N`` runs the variants in turn N times, so load on a shared machine
+   hits them alike.
 
 Reported per variant: features/s, speed-up against ``usual``, peak memory
 (``torch.cuda.max_memory_allocated`` from model creation to the last step: weights, optimizer state,
@@ -332,6 +338,7 @@ def run_variant(name, flags, features, pad_id, args, env, models):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     student = models.student(attn, device)
+    t_setup = time.perf_counter()  # time to the last step: optimizer, loader, warm-up and timed steps
     run_args = step_args(args, fused=fused, compile_=compile_)
     run = trainer.make_run(run_args, DistState(device=torch.device(device)), student, teacher,
                            autocast_dtype=autocast_dtype, use_scaler=use_scaler,
@@ -345,34 +352,28 @@ def run_variant(name, flags, features, pad_id, args, env, models):
                                                 seed=args.seed, dist=run.dist)
     batches = endless(sampler, loader)
 
+    losses = []
+
     def step():
         batch = next(batches)  # collation (and the cache lookup) is part of the trainer's step
         terms = trainer.forward_backward(run, trainer.to_device(batch, run.device))
         trainer.optimizer_step(run)
+        losses.append(terms["loss"])
         return terms["loss"], batch["input_ids"].shape, batch["attention_mask"].sum(dim=1).tolist()
 
     for _ in range(args.warmup_steps):
         step()
     synchronize(device)
-    n_feat = tokens_pad = tokens_real = 0
-    sq_pad = sq_real = 0.0
+    timed = []
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        last_loss, (b, seq_len), real = step()
-        n_feat += b
-        tokens_pad += b * seq_len
-        tokens_real += sum(real)
-        sq_pad += b * seq_len ** 2
-        sq_real += sum(r * r for r in real)
+        last_loss, shape, real = step()
+        timed.append((shape, real))
     synchronize(device)
     elapsed = time.perf_counter() - t0
+    time_to_steps = time.perf_counter() - t_setup
     loss_value = float(last_loss)
     peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
-    cfg = student.config
-    flops = (student_flops(env["student_params"], cfg.num_hidden_layers, cfg.hidden_size, sq_pad, tokens_pad),
-             student_flops(env["student_params"], cfg.num_hidden_layers, cfg.hidden_size, sq_real, tokens_real))
-    tflops_pad, tflops_real = (f / elapsed / 1e12 for f in flops)
-    peak = env["peak_tflops"]
     row = {
         "variant": name, "description": description,
         "precision": PRECISION_NAMES[autocast_dtype] + ("+GradScaler" if use_scaler else ""),
@@ -381,14 +382,11 @@ def run_variant(name, flags, features, pad_id, args, env, models):
         "teacher": "cache" if use_cache else "online",
         "batches": "group_by_length" if group else "random",
         "attention": attn, "compile": "yes" if compile_ else "no",
-        "batch_size": args.batch_size, "steps": args.steps, "seconds": elapsed,
-        "features_per_s": n_feat / elapsed, "speedup_vs_usual": None, "peak_mb": peak_mb,
-        "mean_len_padded": tokens_pad / n_feat, "mean_len_real": tokens_real / n_feat,
-        "student_tflops": tflops_pad,
-        "mfu_pct": 100.0 * tflops_pad / peak if peak else None,
-        "useful_mfu_pct": 100.0 * tflops_real / peak if peak else None,
+        "batch_size": args.batch_size, "steps": args.steps, "speedup_vs_usual": None, "peak_mb": peak_mb,
+        **timed_fields(timed_counts(timed), elapsed, student.config, env),
         "cache_build_s": build_s, "cache_build_features_per_s": len(features) / build_s if build_s else None,
         "final_loss": loss_value,
+        **loss_trend(losses), "optimizer_steps": run.scheduler.last_epoch, "time_to_steps_s": time_to_steps,
     }
     del teacher, student, run, cache, batches
     gc.collect()
@@ -400,13 +398,218 @@ def run_variant(name, flags, features, pad_id, args, env, models):
 
 
 # ---------------------------------------------------------------------------------------------
+# The peer's recipe: Hugging Face's Trainer with the seed notebook's DistillationTrainer
+# ---------------------------------------------------------------------------------------------
+
+HF_TRAINER = "hf_trainer"
+HF_DESCRIPTION = ("Hugging Face Trainer + DistillationTrainer (compute_loss: student, teacher under no_grad, "
+                  "alpha_ce CE + alpha_kd KL T^2), padded to max length as run_qa.py, default (sdpa) attention")
+
+
+def hf_trainer_missing() -> str | None:
+    """Why the Trainer row cannot run in this environment (None when it can): Trainer needs accelerate."""
+    try:
+        import accelerate  # noqa: F401
+        from transformers.utils import is_accelerate_available
+    except ImportError as e:
+        return f"skipped {HF_TRAINER}: Hugging Face's Trainer needs accelerate ({e}); pip install -e '.[bench]'"
+    if not is_accelerate_available():
+        return f"skipped {HF_TRAINER}: this accelerate is too old for transformers' Trainer; pip install -e '.[bench]'"
+    return None
+
+
+def distillation_trainer_class():
+    """The seed notebook's DistillationTrainer, written the way HF's distillation notebooks do it: a
+    Trainer whose compute_loss runs the student (its loss: the start/end cross-entropy), the teacher
+    under no_grad, and adds KL of the T-softened start/end distributions times T^2."""
+    import inspect
+
+    from torch.nn import functional as F
+    from transformers import Trainer
+
+    class DistillationTrainer(Trainer):
+        def __init__(self, *a, teacher_model, temperature, alpha_ce, alpha_kd, **kw):
+            super().__init__(*a, **kw)
+            self.teacher = teacher_model
+            self.temperature, self.alpha_ce, self.alpha_kd = temperature, alpha_ce, alpha_kd
+            self.records = []  # per micro-batch: (input shape, real lengths, loss), device tensors
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            accepts = inspect.signature(model.forward).parameters  # DistilBERT takes no token_type_ids
+            out = model(**{k: v for k, v in inputs.items() if k in accepts})
+            teacher_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            with torch.no_grad(), self.accelerator.autocast():  # the run's precision for the teacher too
+                t_out = self.teacher(**teacher_inputs)
+            T = self.temperature
+            kd = sum(F.kl_div(F.log_softmax(s / T, dim=-1), F.softmax(t / T, dim=-1), reduction="batchmean")
+                     for s, t in ((out.start_logits, t_out.start_logits), (out.end_logits, t_out.end_logits)))
+            loss = self.alpha_ce * out.loss + self.alpha_kd * kd / 2 * T ** 2
+            self.records.append((inputs["input_ids"].shape, inputs["attention_mask"].sum(dim=1), loss.detach()))
+            return (loss, out) if return_outputs else loss
+
+    return DistillationTrainer
+
+
+def step_clock(warmup_steps: int, total_steps: int, device: str):
+    """A TrainerCallback that reads the clock at the end of the warm-up's and of the last optimizer step
+    (where run_variant reads it), after synchronising the GPU."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        t0 = t1 = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if warmup_steps == 0:
+                synchronize(device)
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (warmup_steps, total_steps):
+                synchronize(device)
+                now = time.perf_counter()
+                if state.global_step == warmup_steps:
+                    self.t0 = now
+                if state.global_step == total_steps:
+                    self.t1 = now
+
+    return StepClock()
+
+
+def padded_to_max_length(features, pad_id: int, max_len: int):
+    """The features as run_qa.py tokenises them by default (padding="max_length"), for default_data_collator."""
+    from datasets import Dataset
+
+    pads = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
+    columns = {}
+    for c in ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions"):
+        if c in features.column_names:
+            values = features[c]
+            columns[c] = [v + [pads[c]] * (max_len - len(v)) for v in values] if c in pads else values
+    return Dataset.from_dict(columns)
+
+
+def hf_training_arguments(args, run_args, total_steps: int, autocast_dtype):
+    """TrainingArguments with ours' batch size, precision and optimiser settings (AdamW, lr, weight
+    decay, betas, eps, warm-up, linear schedule, clipping), nothing logged or saved."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="bench_train_hf-"), per_device_train_batch_size=args.batch_size,
+        max_steps=total_steps, learning_rate=run_args.learning_rate, weight_decay=run_args.weight_decay,
+        adam_beta1=run_args.adam_beta1, adam_beta2=run_args.adam_beta2, adam_epsilon=run_args.adam_epsilon,
+        warmup_steps=int(run_args.warmup_ratio * total_steps), lr_scheduler_type="linear",
+        max_grad_norm=run_args.max_grad_norm, optim="adamw_torch_fused" if args.device == "cuda" else "adamw_torch",
+        bf16=autocast_dtype is torch.bfloat16, fp16=autocast_dtype is torch.float16, use_cpu=args.device == "cpu",
+        seed=args.seed, report_to="none", save_strategy="no", disable_tqdm=True, remove_unused_columns=False)
+
+
+def run_hf_trainer(features, pad_id, args, env, models):
+    """The HF Trainer row: the same models, features, batch size, precision, optimiser settings and
+    steps as run_variant, the same clock (features/s over the timed steps after the warm-up; time
+    from Trainer's construction to its last optimizer step, data loading included)."""
+    from transformers import PrinterCallback, default_data_collator
+
+    from kdqa.precision import PRECISION_NAMES, resolve_precision
+
+    device = args.device
+    autocast_dtype, use_scaler = resolve_precision(args.precision, device)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    teacher, student = models.teacher("sdpa", device), models.student("sdpa", device)
+    data = padded_to_max_length(features, pad_id, args.max_seq_length)
+    run_args = step_args(args, fused=False, compile_=False)  # ours' optimiser settings, read not repeated
+    total = args.warmup_steps + args.steps
+    clock = step_clock(args.warmup_steps, total, device)
+    t_setup = time.perf_counter()
+    trainer = distillation_trainer_class()(
+        model=student, args=hf_training_arguments(args, run_args, total, autocast_dtype), train_dataset=data,
+        data_collator=default_data_collator, callbacks=[clock], teacher_model=teacher,
+        temperature=args.temperature, alpha_ce=args.alpha_ce, alpha_kd=args.alpha_kd)
+    trainer.remove_callback(PrinterCallback)  # its end-of-training dict would interleave with the table
+    trainer.train()
+    if trainer.state.global_step != total or clock.t1 is None:
+        raise RuntimeError(f"{HF_TRAINER}: {trainer.state.global_step} optimizer steps, expected {total}")
+    records = trainer.records[args.warmup_steps:total]
+    counts = timed_counts([(shape, real.tolist()) for shape, real, _ in records])
+    row = {"variant": HF_TRAINER, "description": HF_DESCRIPTION,
+           "precision": PRECISION_NAMES[autocast_dtype] + ("+GradScaler" if use_scaler else ""),
+           "loss": "torch (DistillationTrainer.compute_loss)", "padding": f"max ({args.max_seq_length})",
+           "teacher": "online", "batches": "random (Trainer's sampler)", "attention": "sdpa", "compile": "no",
+           "batch_size": args.batch_size, "steps": args.steps, "speedup_vs_usual": None,
+           "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan"),
+           **timed_fields(counts, clock.t1 - clock.t0, student.config, env),
+           "cache_build_s": None, "cache_build_features_per_s": None,
+           "final_loss": float(trainer.records[total - 1][2]), **loss_trend([r[2] for r in trainer.records]),
+           "optimizer_steps": trainer.state.global_step, "time_to_steps_s": clock.t1 - t_setup}
+    del teacher, student, trainer
+    gc.collect()
+    if not math.isfinite(row["final_loss"]):
+        raise RuntimeError(f"variant {HF_TRAINER}: the loss is not finite ({row['final_loss']})")
+    return row
+
+
+def timed_counts(batches) -> tuple[int, int, int, float, float]:
+    """(features, padded tokens, real tokens, sum of padded L^2, sum of real L^2) of (shape, real lengths) batches."""
+    n_feat = tokens_pad = tokens_real = 0
+    sq_pad = sq_real = 0.0
+    for (b, seq_len), real in batches:
+        n_feat += b
+        tokens_pad += b * seq_len
+        tokens_real += sum(real)
+        sq_pad += b * seq_len ** 2
+        sq_real += sum(r * r for r in real)
+    return n_feat, tokens_pad, tokens_real, sq_pad, sq_real
+
+
+def timed_fields(counts, elapsed: float, cfg, env) -> dict:
+    """The rate columns of a row from its timed steps' counts, as run_variant computes them."""
+    n_feat, tokens_pad, tokens_real, sq_pad, sq_real = counts
+    flops = (student_flops(env["student_params"], cfg.num_hidden_layers, cfg.hidden_size, sq_pad, tokens_pad),
+             student_flops(env["student_params"], cfg.num_hidden_layers, cfg.hidden_size, sq_real, tokens_real))
+    tflops_pad, tflops_real = (f / elapsed / 1e12 for f in flops)
+    peak = env["peak_tflops"]
+    return {"seconds": elapsed, "features_per_s": n_feat / elapsed,
+            "mean_len_padded": tokens_pad / n_feat, "mean_len_real": tokens_real / n_feat,
+            "student_tflops": tflops_pad, "mfu_pct": 100.0 * tflops_pad / peak if peak else None,
+            "useful_mfu_pct": 100.0 * tflops_real / peak if peak else None}
+
+
+def loss_trend(losses) -> dict:
+    """Mean loss of the first and of the last quarter of all steps (warm-up included): does it train?"""
+    values = [float(v) for v in losses]
+    k = max(1, len(values) // 4)
+    return {"loss_first": sum(values[:k]) / k, "loss_last": sum(values[-k:]) / k}
+
+
+def merge_rounds(rows: list[dict]) -> dict:
+    """One variant's rows of several rounds as one: features/s over all rounds' timed steps, the
+    other rates weighted by time, the time to the last step averaged, each round's features/s kept."""
+    row = dict(rows[-1])
+    seconds = sum(r["seconds"] for r in rows)
+    row["rounds"] = len(rows)
+    row["features_per_s_rounds"] = "/".join(f"{r['features_per_s']:.3g}" for r in rows)
+    if len(rows) == 1:
+        return row
+    row["seconds"], row["steps"] = seconds, sum(r["steps"] for r in rows)
+    for key in ("features_per_s", "student_tflops", "mfu_pct", "useful_mfu_pct"):
+        if row[key] is not None:
+            row[key] = sum(r[key] * r["seconds"] for r in rows) / seconds
+    row["time_to_steps_s"] = sum(r["time_to_steps_s"] for r in rows) / len(rows)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
 
 CSV_FIELDS = ["variant", "description", "precision", "loss", "padding", "teacher", "batches", "attention",
               "compile", "batch_size", "steps", "seconds", "features_per_s", "speedup_vs_usual", "peak_mb",
               "mean_len_padded", "mean_len_real", "student_tflops", "mfu_pct", "useful_mfu_pct",
-              "cache_build_s", "cache_build_features_per_s", "final_loss"]
+              "cache_build_s", "cache_build_features_per_s", "final_loss",
+              "loss_first", "loss_last", "optimizer_steps", "time_to_steps_s", "speedup_vs_hf_trainer",
+              "rounds", "features_per_s_rounds"]
 
 
 def fmt(x, digits=3):
@@ -443,8 +646,18 @@ def write_markdown(path, rows, env, args, estimate):
                  f"AdamW lr {args.lr}; T={args.temperature}, alpha_ce={args.alpha_ce}, alpha_kd={args.alpha_kd}")
     lines.append(f"- MFU peak: {fmt(env['peak_tflops'])} TFLOP/s ({env['peak_source']}); student FLOPs = "
                  "6 * non-embedding params * tokens + 12 * layers * hidden * sum L^2")
+    lines.append(f"- rounds: {args.rounds} (the variants in turn; features/s over every round's timed steps); "
+                 "s to last step: from the optimizer's (Trainer's) construction to the last optimizer step, "
+                 "data loading and warm-up included, models already loaded; loss: mean of the first / last "
+                 "quarter of the steps")
+    if any(r["variant"] == HF_TRAINER for r in rows):
+        lines.append(f"- {HF_TRAINER}: transformers.Trainer with the benchmark's DistillationTrainer "
+                     "(compute_loss override), TrainingArguments set to the same batch size, precision, AdamW "
+                     "settings, warm-up, linear schedule, clipping and steps; features pre-padded to max length "
+                     "and default_data_collator, as run_qa.py does by default")
     lines.append("")
-    head = ["variant", "what", "features/s", "vs usual", "peak MB", "mean L (padded / real)",
+    head = ["variant", "what", "features/s", "vs usual", "vs HF Trainer", "s to last step", "optimizer steps",
+            "loss (first / last)", "peak MB", "mean L (padded / real)",
             "student TFLOP/s", "MFU %", "useful MFU %", "cache build feat/s"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
@@ -452,7 +665,9 @@ def write_markdown(path, rows, env, args, estimate):
         lines.append("| " + " | ".join([
             r["variant"], r["description"], fmt(r["features_per_s"]),
             (fmt(r["speedup_vs_usual"]) + "x") if r["speedup_vs_usual"] else "-",
-            fmt(r["peak_mb"]), f"{r['mean_len_padded']:.0f} / {r['mean_len_real']:.0f}",
+            (fmt(r["speedup_vs_hf_trainer"]) + "x") if r["speedup_vs_hf_trainer"] else "-",
+            fmt(r["time_to_steps_s"]), str(r["optimizer_steps"]),
+            f"{r['loss_first']:.3f} / {r['loss_last']:.3f}", fmt(r["peak_mb"]), f"{r['mean_len_padded']:.0f} / {r['mean_len_real']:.0f}",
             fmt(r["student_tflops"]), fmt(r["mfu_pct"]), fmt(r["useful_mfu_pct"]),
             fmt(r["cache_build_features_per_s"]),
         ]) + " |")
@@ -482,7 +697,12 @@ def parse_args(argv=None):
     p.add_argument("--compile_backend", default=None,
                    help="torch.compile backend of the compile variants (default: inductor; under --smoke "
                         "--smoke_compile: eager, i.e. dynamo tracing without code generation, to stay quick on a CPU)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join([*VARIANTS, HF_TRAINER]),
+                   help=f"comma-separated subset of {','.join([*VARIANTS, HF_TRAINER])} ({HF_TRAINER}: Hugging Face's "
+                        "Trainer with a DistillationTrainer, needs accelerate: pip install -e '.[bench]')")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the variants in turn this many times (load on a shared machine then hits them alike); "
+                        "features/s over all rounds, each round's in features_per_s_rounds")
     p.add_argument("--train_file", default=str(DEFAULT_TRAIN_FILE),
                    help="SQuAD v1.1 train JSON(.gz) whose feature lengths the batches follow; synthetic lengths when absent")
     p.add_argument("--tokenizer", default=None,
@@ -522,9 +742,11 @@ def parse_args(argv=None):
     if args.student_layers and not args.teacher:
         p.error("--student_layers needs --teacher DIR, the model whose layers the student takes")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in args.variants if v not in VARIANTS]
+    bad = [v for v in args.variants if v not in VARIANTS and v != HF_TRAINER]
     if bad:
-        p.error(f"unknown --variants {bad}; choose from {list(VARIANTS)}")
+        p.error(f"unknown --variants {bad}; choose from {[*VARIANTS, HF_TRAINER]}")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.smoke:
         defaults = {"num_examples": (4000, 24), "batch_size": (32, 4), "warmup_steps": (10, 1),
                     "steps": (60, 2), "cache_batch_size": (256, 16)}
@@ -540,6 +762,16 @@ def parse_args(argv=None):
     if args.compile_backend is None:
         args.compile_backend = "inductor"
     return args
+
+
+def print_vs_hf_trainer(rows) -> None:
+    """speedup_vs_hf_trainer on every row, and each of ours / the HF Trainer row printed."""
+    hf = next((r for r in rows if r["variant"] == HF_TRAINER), None)
+    for r in rows:
+        r["speedup_vs_hf_trainer"] = r["features_per_s"] / hf["features_per_s"] if hf else None
+        if hf and r is not hf:
+            print(f"{r['variant']} / {HF_TRAINER}: {r['speedup_vs_hf_trainer']:.2f}x the features per second, "
+                  f"{hf['time_to_steps_s'] / r['time_to_steps_s']:.2f}x in time to {r['optimizer_steps']} optimizer steps")
 
 
 def main(argv=None):
@@ -594,17 +826,25 @@ def main(argv=None):
     }
     print(f"bench_train on {device_name}: {source}; mean length {lengths.mean():.1f}")
 
-    rows = []
-    for name in args.variants:
-        row = run_variant(name, VARIANTS[name], pool, pad_id, args, env, models)
-        rows.append(row)
-        print(f"  {name:12s} {row['features_per_s']:9.1f} features/s  peak {fmt(row['peak_mb'])} MB  "
-              f"L {row['mean_len_padded']:.0f}/{row['mean_len_real']:.0f}  MFU {fmt(row['mfu_pct'])}%  loss {row['final_loss']:.3f}")
+    missing = hf_trainer_missing() if HF_TRAINER in args.variants else None
+    if missing:
+        print(missing)
+        args.variants = [v for v in args.variants if v != HF_TRAINER]
+    by_round = {name: [] for name in args.variants}
+    for _ in range(args.rounds):
+        for name in args.variants:
+            row = (run_hf_trainer(pool, pad_id, args, env, models) if name == HF_TRAINER
+                   else run_variant(name, VARIANTS[name], pool, pad_id, args, env, models))
+            by_round[name].append(row)
+            print(f"  {name:12s} {row['features_per_s']:9.1f} features/s  peak {fmt(row['peak_mb'])} MB  "
+                  f"L {row['mean_len_padded']:.0f}/{row['mean_len_real']:.0f}  MFU {fmt(row['mfu_pct'])}%  loss {row['final_loss']:.3f}")
+    rows = [merge_rounds(by_round[name]) for name in args.variants]
     usual = next((r for r in rows if r["variant"] == "usual"), None)
     for r in rows:
         r["speedup_vs_usual"] = r["features_per_s"] / usual["features_per_s"] if usual else None
         if usual and r is not usual:
             print(f"{r['variant']} / usual: {r['speedup_vs_usual']:.2f}x the features per second of the usual recipe")
+    print_vs_hf_trainer(rows)
     estimate = three_epoch_estimate(rows, args.epoch_features)
 
     csv_path = os.path.join(args.out, "bench_train.csv")

@@ -65,7 +65,7 @@ def test_bench_loss_smoke(tmp_path):
 
 
 def test_bench_train_smoke(tmp_path):
-    run_smoke("bench_train.py", tmp_path)
+    proc = run_smoke("bench_train.py", tmp_path)
     rows = read_csv(tmp_path / "bench_train.csv",
                     ["variant", "features_per_s", "speedup_vs_usual", "peak_mb", "mfu_pct", "final_loss"])
     variants = [r["variant"] for r in rows]
@@ -79,6 +79,33 @@ def test_bench_train_smoke(tmp_path):
     assert by["+cache"]["teacher"] == "cache" and float(by["+cache"]["cache_build_features_per_s"]) > 0
     text = assert_markdown_table(tmp_path / "bench_train.md", len(rows))
     assert "3-epoch distillation" in text
+    proc_out = proc.stdout
+    if importlib.util.find_spec("accelerate") is None:
+        assert "skipped hf_trainer: Hugging Face's Trainer needs accelerate" in proc_out and "hf_trainer" not in by
+        return
+    hf = by["hf_trainer"]  # the real Trainer, at tiny size: as many optimizer steps as ours, a finite loss
+    assert int(hf["optimizer_steps"]) == int(by["usual"]["optimizer_steps"]) == 3  # 1 warm-up + 2 timed
+    assert float(hf["mean_len_padded"]) == 384.0 and float(hf["features_per_s"]) > 0
+    assert float(hf["time_to_steps_s"]) >= float(hf["seconds"]) > 0
+    assert all(float(r["speedup_vs_hf_trainer"]) > 0 for r in rows)
+    assert "ours / hf_trainer:" in proc_out
+
+
+def test_bench_train_hf_trainer_skipped_without_accelerate(tmp_path):
+    """Where accelerate cannot be imported the HF row is skipped with one line; the other rows still run."""
+    # sys.modules[name] = None is Python's own "not installed": import fails, find_spec returns None.
+    launcher = ("import runpy, sys; sys.modules['accelerate'] = None; sys.argv = sys.argv[1:]; "
+                "runpy.run_path(sys.argv[0], run_name='__main__')")
+    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    args = ["--smoke", "--out", str(tmp_path), "--variants", "usual,hf_trainer",
+            "--train_file", str(tmp_path / "absent.json")]  # synthetic features: quicker
+    proc = subprocess.run([sys.executable, "-c", launcher, str(BENCH / "bench_train.py"), *args],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    skip = [line for line in proc.stdout.splitlines() if line.startswith("skipped hf_trainer")]
+    assert len(skip) == 1 and "pip install -e '.[bench]'" in skip[0], proc.stdout
+    rows = read_csv(tmp_path / "bench_train.csv", ["variant", "features_per_s"])
+    assert [r["variant"] for r in rows] == ["usual"]
 
 
 def test_bench_inference_smoke(tmp_path):

@@ -133,3 +133,27 @@ def test_reexport_without_int8_removes_the_previous_int8_model(model_dir, tmp_pa
     assert (out / ONNX_INT8_FILE).exists()
     export_model(model_dir, str(out), quantize="none")
     assert (out / ONNX_FILE).exists() and not (out / ONNX_INT8_FILE).exists(), "no stale int8 model beside the new one"
+
+
+def test_serve_onnx_example_answers_the_export_like_train_py_predict(exported, tmp_path):
+    """The README's plain-ONNX-Runtime serving code (benchmarks/serve_onnx_example.py) on this export:
+    the answers of `train.py predict --test_file` on the same export, several windows a context."""
+    import importlib.util
+    import json
+    import pathlib
+
+    from tiny_models import FILLER, write_squad
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "serve_onnx_example.py"
+    spec = importlib.util.spec_from_file_location("serve_onnx_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    examples = make_name_task(8, seed=21)
+    examples[0] = dict(examples[0], context=" ".join(FILLER[:40]) + " n3 " + " ".join(FILLER[40:]) + " .")
+    squad = write_squad(str(tmp_path / "dev.json"), examples)
+    window = ["--max_seq_length", "24", "--doc_stride", "8"]
+    assert example.main([exported, "--squad", squad, "--out", str(tmp_path / "answers.json"), *window]) == 0
+    assert train_py.main(["predict", "--model_name_or_path", exported, "--test_file", squad,
+                          "--output_dir", str(tmp_path / "predict"), *window]) == 0
+    expected = json.loads((tmp_path / "predict" / "predict_predictions.json").read_text())
+    assert json.loads((tmp_path / "answers.json").read_text()) == expected

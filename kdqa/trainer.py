@@ -37,10 +37,11 @@ from kdqa import checkpoint as ckpt
 from kdqa import run_dir
 from kdqa.data import fix_answer_starts, load_squad
 from kdqa.distributed import (DistState, all_gather_object, all_reduce_mean, all_reduce_min, barrier, broadcast_object,
-                              cleanup, init_distributed)
+                              cleanup, init_distributed, max_over_ranks)
 from kdqa.features import QACollator, prepare_eval_features, prepare_train_features
 from kdqa.hidden_distill import format_layer_map, hidden_distillation_for
 from kdqa.inference import predict_and_score, write_prediction_outputs
+from kdqa.interrupt import StopRequest, TrainingInterrupted
 from kdqa.loss import qa_distillation_loss
 from kdqa.modeling import (short_model_name, build_student_from_layers, check_same_vocab, forward_qa, load_qa_model,
                            load_tokenizer, parse_layers)
@@ -89,6 +90,7 @@ class Progress:
     last_eval: dict | None = None
     last_eval_step: int = -1
     start_step: int = 0           # where this process began (the resumed step, or 0)
+    last_checkpoint_step: int = -1  # the step of the last checkpoint this process wrote
 
 
 @dataclass
@@ -126,6 +128,7 @@ class Run:
     schedule: Schedule | None = None
     metrics_log: MetricsLog | None = None
     progress: Progress = field(default_factory=Progress)
+    stop_request: StopRequest | None = None  # SIGINT/SIGTERM seen during the loop (kdqa.interrupt)
 
     @property
     def device(self) -> torch.device:
@@ -197,7 +200,7 @@ def prepare_output_dir(args, dist: DistState) -> str | None:
     run_id = None
     if dist.is_main:
         run_id = run_dir.prepare(args.output_dir, resume=bool(args.resume_from_checkpoint),
-                                 overwrite=args.overwrite_output_dir)
+                                 overwrite=args.overwrite_output_dir, keep=run_dir.input_paths(args))
     barrier(dist)
     return run_id
 
@@ -437,6 +440,8 @@ def resume(run: Run) -> str | None:
 
 
 def open_metrics_log(run: Run, resumed: bool) -> None:
+    if run.dist.is_main:
+        run_dir.record_outputs(run.args.output_dir, run_dir.METRICS_FILE)
     run.metrics_log = MetricsLog(os.path.join(run.args.output_dir, "metrics.jsonl"), enabled=run.dist.is_main,
                                  resume=resumed)
     run.metrics_log.truncate_after(run.progress.step)
@@ -550,10 +555,26 @@ def train_loop(run: Run) -> bool:
                 window = {}
                 if not log_eval_save(run, bar):
                     return False
+                stop_if_signalled(run)
                 if p.step >= s.total_steps:
                     break
             end_of_epoch(run)
     return True
+
+
+def stop_if_signalled(run: Run) -> None:
+    """At a step boundary, after SIGINT/SIGTERM on any rank: checkpoint this step (unless just done)
+    and raise TrainingInterrupted. The decision is taken over ranks, so every rank stops at this step;
+    alone it is one Python attribute read, under DDP one small all-reduce on the host."""
+    signum = run.stop_request.signum if run.stop_request is not None else None
+    if run.dist.enabled:
+        signum = max_over_ranks(signum or 0, run.dist)
+    if not signum:
+        return
+    p = run.progress
+    if p.last_checkpoint_step != p.step:
+        save_checkpoint(run, p.epoch, p.batch_in_epoch)  # mid-epoch: an epoch's end has its checkpoint already
+    raise TrainingInterrupted(signum, p.step, os.path.join(run.args.output_dir, f"{ckpt.CHECKPOINT_PREFIX}{p.step}"))
 
 
 def accumulation_window(batch_in_epoch: int, s: Schedule) -> tuple[int, bool]:
@@ -683,6 +704,7 @@ def save_checkpoint(run: Run, epoch: int, batch_in_epoch: int) -> None:
                                             "last_eval_step": p.last_eval_step,
                                             "log_window": {"running": dict(zip(names, sums)),
                                                            "steps": p.steps_since_log}})
+    p.last_checkpoint_step = p.step
     barrier(run.dist)
 
 
@@ -702,6 +724,8 @@ def finish(run: Run) -> dict:
         results["rank_param_checksums"] = check_ranks_in_sync(run.student, run.dist)
     if run.dist.is_main:
         save_model(run.student, run.tokenizer, args)
+        run_dir.record_outputs(args.output_dir, *run_dir.result_files(  # before they are written
+            evaluated=p.last_eval is not None, predicts=bool(getattr(args, "do_predict", False))))
         all_results = dict(results)  # run_qa.py's all_results.json: train results + eval_-prefixed eval metrics
         if p.last_eval is not None:
             results.update(p.last_eval["metrics"])
@@ -729,11 +753,18 @@ def check_ranks_in_sync(model, dist: DistState) -> list[float]:
     return values
 
 
-def save_model(model, tokenizer, args) -> None:
-    """The final model and tokenizer with save_pretrained, plus the resolved configuration."""
-    model.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    write_json(os.path.join(args.output_dir, "training_args.json"), {k: v for k, v in vars(args).items()})
+def save_model(model, tokenizer, args, extra_writers=()) -> list[str]:
+    """The final model folder: model and tokenizer (save_pretrained), the resolved configuration, and
+    whatever each extra_writers(folder) adds (e.g. a model card). Written into a staging folder and
+    moved into --output_dir (run_dir.publish_staged), so a kill leaves the previous state or the whole
+    new one, never a model without its tokenizer. Returns the names written."""
+    def write(folder: str) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        write_json(os.path.join(folder, "training_args.json"), {k: v for k, v in vars(args).items()})
+        for writer in extra_writers:
+            writer(folder)
+    return run_dir.publish_staged(args.output_dir, write)
 
 
 # ----------------------------------------------------------------------------- training, start to end
@@ -747,7 +778,9 @@ def train(args: argparse.Namespace) -> dict:
         wrap_student(run)
         open_metrics_log(run, resumed is not None)
         log_plan(run)
-        if not train_loop(run):
+        with StopRequest() as run.stop_request:  # SIGINT/SIGTERM: stop at the step's end (stop_if_signalled)
+            finished = train_loop(run)
+        if not finished:
             return {"interrupted_at_step": run.progress.step}
         return finish(run)
     finally:

@@ -105,6 +105,7 @@ def sigterm_fails_the_test():
     signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.slow
 def test_sigint_then_sigterm_then_resume_give_the_uninterrupted_model_and_log(setup, tmp_path, monkeypatch, capsys,
                                                                               sigterm_fails_the_test):
     # 3 steps an epoch, 2 epochs; checkpoints at 2, 3, 4, 6, logs at 2, 4, 6. Step 1 has no checkpoint

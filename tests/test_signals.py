@@ -2,6 +2,7 @@
 the step and the command that continues, exit 130 / 143; resuming gives the uninterrupted run's model
 and metrics.jsonl exactly (issue 20, item 7). Real signals to a real process, sent at a chosen step."""
 
+import json
 import os
 import shlex
 import signal
@@ -168,3 +169,45 @@ def test_outside_training_the_previous_handlers_are_back():
         assert stop.signum == signal.SIGTERM
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # the 2nd acts at once
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+DDP_CHILD = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import kdqa.trainer, train
+record_step = kdqa.trainer.record_step
+def counted(run, window):
+    record_step(run, window)
+    if run.progress.step == {step} and run.dist.rank == 1:  # one rank only: the other must stop with it
+        os.kill(os.getpid(), signal.SIGTERM)
+kdqa.trainer.record_step = counted
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(setup, tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(DDP_CHILD.format(repo=REPO, step=1))
+    out = tmp_path / "out"
+    # 2 ranks x batch 4, accumulation 2: 2 steps an epoch, 4 in all; no dropout draws to compare.
+    argv = argv_for("finetune", setup, out, "--eval_strategy", "no")
+
+    def torchrun(*args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    proc = torchrun(*argv)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("train.py ")]
+    assert len(lines) == 1 and "SIGTERM after optimizer step 1" in lines[0], proc.stderr[-4000:]
+    assert proc.returncode != 0 and "exitcode: 143" in proc.stderr.replace("exitcode  : 143", "exitcode: 143")
+    state = kdqa.checkpoint.read_trainer_state(str(out / "checkpoint-1"))
+    assert state["step"] == 1 and state["world_size"] == 2 and len(state["rng_by_rank"]) == 2
+    command = shlex.split(lines[0].split("continue with: ", 1)[1])
+    assert command[:3] == ["torchrun", "--nproc_per_node=2", "train.py"]
+
+    proc = torchrun(*command[3:])  # the child never signals again: no rank reaches step 1 after the resume
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["global_step"] == 4 and len(set(results["rank_param_checksums"])) == 1

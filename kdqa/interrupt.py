@@ -55,6 +55,14 @@ class StopRequest:
         self._previous = {}
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: Ctrl-C and Slurm's SIGTERM reach the whole process group; the workers
+    leave them to the main process (which stops at the step's end) instead of dying under it. They
+    still end with the main process."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def continue_command(argv: list[str], script: str = "train.py", world_size: int = 1) -> str:
     """The command line that continues a stopped run: the same flags, resuming from its latest checkpoint."""
     rest, skip = [], False

@@ -41,7 +41,7 @@ from kdqa.distributed import (DistState, all_gather_object, all_reduce_mean, all
 from kdqa.features import QACollator, prepare_eval_features, prepare_train_features
 from kdqa.hidden_distill import format_layer_map, hidden_distillation_for
 from kdqa.inference import predict_and_score, write_prediction_outputs
-from kdqa.interrupt import StopRequest, TrainingInterrupted
+from kdqa.interrupt import StopRequest, TrainingInterrupted, ignore_stop_signals
 from kdqa.loss import qa_distillation_loss
 from kdqa.modeling import (short_model_name, build_student_from_layers, check_same_vocab, forward_qa, load_qa_model,
                            load_tokenizer, parse_layers)
@@ -297,6 +297,7 @@ def make_train_loader(features, collator: QACollator, *, batch_size: int, group_
     keep = [c for c in TRAIN_COLUMNS if c in features.column_names]
     loader = DataLoader(features.select_columns(keep), batch_sampler=sampler, collate_fn=collator,
                         num_workers=num_workers, pin_memory=dist.device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals if num_workers else None,  # kdqa.interrupt
                         generator=torch.Generator())  # own generator: iterating never draws from the global RNG
     return sampler, loader
 
@@ -532,7 +533,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def train_loop(run: Run) -> bool:
     """Micro-batches accumulate into windows; each window ends in one optimizer step, then
-    log/eval/save. Returns False when a test interruption stopped it."""
+    log/eval/save. Returns False when a test interruption stopped it; raises TrainingInterrupted after
+    SIGINT/SIGTERM (stop_if_signalled)."""
     p, s = run.progress, run.schedule
     run.student.train()
     p.first_bad_step = torch.full((), -1, dtype=torch.long, device=run.device)

@@ -151,6 +151,35 @@ def test_a_second_ctrl_c_while_the_stop_checkpoint_is_written_stops_the_process_
     assert not (out / "checkpoint-1").exists() and (out / "checkpoint-1.tmp").is_dir()  # removed on the next start
 
 
+GROUP_CHILD = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import kdqa.trainer, train
+to_device, calls = kdqa.trainer.to_device, []
+def first_batch_signalled(batch, device):
+    calls.append(1)
+    if len(calls) == 1:  # as Slurm does: to this process and its data-loader worker
+        os.killpg(os.getpgid(0), signal.SIGTERM)
+    return to_device(batch, device)
+kdqa.trainer.to_device = first_batch_signalled
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_data_loader_workers_still_stops_cleanly(setup, tmp_path):
+    # The signal comes with the first micro-batch of a 4-batch window: the step still needs batches the
+    # worker has not made yet (it prefetches 2), so a worker killed by the signal would fail the step.
+    out = tmp_path / "out"
+    argv = argv_for("finetune", setup, out, "--eval_strategy", "no", "--dataloader_num_workers", "1",
+                    "--gradient_accumulation_steps", "4")
+    proc = subprocess.run([sys.executable, "-c", GROUP_CHILD.format(repo=REPO), *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
+    line = stop_line(proc.stderr)
+    assert proc.returncode == 143 and "SIGTERM after optimizer step 1" in line, proc.stderr[-3000:]
+    assert kdqa.checkpoint.read_trainer_state(str(out / "checkpoint-1"))["step"] == 1
+
+
 def test_the_continue_command_keeps_every_flag_but_resume_and_overwrite():
     argv = ["finetune", "--output_dir", "my runs/a", "--overwrite_output_dir", "--resume_from_checkpoint", "x",
             "--seed=3", "--resume_from_checkpoint=y"]

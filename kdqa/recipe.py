@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from kdqa import run_dir
 from kdqa.checkpoint import list_checkpoints
 from kdqa.data import load_squad
 from kdqa.modeling import ModelLoadError, OFFLINE_HELP, hub_reachable, short_model_name

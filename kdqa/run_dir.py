@@ -209,13 +209,29 @@ def _is_checkpoint_name(name: str) -> bool:
 
 
 def is_our_checkpoint(path: str) -> bool:
-    """A real checkpoint-N(.tmp) folder holding kdqa's checkpoint files (not a symlink, not a user's folder)."""
-    from kdqa.checkpoint import MANIFEST, STATE_FILE
+    """A real checkpoint-N folder holding kdqa's checkpoint files: its checksums.json of kdqa's payload, or
+    (older kdqa) a trainer_state.json with kdqa's keys. Not a symlink, nor another trainer's checkpoint."""
+    from kdqa.checkpoint import MANIFEST, PAYLOAD_FILES, STATE_FILE
 
     if not _is_checkpoint_name(os.path.basename(path)) or os.path.islink(path) or not os.path.isdir(path):
         return False
-    inside = [os.path.join(path, n) for n in (MANIFEST, STATE_FILE, "model.safetensors")]
-    return any(os.path.isfile(p) and not os.path.islink(p) for p in inside)
+    manifest, state = _json_in(path, MANIFEST), _json_in(path, STATE_FILE)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if isinstance(files, dict) and "model.safetensors" in files and set(files) <= set(PAYLOAD_FILES):
+        return True
+    return isinstance(state, dict) and {"run_id", "batches_per_epoch", "batch_in_epoch"} <= set(state)
+
+
+def _json_in(folder: str, name: str):
+    """The JSON in folder/name when it is a regular file that parses, else None."""
+    path = os.path.join(folder, name)
+    if os.path.islink(path) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 _RUN_MARKERS = (RUN_FILE, METRICS_FILE, "training_args.json", "trainer_state.json")

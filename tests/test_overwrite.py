@@ -84,10 +84,15 @@ def test_an_older_run_folder_without_a_record_loses_only_kdqas_own_names(tmp_pat
     for name in ("model.safetensors", "config.json", "metrics.jsonl", "eval_results.json", "notes.txt"):
         (out / name).write_text("x")
     (out / "checkpoint-2").mkdir()
-    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-2" / "trainer_state.json").write_text(json.dumps(
+        {"run_id": "0" * 32, "batches_per_epoch": 4, "batch_in_epoch": 2, "step": 2}))
+    (out / "checkpoint-5").mkdir()  # another trainer's checkpoint: not kdqa's to delete
+    (out / "checkpoint-5" / "model.safetensors").write_text("x")
+    (out / "checkpoint-5" / "trainer_state.json").write_text(json.dumps({"global_step": 5, "log_history": []}))
     assert run_dir.prepare(str(out), resume=False, overwrite=True)
     run_dir.release(str(out))
-    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["notes.txt", "run.json"]
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["checkpoint-5", "notes.txt", "run.json"]
+    assert sorted(os.listdir(out / "checkpoint-5")) == ["model.safetensors", "trainer_state.json"]
 
 
 def test_an_input_of_the_command_is_never_removed_even_under_a_name_kdqa_wrote(tmp_path):

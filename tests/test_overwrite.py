@@ -34,6 +34,8 @@ def users_folder(tmp_path, setup):
     os.symlink(elsewhere / "file.txt", out / "link.txt")
     (out / "checkpoint-9").mkdir()  # a real folder of that name, but none of kdqa's files in it
     (out / "checkpoint-9" / "mine.txt").write_text("mine")
+    (out / "checkpoint-1").mkdir()  # another trainer's checkpoint: neither rotated away nor overwritten
+    (out / "checkpoint-1" / "trainer_state.json").write_text(json.dumps({"global_step": 1, "log_history": []}))
     return out
 
 
@@ -42,6 +44,7 @@ def users_things(out):
             "train.json": (out / "train.json").read_bytes(), "my_config.json": (out / "my_config.json").read_text(),
             "checkpoint-7": os.readlink(out / "checkpoint-7"), "link.txt": os.readlink(out / "link.txt"),
             "checkpoint-9": (out / "checkpoint-9" / "mine.txt").read_text(),
+            "checkpoint-1": (out / "checkpoint-1" / "trainer_state.json").read_text(),
             "linked": (out / "link.txt").read_text(), "linked ckpt": sorted(os.listdir(out / "checkpoint-7"))}
 
 

@@ -49,6 +49,26 @@ def run_command(args) -> None:
                 if args.do_train else args)
 
 
+def report_stop(args, stop: BaseException, argv) -> int:
+    """One line for a run stopped by a signal (or a second Ctrl-C), with the command that continues it;
+    exit 128 + the signal's number."""
+    from kdqa.checkpoint import list_checkpoints
+    from kdqa.interrupt import TrainingInterrupted, continue_command
+
+    command = continue_command(sys.argv[1:] if argv is None else list(argv), sys.argv[0] if argv is None else
+                               "train.py", int(os.environ.get("WORLD_SIZE", "1")))
+    if isinstance(stop, TrainingInterrupted):
+        line, code = f"{stop}; continue with: {command}", stop.exit_code
+    elif args.command == "recipe" or (args.command in ("finetune", "distill") and
+                                      list_checkpoints(getattr(args, "output_dir", None))):
+        line, code = f"interrupted (Ctrl-C); continue from the last checkpoint with: {command}", 130
+    else:
+        line, code = "interrupted (Ctrl-C)", 130
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"train.py {args.command}: {line}", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
     from kdqa.config import ConfigError, parse_args
 
@@ -63,12 +83,17 @@ def main(argv=None) -> int:
     from kdqa.checkpoint import CheckpointError
     from kdqa.data import SquadDataError
     from kdqa.modeling import ModelLoadError
+    from kdqa.interrupt import TrainingInterrupted
     from kdqa.trainer import NonFiniteLossError
 
     user_errors = (ConfigError, SquadDataError, ModelLoadError, CheckpointError, NonFiniteLossError,
                    FileExistsError, FileNotFoundError, ValueError)
     try:
         run_command(args)
+    except (TrainingInterrupted, KeyboardInterrupt) as stop:
+        if os.environ.get("KDQA_TRACEBACK"):
+            raise
+        return report_stop(args, stop, argv)
     except user_errors as err:
         # Bad input or a stopped run: one clear line, not a traceback from deep inside a library
         # (KDQA_TRACEBACK=1 shows the traceback too).

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdqa.run_dir import fsync_path, read_run_id
+from kdqa.run_dir import fsync_path, is_our_checkpoint, read_run_id
 
 logger = logging.getLogger("kdqa")
 
@@ -173,7 +173,7 @@ def save_checkpoint(output_dir: str, step: int, *, model, optimizer, scheduler, 
                 "--resume_from_checkpoint latest"
             ) from err
         raise
-    for old in list_checkpoints(output_dir)[:-save_total_limit]:
+    for old in [p for p in list_checkpoints(output_dir) if is_our_checkpoint(p)][:-save_total_limit]:  # never a link
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -213,7 +213,7 @@ def remove_half_written(output_dir: str) -> list[str]:
 
 def remove_newer_checkpoints(output_dir: str, step: int) -> list[str]:
     """After resuming from step, checkpoints beyond it are superseded (and would outrank new ones)."""
-    removed = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
+    removed = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step and is_our_checkpoint(p)]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     if removed:

@@ -20,7 +20,7 @@ import sys
 
 import yaml
 
-from kdqa import loss, objective
+from kdqa import loss, objective, run_dir
 
 RECIPE_DEFAULTS = {
     "teacher_model_name_or_path": "bert-base-uncased",
@@ -717,6 +717,10 @@ def validate_args(args: argparse.Namespace) -> None:
         check_output_dir(args.output_dir)
         if args.command in ("finetune", "distill"):
             _check_models_outside_output_dir(args)
+        precious = run_dir.precious_dir_reason(args.output_dir) if args.command in ("finetune", "distill",
+                                                                                     "recipe") else None
+        need(precious is None, f"--output_dir {args.output_dir} is {precious}: a run writes its model and files "
+                               "there; give it a folder of its own, e.g. --output_dir runs/NAME")
     if getattr(args, "teacher_logits_cache", None):
         check_output_dir(args.teacher_logits_cache, "--teacher_logits_cache")
 

@@ -76,6 +76,22 @@ def all_reduce_min(tensor: torch.Tensor, state: DistState) -> torch.Tensor:
     return out
 
 
+_host_group = None  # a gloo group beside NCCL: host-side decisions without waiting for the GPU
+
+
+def max_over_ranks(value: int, state: DistState) -> int:
+    """The largest of a small host integer over ranks (e.g. a stop request), on the CPU: under NCCL
+    through a gloo group of its own, so no rank waits for its GPU to drain."""
+    global _host_group
+    if not state.enabled:
+        return value
+    if _host_group is None and dist.get_backend() != "gloo":
+        _host_group = dist.new_group(backend="gloo")  # every rank comes here at the same step
+    out = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=_host_group)
+    return int(out.item())
+
+
 def barrier(state: DistState) -> None:
     if state.enabled:
         dist.barrier()
@@ -109,5 +125,7 @@ def all_gather_object(obj, state: DistState) -> list:
 
 
 def cleanup(state: DistState) -> None:
+    global _host_group
+    _host_group = None
     if state.enabled and dist.is_initialized():
         dist.destroy_process_group()

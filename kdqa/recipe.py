@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from kdqa import objective
+from kdqa import objective, run_dir
 from kdqa.checkpoint import list_checkpoints
 from kdqa.data import datasets_cache_dir, hub_dataset_cached, load_squad
 from kdqa.modeling import ModelLoadError, OFFLINE_HELP, hub_reachable, short_model_name
@@ -344,6 +344,7 @@ def run_stage(name: str, run_args, resume: bool) -> dict:
         logger.info("=== recipe: %s -> %s", name, run_args.output_dir)
     results = train(run_args)
     results = {k: v for k, v in results.items() if isinstance(v, (int, float, str))}
+    run_dir.record_outputs(run_args.output_dir, STAGE_MARKER)  # the stage's own: --overwrite_output_dir removes it
     write_json(os.path.join(run_args.output_dir, STAGE_MARKER), {"settings": stage_settings(run_args),
                                                                  "results": results})
     return results

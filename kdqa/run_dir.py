@@ -6,9 +6,12 @@
 - A run id (`run.json`), new for every run that starts from scratch and stamped into each of its
   checkpoints: `--resume_from_checkpoint latest` only takes checkpoints of this id, never those of
   a previous run that shared the folder.
-- `--overwrite_output_dir` really starts over: the previous run's checkpoints and files are
-  removed up front (sub-folders other than checkpoints are kept), so nothing of it can be
-  mistaken for the new run's.
+- A record of kdqa's own outputs (`.kdqa-outputs.json`): every name a run writes at the top of
+  the folder is recorded there before it is written. `--overwrite_output_dir` removes exactly
+  those files, the `checkpoint-N` folders kdqa wrote and its half-written leftovers; never a
+  file or folder it did not write, never a symlink, never an input of the current command.
+- The final model folder is staged (`.kdqa-staging`) and moved into place with `config.json`
+  last (publish_staged): a kill leaves the previous state or the complete new one.
 """
 
 from __future__ import annotations
@@ -30,7 +33,24 @@ logger = logging.getLogger("kdqa")
 
 LOCK_NAME = ".kdqa-run.lock"
 RUN_FILE = "run.json"
+OUTPUTS_FILE = ".kdqa-outputs.json"  # the names kdqa wrote at the top of the output dir
+STAGING_NAME = ".kdqa-staging"       # the final model folder while it is written
+METRICS_FILE = "metrics.jsonl"
 _held: dict[str, "RunLock"] = {}
+
+
+def result_files(*, evaluated: bool, predicts: bool) -> list[str]:
+    """The files a training run writes at the top of the output dir after its final save (--do_predict's too)."""
+    prefixes = [p for p, on in (("eval", evaluated), ("predict", predicts)) if on]
+    return ["training_curves.png", "train_results.json", "all_results.json",
+            *(f"{p}_{kind}.json" for p in prefixes for kind in ("predictions", "nbest_predictions", "results"))]
+
+
+# What kdqa wrote at the top of a run folder from before the record existed (then the only guide).
+_LEGACY_OUTPUTS = (RUN_FILE, METRICS_FILE, "training_args.json", "model.safetensors", "config.json",
+                   "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "added_tokens.json", "recipe_stage.json",
+                   *result_files(evaluated=True, predicts=True))
 
 
 class OutputDirBusyError(FileExistsError):
@@ -111,6 +131,7 @@ def read_run_id(output_dir: str | None) -> str | None:
 
 def write_run_id(output_dir: str, run_id: str) -> None:
     path = os.path.join(output_dir, RUN_FILE)
+    record_outputs(output_dir, RUN_FILE)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump({"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
         f.flush()
@@ -119,9 +140,67 @@ def write_run_id(output_dir: str, run_id: str) -> None:
     fsync_path(output_dir)
 
 
+# ----------------------------------------------------------------------------- what kdqa wrote here
+
+def recorded_outputs(output_dir: str) -> set[str] | None:
+    """The names kdqa recorded as written at the top of output_dir; None where there is no record."""
+    try:
+        with open(os.path.join(output_dir, OUTPUTS_FILE), encoding="utf-8") as f:
+            return set(json.load(f)["names"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()  # damaged: trust nothing in it (checkpoints are still recognised by their files)
+
+
+def record_outputs(output_dir: str, *names: str) -> None:
+    """Add names to output_dir's record of kdqa's outputs (atomically), before they are written."""
+    known = recorded_outputs(output_dir) or set()
+    if set(names) <= known:
+        return
+    path = os.path.join(output_dir, OUTPUTS_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"names": sorted(known | set(names))}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def input_paths(args) -> list[str]:
+    """The files and folders the command reads: never removed by --overwrite_output_dir."""
+    flags = ("train_file", "validation_file", "test_file", "config", "model_name_or_path",
+             "teacher_model_name_or_path", "teacher_logits_cache")
+    return [getattr(args, f) for f in flags if isinstance(getattr(args, f, None), str)]
+
+
+def precious_dir_reason(path: str) -> str | None:
+    """Why `path` must never be an --output_dir (the checkout, $HOME, /), or None."""
+    real = os.path.realpath(path)
+    cwd = os.getcwd()
+    checkout = _git_toplevel(cwd) or (cwd if any(os.path.exists(os.path.join(cwd, n))
+                                                 for n in (".git", "pyproject.toml")) else None)
+    if real == os.path.realpath(os.sep):
+        return "the root of the file system"
+    if real == os.path.realpath(os.path.expanduser("~")):
+        return "your home folder ($HOME)"
+    if checkout and real == os.path.realpath(checkout):
+        return f"the root of the repository {checkout}"
+    return None
+
+
+def _git_toplevel(cwd: str) -> str | None:
+    folder = os.path.realpath(cwd)
+    while True:
+        if os.path.exists(os.path.join(folder, ".git")):
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
 def _contents(output_dir: str, bookkeeping: bool = True) -> list[str]:
-    """Names in output_dir but the lock (and, bookkeeping=False, run.json: a run that failed at start-up)."""
-    skip = {LOCK_NAME} if bookkeeping else {LOCK_NAME, RUN_FILE}
+    """Names in output_dir but the lock (and, bookkeeping=False, run.json and the record of outputs: a run
+    that failed at start-up)."""
+    skip = {LOCK_NAME} if bookkeeping else {LOCK_NAME, RUN_FILE, OUTPUTS_FILE}
     return sorted(n for n in os.listdir(output_dir) if n not in skip) if os.path.isdir(output_dir) else []
 
 
@@ -129,50 +208,139 @@ def _is_checkpoint_name(name: str) -> bool:
     return name.startswith("checkpoint-") and name[len("checkpoint-"):].split(".")[0].isdigit()
 
 
-_RUN_MARKERS = (RUN_FILE, "metrics.jsonl", "training_args.json", "trainer_state.json")
+def is_our_checkpoint(path: str) -> bool:
+    """A real checkpoint-N folder holding kdqa's checkpoint files: its checksums.json of kdqa's payload, or
+    (older kdqa) a trainer_state.json with kdqa's keys. Not a symlink, nor another trainer's checkpoint."""
+    from kdqa.checkpoint import LEGACY_STATE_FILE, MANIFEST, PAYLOAD_FILES, STATE_FILE
+
+    if not _is_checkpoint_name(os.path.basename(path)) or os.path.islink(path) or not os.path.isdir(path):
+        return False
+    manifest = _json_in(path, MANIFEST)
+    state = _json_in(path, STATE_FILE) or _json_in(path, LEGACY_STATE_FILE)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if isinstance(files, dict) and "model.safetensors" in files and set(files) <= {*PAYLOAD_FILES, LEGACY_STATE_FILE}:
+        return True
+    return isinstance(state, dict) and {"run_id", "batches_per_epoch", "batch_in_epoch"} <= set(state)
+
+
+def _json_in(folder: str, name: str):
+    """The JSON in folder/name when it is a regular file that parses, else None."""
+    path = os.path.join(folder, name)
+    if os.path.islink(path) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+_RUN_MARKERS = (RUN_FILE, METRICS_FILE, "training_args.json", "trainer_state.json")
 
 
 def holds_a_run(output_dir: str) -> bool:
     """Whether output_dir holds a kdqa run's files (never clear a folder that is not a run's)."""
-    names = _contents(output_dir)
-    return any(n in _RUN_MARKERS or _is_checkpoint_name(n) for n in names)
+    def marker(name):
+        path = os.path.join(output_dir, name)
+        return (name in _RUN_MARKERS or name == OUTPUTS_FILE) and os.path.isfile(path) and not os.path.islink(path)
+    return any(marker(n) or is_our_checkpoint(os.path.join(output_dir, n)) for n in _contents(output_dir))
 
 
-def clear_previous_run(output_dir: str) -> list[str]:
-    """Remove what an earlier run wrote at the top of output_dir: files and checkpoint folders.
+def _ours(output_dir: str, name: str, recorded: set[str]) -> bool:
+    """Whether output_dir/name is something kdqa wrote: a recorded file (or its .tmp), a checkpoint, the staging."""
+    path = os.path.join(output_dir, name)
+    if os.path.islink(path):
+        return False  # kdqa never makes a link: whatever it points to, it is the user's
+    if os.path.isdir(path):
+        return is_our_checkpoint(path) or (name == STAGING_NAME)
+    return os.path.isfile(path) and (name in recorded or (name.endswith(".tmp") and name[:-4] in recorded))
 
-    Only where the folder holds a kdqa run (a run.json, metrics.jsonl, checkpoints ...): pointing
-    --output_dir at some other folder with --overwrite_output_dir deletes nothing there.
+
+def _holds_an_input(path: str, inputs: list[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(p == real or p.startswith(real + os.sep) for p in inputs)
+
+
+def clear_previous_run(output_dir: str, keep: list[str] = ()) -> list[str]:
+    """Remove exactly what an earlier kdqa run wrote at the top of output_dir (see _ours); returns the names.
+
+    Only where the folder holds a kdqa run: pointing --output_dir at some other folder deletes nothing
+    there. Without a record (a run folder of an older kdqa: its run.json holds a run id), kdqa's own
+    file names stand for it. Nothing that is, or holds, a path in `keep` (the command's inputs) is touched.
     """
-    removed = []
     if not holds_a_run(output_dir):
-        return removed
+        return []
+    recorded = recorded_outputs(output_dir)
+    if recorded is None:
+        recorded = set(_LEGACY_OUTPUTS) if read_run_id(output_dir) else set()
+    recorded = recorded | {OUTPUTS_FILE}  # its own .tmp, left by a kill while it was rewritten
+    inputs = [os.path.realpath(p) for p in keep]
+    removed = []
     for name in _contents(output_dir):
         path = os.path.join(output_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            if _is_checkpoint_name(name):
-                shutil.rmtree(path)
-                removed.append(name)
-        else:
-            os.remove(path)
-            removed.append(name)
+        if name == OUTPUTS_FILE or not _ours(output_dir, name, recorded) or _holds_an_input(path, inputs):
+            continue
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        removed.append(name)
+    if os.path.isfile(os.path.join(output_dir, OUTPUTS_FILE)):
+        os.remove(os.path.join(output_dir, OUTPUTS_FILE))  # last: a kill before it leaves the record whole
     return removed
 
 
-def prepare(output_dir: str, *, resume: bool, overwrite: bool) -> str | None:
+def remove_staging(output_dir: str) -> bool:
+    """Delete the staging folder of a final save that was killed (the next save writes it anew)."""
+    path = os.path.join(output_dir, STAGING_NAME)
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    return False
+
+
+def publish_staged(output_dir: str, write, last: tuple[str, ...] = ("config.json",)) -> list[str]:
+    """Write a model folder's files with write(staging_folder), then move them into output_dir.
+
+    Every file is fsync'ed and recorded as kdqa's before the moves; `last` moves last (config.json: until
+    it is there the folder is no model, so a kill mid-move never leaves a model without its tokenizer,
+    and a kill before leaves the previous state). Returns the names moved.
+    """
+    staging = os.path.join(output_dir, STAGING_NAME)
+    remove_staging(output_dir)
+    os.makedirs(staging)
+    try:
+        write(staging)
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    names = sorted(os.listdir(staging), key=lambda n: (n in last, last.index(n) if n in last else 0, n))
+    for name in names:
+        fsync_path(os.path.join(staging, name))
+    record_outputs(output_dir, *names)
+    for name in names:
+        _move(os.path.join(staging, name), os.path.join(output_dir, name))
+    fsync_path(output_dir)
+    os.rmdir(staging)
+    return names
+
+
+def _move(source: str, target: str) -> None:
+    """One rename of publish_staged (a link at `target` is replaced, what it points to is never touched)."""
+    os.replace(source, target)
+
+
+def prepare(output_dir: str, *, resume: bool, overwrite: bool, keep: list[str] = ()) -> str | None:
     """Lock output_dir and make it ready for a run (call on the main process only).
 
     Returns the run id: a new one for a fresh run, the recorded one on resume (None where the
     folder has none yet: the checkpoint's is adopted with adopt_run_id). A non-empty folder without
-    --resume_from_checkpoint or --overwrite_output_dir is refused; with --overwrite_output_dir the
-    previous run's checkpoints and files are removed first.
+    --resume_from_checkpoint or --overwrite_output_dir is refused; with --overwrite_output_dir what
+    the previous run wrote is removed first (clear_previous_run; `keep`: the command's inputs).
     """
     from kdqa.checkpoint import list_checkpoints, remove_half_written
 
     os.makedirs(output_dir, exist_ok=True)
     lock(output_dir)
     try:
-        left = remove_half_written(output_dir)
+        left = remove_half_written(output_dir) + ([STAGING_NAME] if remove_staging(output_dir) else [])
         if left:
             logger.info("removed %s: half-written by an interrupted run", ", ".join(left))
         if resume:
@@ -186,7 +354,7 @@ def prepare(output_dir: str, *, resume: bool, overwrite: bool) -> str | None:
                 + "; pass --overwrite_output_dir to start over there, or choose another --output_dir"
             )
         if contents:
-            removed = clear_previous_run(output_dir)
+            removed = clear_previous_run(output_dir, keep)
             if removed:
                 logger.info("--overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
         run_id = uuid.uuid4().hex

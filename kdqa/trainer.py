@@ -37,13 +37,14 @@ from kdqa import checkpoint as ckpt
 from kdqa import objective, run_dir
 from kdqa.data import fix_answer_starts, load_squad
 from kdqa.distributed import (DistState, all_gather_object, all_reduce_mean, all_reduce_min, barrier, broadcast_object,
-                              cleanup, init_distributed)
+                              cleanup, init_distributed, max_over_ranks)
 from kdqa.features import QACollator, prepare_eval_features, prepare_train_features
 from kdqa.inference import predict_and_score, write_prediction_outputs
+from kdqa.interrupt import StopRequest, TrainingInterrupted, ignore_stop_signals
 from kdqa.loss import resolve_loss_impl
 from kdqa.modeling import (QAOutputs, short_model_name, build_student_from_layers, check_same_vocab, forward_qa,
                            load_qa_model, load_tokenizer, parse_layers)
-from kdqa.report_card import objective_as_run, write_run_report_and_card
+from kdqa.report_card import MODEL_CARD_NAME, REPORT_NAMES, objective_as_run, write_run_report_and_card
 from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
 from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, train_figures, write_json
 from kdqa.resume_settings import check_resume_settings, run_settings
@@ -91,6 +92,7 @@ class Progress:
     last_eval_step: int = -1
     start_step: int = 0           # where this process began (the resumed step, or 0)
     started: float = field(default_factory=time.perf_counter)  # train_runtime counts from here
+    last_checkpoint_step: int = -1  # the step of the last checkpoint this process wrote
 
 
 @dataclass
@@ -128,6 +130,7 @@ class Run:
     schedule: Schedule | None = None
     metrics_log: MetricsLog | None = None
     progress: Progress = field(default_factory=Progress)
+    stop_request: StopRequest | None = None  # SIGINT/SIGTERM seen during the loop (kdqa.interrupt)
 
     @property
     def device(self) -> torch.device:
@@ -228,7 +231,7 @@ def prepare_output_dir(args, dist: DistState) -> str | None:
     run_id = None
     if dist.is_main:
         run_id = run_dir.prepare(args.output_dir, resume=bool(args.resume_from_checkpoint),
-                                 overwrite=args.overwrite_output_dir)
+                                 overwrite=args.overwrite_output_dir, keep=run_dir.input_paths(args))
     barrier(dist)
     return run_id
 
@@ -325,6 +328,7 @@ def make_train_loader(features, collator: QACollator, *, batch_size: int, group_
     keep = [c for c in TRAIN_COLUMNS if c in features.column_names]
     loader = DataLoader(features.select_columns(keep), batch_sampler=sampler, collate_fn=collator,
                         num_workers=num_workers, pin_memory=dist.device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals if num_workers else None,  # kdqa.interrupt
                         generator=torch.Generator())  # own generator: iterating never draws from the global RNG
     return sampler, loader
 
@@ -479,6 +483,8 @@ def resume(run: Run) -> str | None:
 
 
 def open_metrics_log(run: Run, resumed: bool) -> None:
+    if run.dist.is_main:
+        run_dir.record_outputs(run.args.output_dir, run_dir.METRICS_FILE)
     run.metrics_log = MetricsLog(os.path.join(run.args.output_dir, "metrics.jsonl"), enabled=run.dist.is_main,
                                  resume=resumed)
     run.metrics_log.truncate_after(run.progress.step)
@@ -562,7 +568,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def train_loop(run: Run) -> bool:
     """Micro-batches accumulate into windows; each window ends in one optimizer step, then
-    log/eval/save. Returns False when a test interruption stopped it."""
+    log/eval/save. Returns False when a test interruption stopped it; raises TrainingInterrupted after
+    SIGINT/SIGTERM (stop_if_signalled)."""
     p, s = run.progress, run.schedule
     run.student.train()
     p.first_bad_step = torch.full((), -1, dtype=torch.long, device=run.device)
@@ -585,10 +592,26 @@ def train_loop(run: Run) -> bool:
                 window = {}
                 if not log_eval_save(run, bar):
                     return False
+                stop_if_signalled(run)
                 if p.step >= s.total_steps:
                     break
             end_of_epoch(run)
     return True
+
+
+def stop_if_signalled(run: Run) -> None:
+    """At a step boundary, after SIGINT/SIGTERM on any rank: checkpoint this step (unless just done)
+    and raise TrainingInterrupted. The decision is taken over ranks, so every rank stops at this step;
+    alone it is one Python attribute read, under DDP one small all-reduce on the host."""
+    signum = run.stop_request.signum if run.stop_request is not None else None
+    if run.dist.enabled:
+        signum = max_over_ranks(signum or 0, run.dist)
+    if not signum:
+        return
+    p = run.progress
+    if p.last_checkpoint_step != p.step:
+        save_checkpoint(run, p.epoch, p.batch_in_epoch)  # mid-epoch: an epoch's end has its checkpoint already
+    raise TrainingInterrupted(signum, p.step, os.path.join(run.args.output_dir, f"{ckpt.CHECKPOINT_PREFIX}{p.step}"))
 
 
 def accumulation_window(batch_in_epoch: int, s: Schedule) -> tuple[int, bool]:
@@ -735,6 +758,7 @@ def save_checkpoint(run: Run, epoch: int, batch_in_epoch: int) -> None:
                                             "last_eval_step": p.last_eval_step,
                                             "log_window": {"running": dict(zip(names, sums)),
                                                            "steps": p.steps_since_log}})
+    p.last_checkpoint_step = p.step
     barrier(run.dist)
 
 
@@ -754,6 +778,8 @@ def finish(run: Run) -> dict:
         results["rank_param_checksums"] = check_ranks_in_sync(run.student, run.dist)
     if run.dist.is_main:
         save_model(run.student, run.tokenizer, args)
+        run_dir.record_outputs(args.output_dir, *run_dir.result_files(  # before they are written
+            evaluated=p.last_eval is not None, predicts=bool(getattr(args, "do_predict", False))))
         all_results = dict(results)  # run_qa.py's all_results.json: train results + eval_-prefixed eval metrics
         if p.last_eval is not None:
             results.update(p.last_eval["metrics"])
@@ -773,6 +799,7 @@ def write_report_card(run: Run) -> None:
     """report.md/report.json and the model card (README.md) of the finished run (rank 0)."""
     args, p, data = run.args, run.progress, run.data
     last = p.last_eval or {}
+    run_dir.record_outputs(args.output_dir, *REPORT_NAMES, MODEL_CARD_NAME)  # kdqa's: overwrite may remove them
     write_run_report_and_card(
         args, metrics=last.get("metrics"), predictions=last.get("predictions"),
         objective=objective_as_run(args, run.loss_weights, run.loss_modules,
@@ -816,11 +843,18 @@ def check_ranks_in_sync(model, dist: DistState) -> list[float]:
     return values
 
 
-def save_model(model, tokenizer, args) -> None:
-    """The final model and tokenizer with save_pretrained, plus the resolved configuration."""
-    model.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    write_json(os.path.join(args.output_dir, "training_args.json"), {k: v for k, v in vars(args).items()})
+def save_model(model, tokenizer, args, extra_writers=()) -> list[str]:
+    """The final model folder: model and tokenizer (save_pretrained), the resolved configuration, and
+    whatever each extra_writers(folder) adds (e.g. a model card). Written into a staging folder and
+    moved into --output_dir (run_dir.publish_staged), so a kill leaves the previous state or the whole
+    new one, never a model without its tokenizer. Returns the names written."""
+    def write(folder: str) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        write_json(os.path.join(folder, "training_args.json"), {k: v for k, v in vars(args).items()})
+        for writer in extra_writers:
+            writer(folder)
+    return run_dir.publish_staged(args.output_dir, write)
 
 
 # ----------------------------------------------------------------------------- training, start to end
@@ -834,7 +868,9 @@ def train(args: argparse.Namespace) -> dict:
         wrap_student(run)
         open_metrics_log(run, resumed is not None)
         log_plan(run)
-        if not train_loop(run):
+        with StopRequest() as run.stop_request:  # SIGINT/SIGTERM: stop at the step's end (stop_if_signalled)
+            finished = train_loop(run)
+        if not finished:
             return {"interrupted_at_step": run.progress.step}
         return finish(run)
     finally:

@@ -231,3 +231,37 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write_then_resume(setup, tmp_path
     assert not (out / "checkpoint-3.tmp").exists()
     assert same_model(final_model(out), final_model(full))
     assert comparable_log(out) == comparable_log(full)
+
+
+@pytest.mark.slow
+def test_a_kill_in_the_final_save_never_leaves_a_model_without_its_tokenizer(setup, tmp_path, monkeypatch):
+    """The final model folder is staged and moved into place with config.json last: a kill between the
+    model's and the tokenizer's save_pretrained, or before config.json's move, leaves no folder that
+    loads as a model with a missing tokenizer; resuming writes the complete one."""
+    import kdqa.run_dir
+    from kdqa.modeling import load_tokenizer
+
+    extra = ("--eval_strategy", "epoch")
+    full, _ = reference_run(setup, "finetune", extra, monkeypatch)
+
+    def kill(real):
+        return lambda *a, **k: (_ for _ in ()).throw(Killed("final save"))
+
+    def kill_before_config(real):
+        return lambda source, target: (kill(real) if target.endswith("config.json") else real)(source, target)
+
+    points = {"between model and tokenizer": (type(load_tokenizer(setup["student"])), "save_pretrained", kill),
+              "before config.json moves": (kdqa.run_dir, "_move", kill_before_config)}
+    for where, (owner, attr, make) in points.items():
+        out = tmp_path / where.replace(" ", "-")
+        monkeypatch.setattr(owner, attr, make(getattr(owner, attr)))
+        with pytest.raises(Killed):
+            kdqa.trainer.train(parse_args(argv_for("finetune", setup, out, *extra)))
+        monkeypatch.undo()
+        names = set(os.listdir(out))
+        assert "config.json" not in names, (where, names)
+        kdqa.trainer.train(parse_args(argv_for("finetune", setup, out, *extra, "--resume_from_checkpoint", "latest")))
+        names = set(os.listdir(out))
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names, names
+        assert ".kdqa-staging" not in names
+        assert same_model(final_model(out), final_model(full)) and comparable_log(out) == comparable_log(full)

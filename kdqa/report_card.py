@@ -171,15 +171,19 @@ def _facts(facts: dict) -> str:
                      for k, v in facts.items() if v is not None)
 
 
-def write_report(output_dir: str, report: dict) -> list[str]:
-    """report.json and report.md into output_dir (each written atomically)."""
+def write_report(output_dir: str, report: dict, markdown: str | None = None) -> list[str]:
+    """report.json and report.md (markdown, else render_report's) into output_dir, each atomically."""
     paths = [os.path.join(output_dir, name) for name in REPORT_NAMES]
     write_json(paths[1], report)
-    tmp = paths[0] + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(render_report(report))
-    os.replace(tmp, paths[0])
+    write_text(paths[0], render_report(report) if markdown is None else markdown)
     return paths
+
+
+def write_text(path: str, text: str) -> None:
+    """Through a temporary file, so a crash never leaves half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- the model card
@@ -215,10 +219,7 @@ def model_card(report: dict, *, model_name: str, base_model: str | None, license
 
 def write_model_card(model_dir: str, report: dict, *, model_name: str, base_model: str | None) -> str:
     path = os.path.join(model_dir, MODEL_CARD_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(model_card(report, model_name=model_name, base_model=base_model))
-    os.replace(tmp, path)
+    write_text(path, model_card(report, model_name=model_name, base_model=base_model))
     return path
 
 
@@ -292,10 +293,4 @@ def render_recipe_report(report: dict) -> str:
 
 
 def write_recipe_report(output_dir: str, report: dict) -> list[str]:
-    paths = [os.path.join(output_dir, name) for name in REPORT_NAMES]
-    write_json(paths[1], report)
-    tmp = paths[0] + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(render_recipe_report(report))
-    os.replace(tmp, paths[0])
-    return paths
+    return write_report(output_dir, report, render_recipe_report(report))

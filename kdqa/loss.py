@@ -39,6 +39,9 @@ __all__ = ["QALoss", "qa_distillation_loss", "qa_distillation_loss_reference", "
            "triton_available", "interpreter_enabled"]
 
 IMPLS = ("auto", "triton", "torch")
+#: Largest accepted temperature: the KD term agrees with float64 up to here (the parity suites
+#: check it), and T^2 and the series form's (logit difference / T)^2 stay far inside float32.
+MAX_TEMPERATURE = 1e6
 #: What ``impl`` (the ``--loss_impl`` flag) picks.
 IMPL_HELP = ("fused Triton loss or its PyTorch reference (auto: Triton on CUDA tensors, and on the "
              "CPU when TRITON_INTERPRET=1 was set before start-up, which runs the kernel in "
@@ -151,6 +154,9 @@ def _validate(student_start_logits, student_end_logits, start_positions, end_pos
                              "(the shape of student_start_logits)")
     if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite Python number > 0, got {temperature!r}")
+    if temperature > MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be at most {MAX_TEMPERATURE:g} (the KD term is exact "
+                         f"up to there), got {temperature!r}")
     for name, a in (("alpha_ce", alpha_ce), ("alpha_kd", alpha_kd)):
         if not _is_number(a) or not math.isfinite(a) or a < 0:
             raise ValueError(f"{name} must be a finite Python number >= 0, got {a!r}")

@@ -156,14 +156,17 @@ def _kl_small(kl_direct, delta, s1, s2, n_big):
 
 @triton.jit
 def _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, centre,
-                 ce_grad_scale, kd_grad_scale, HAS_TEACHER: tl.constexpr):
+                 delta, s2_row, series, ce_grad_scale, kd_grad_scale, HAS_TEACHER: tl.constexpr):
     """Gradient and KL contribution of one block of a row, given the row's final statistics.
 
     ``s`` and ``tt`` are the untempered student and teacher blocks (-inf where not valid).
     Log-probabilities are formed as ``(x - max)/T - log(sum)`` for both models alike: logits of
     1e4 keep full float32 precision, and a teacher equal to the student gives exactly KL = 0.
     Also the block's terms of the series form (``_kl_small``) about ``centre`` ~ E_q[d]:
-    ``(kl, q d', q d' expm1 d', q (expm1 d' - d'), count of |d'| >= SERIES_MAX)``.
+    ``(kl, q d', q d' expm1 d', q (expm1 d' - d'), count of |d'| >= SERIES_MAX)``.  Where
+    ``series`` (the row's sums ``delta``, ``s2_row`` known), the KD gradient is taken in that form
+    too, ``q - p = q (delta + S2 - d' - (expm1 d' - d')) / (1 + delta + S2)``: ``q - p`` itself
+    loses its size-1/T difference to the rounding of q and p.
     """
     e_s = tl.exp(s - m_s)
     r = e_s / z_s
@@ -184,7 +187,6 @@ def _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, ce
         log_p = shifted_p - tl.log(z_p)
         # 0 * log 0 = 0: a teacher probability of exactly 0 (masked or -inf) contributes nothing.
         kl = tl.where(valid & (e_p > 0.0), p * (log_p - log_q), 0.0)
-        grad = grad + kd_grad_scale * (q - p)
         # NaN (from inf - inf) fails the comparison, so such a row keeps the direct sum.
         d = tl.where(valid, ((tt - m_t) - (s - m_s)) / temperature - centre, 0.0)
         big = tl.where(valid & ((tl.abs(d) < _SERIES_MAX) == 0), 1, 0)
@@ -194,6 +196,9 @@ def _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, ce
         dq = q * d
         s1 = dq * (d + g)
         s2 = q * g
+        q_minus_p = tl.where(series, q * ((delta + s2_row) - (d + g)) / (1.0 + delta + s2_row),
+                             q - p)
+        grad = grad + kd_grad_scale * q_minus_p
     grad = tl.where(valid, grad, 0.0)
     return grad, kl, dq, s1, s2, big
 
@@ -280,15 +285,21 @@ def _qa_distill_fwd_kernel(
             z_p = tl.sum(tl.exp((tt - m_t) / temperature), axis=0)
             centre = tl.sum(tl.where(valid & (e_q > 0.0), e_q * (tt - s), 0.0), axis=0)
             centre = (centre / z_q + (m_s - m_t)) / temperature
-        grad, kl, dq, s1, s2, big = _row_outputs(
-            s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, centre,
+        # The row's sums first (this call's gradient is unused), then the gradient with them.
+        _, kl, dq, s1, s2, big = _row_outputs(
+            s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, centre, 0.0, 0.0, False,
             ce_grad_scale, kd_grad_scale, HAS_TEACHER)
+        kl_row = tl.sum(kl, axis=0)
+        delta = tl.sum(dq, axis=0)
+        s2_row = tl.sum(s2, axis=0)
+        n_big = tl.sum(big, axis=0)
+        if HAS_TEACHER:
+            kl_row = _kl_small(kl_row, delta, tl.sum(s1, axis=0), s2_row, n_big)
+        grad, kl, dq, s1, s2, big = _row_outputs(
+            s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, centre, delta, s2_row,
+            n_big == 0, ce_grad_scale, kd_grad_scale, HAS_TEACHER)
         if store_grad:
             tl.store(g_base + cols, grad, mask=cols < L)
-        kl_row = tl.sum(kl, axis=0)
-        if HAS_TEACHER:
-            kl_row = _kl_small(kl_row, tl.sum(dq, axis=0), tl.sum(s1, axis=0),
-                               tl.sum(s2, axis=0), tl.sum(big, axis=0))
     else:
         # Pass 1: online max and rescaled sums of exp(s), exp(s/T) (sharing max(s)) and exp(t/T).
         m_s = float("-inf")
@@ -335,8 +346,8 @@ def _qa_distill_fwd_kernel(
             if HAS_TEACHER:
                 tt = _load_block(t_base, cols, t_sl, valid)
             grad, kl, dq, s1, s2, big = _row_outputs(
-                s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, centre,
-                ce_grad_scale, kd_grad_scale, HAS_TEACHER)
+                s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, centre, 0.0, 0.0,
+                False, ce_grad_scale, kd_grad_scale, HAS_TEACHER)
             if store_grad:
                 tl.store(g_base + cols, grad, mask=cols < L)
             kl_row += tl.sum(kl, axis=0)
@@ -347,6 +358,17 @@ def _qa_distill_fwd_kernel(
                 n_big += tl.sum(big, axis=0)
         if HAS_TEACHER:
             kl_row = _kl_small(kl_row, delta, s1_row, s2_row, n_big)
+            # Pass 3, only for a row in series form: its gradient again, in that form.
+            if store_grad and n_big == 0:
+                for start in range(0, L, BLOCK):
+                    cols = start + tl.arange(0, BLOCK).to(tl.int64)
+                    valid = _valid_columns(m_base, cols, m_sl, L)
+                    s = _load_block(s_base, cols, s_sl, valid)
+                    tt = _load_block(t_base, cols, t_sl, valid)
+                    grad, kl, dq, s1, s2, big = _row_outputs(
+                        s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, centre,
+                        delta, s2_row, True, ce_grad_scale, kd_grad_scale, HAS_TEACHER)
+                    tl.store(g_base + cols, grad, mask=cols < L)
 
     # (m_s - s_y) + log z_s rather than (m_s + log z_s) - s_y: no cancellation for large logits.
     ce_row = tl.where(label_ok, ((m_s - s_y) + tl.log(z_s)) * 0.5 * inv_count, 0.0)

@@ -359,16 +359,17 @@ def _qa_distill_fwd_kernel(
         if HAS_TEACHER:
             kl_row = _kl_small(kl_row, delta, s1_row, s2_row, n_big)
             # Pass 3, only for a row in series form: its gradient again, in that form.
-            if store_grad and n_big == 0:
-                for start in range(0, L, BLOCK):
-                    cols = start + tl.arange(0, BLOCK).to(tl.int64)
-                    valid = _valid_columns(m_base, cols, m_sl, L)
-                    s = _load_block(s_base, cols, s_sl, valid)
-                    tt = _load_block(t_base, cols, t_sl, valid)
-                    grad, kl, dq, s1, s2, big = _row_outputs(
-                        s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, centre,
-                        delta, s2_row, True, ce_grad_scale, kd_grad_scale, HAS_TEACHER)
-                    tl.store(g_base + cols, grad, mask=cols < L)
+            if store_grad:
+                if n_big == 0:
+                    for start in range(0, L, BLOCK):
+                        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+                        valid = _valid_columns(m_base, cols, m_sl, L)
+                        s = _load_block(s_base, cols, s_sl, valid)
+                        tt = _load_block(t_base, cols, t_sl, valid)
+                        grad, kl, dq, s1, s2, big = _row_outputs(
+                            s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, centre,
+                            delta, s2_row, True, ce_grad_scale, kd_grad_scale, HAS_TEACHER)
+                        tl.store(g_base + cols, grad, mask=cols < L)
 
     # (m_s - s_y) + log z_s rather than (m_s + log z_s) - s_y: no cancellation for large logits.
     ce_row = tl.where(label_ok, ((m_s - s_y) + tl.log(z_s)) * 0.5 * inv_count, 0.0)

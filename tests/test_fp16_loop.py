@@ -151,3 +151,21 @@ def test_fp16_on_the_cpu_stays_refused_for_users():
 
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         resolve_precision("fp16", "cpu")
+
+
+def test_fp16_steps_read_the_scale_back_only_when_saving(setup, tmp_path, monkeypatch):
+    """The skipped-step count stays on the device: no per-step ``get_scale()`` host read (the
+    scaler's ``state_dict`` reads it once per checkpoint)."""
+    import kdqa.precision
+
+    monkeypatch.setattr(kdqa.precision, "CPU_FP16_FOR_TESTS", True)
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(
+        torch.amp.GradScaler, init_scale=INIT_SCALE, growth_interval=GROWTH_INTERVAL))
+    reads = []
+    real_get_scale = torch.amp.grad_scaler.GradScaler.get_scale
+    monkeypatch.setattr(torch.amp.grad_scaler.GradScaler, "get_scale",
+                        lambda self: reads.append(1) or real_get_scale(self))
+    results = train(setup, tmp_path / "out", "finetune", "--precision", "fp16", "--loss_impl", "torch",
+                    "--max_steps", "6", "--save_steps", "6", "--logging_steps", "3")
+    assert results["skipped_steps"] >= 1
+    assert len(reads) <= 1, f"{len(reads)} host reads of the scale in 6 steps and 1 checkpoint"

@@ -472,9 +472,7 @@ RANGES = {
     "logging_steps": _at_least(1), "eval_steps": _at_least(1),
     "save_steps": ((lambda v: v >= 0), "at least 0 (0: checkpoints at epoch ends only)"),
     "save_total_limit": _at_least(1),
-    "temperature": ((lambda v: 0 < v <= loss.MAX_TEMPERATURE),
-                    f"> 0 and finite, at most {loss.MAX_TEMPERATURE:g} (the KD term is exact up to there)"),
-    "alpha_ce": _NON_NEGATIVE, "alpha_kd": _NON_NEGATIVE, "alpha_hidden": _NON_NEGATIVE,
+    "temperature": _POSITIVE, "alpha_ce": _NON_NEGATIVE, "alpha_kd": _NON_NEGATIVE, "alpha_hidden": _NON_NEGATIVE,
 }
 
 
@@ -553,6 +551,11 @@ def _validate_training_flags(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- predict and export (issue 16)
 
 INFERENCE_COMMANDS = ("predict", "export")
+
+
+# --temperature: bounded above too (kdqa.loss.MAX_TEMPERATURE), where the KD term is still exact.
+RANGES["temperature"] = ((lambda v: 0 < v <= loss.MAX_TEMPERATURE),
+                         f"> 0 and finite, at most {loss.MAX_TEMPERATURE:g} (the KD term is exact up to there)")
 
 
 def _add_inference_commands(sub) -> None:

@@ -771,6 +771,11 @@ def _check_hidden_flags(args: argparse.Namespace) -> None:
 INFERENCE_COMMANDS = ("predict", "export")
 
 
+# --temperature: bounded above too (kdqa.loss.MAX_TEMPERATURE), where the KD term is still exact.
+RANGES["temperature"] = ((lambda v: 0 < v <= loss.MAX_TEMPERATURE),
+                         f"> 0 and finite, at most {loss.MAX_TEMPERATURE:g} (the KD term is exact up to there)")
+
+
 def _add_inference_commands(sub) -> None:
     """`predict` (answer questions with a model folder) and `export` (ONNX, optionally int8)."""
     p = sub.add_parser("predict", formatter_class=_HelpFormatter, help="answer questions with a model folder",

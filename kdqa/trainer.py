@@ -82,6 +82,7 @@ class Progress:
     epoch: int = 0
     batch_in_epoch: int = 0       # micro-batches of `epoch` done
     skipped_steps: int = 0        # fp16 overflow steps the gradient scaler skipped
+    skipped_on_device: torch.Tensor | None = None  # skips not yet added to skipped_steps (no sync)
     running: dict = field(default_factory=dict)  # name -> summed per-step term since the last log
     steps_since_log: int = 0
     features_since_log: int = 0
@@ -536,13 +537,28 @@ def optimizer_step(run: Run) -> None:
     if run.args.max_grad_norm and run.args.max_grad_norm > 0:
         run.scaler.unscale_(run.optimizer)
         run.progress.grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable_parameters(), run.args.max_grad_norm)
-    scale_before = run.scaler.get_scale() if run.scaler.is_enabled() else None
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    if scale_before is not None and run.scaler.get_scale() < scale_before:
-        run.progress.skipped_steps += 1
+    if not run.scaler.is_enabled():
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        # The scale tensor (updated in place) is compared on the device: an overflow halves it.
+        # No host read here; settle_skipped_steps adds the count up when logging or saving.
+        scale_before = run.scaler._scale.clone()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        skipped = (run.scaler._scale < scale_before).to(torch.long).reshape(())
+        p = run.progress
+        p.skipped_on_device = skipped if p.skipped_on_device is None else p.skipped_on_device + skipped
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+
+
+def settle_skipped_steps(run: Run) -> None:
+    """Add the device-side count of scaler-skipped steps to progress.skipped_steps (one read)."""
+    p = run.progress
+    if p.skipped_on_device is not None:
+        p.skipped_steps += int(p.skipped_on_device.item())
+        p.skipped_on_device = None
 
 
 def average_loss_module_grads(run: Run) -> None:
@@ -721,7 +737,9 @@ def score_on_dev(run: Run, epoch: float, record: bool = True) -> None:
 def check_finite(run: Run) -> None:
     """Stop with the first step whose loss was NaN or inf (one device read, only when logging/saving).
 
-    Decided over all ranks: a NaN on one rank stops every rank, none is left waiting in a collective."""
+    Decided over all ranks: a NaN on one rank stops every rank, none is left waiting in a collective.
+    Every log, checkpoint and finish passes here first: the skipped-step count is settled too."""
+    settle_skipped_steps(run)
     step = run.progress.first_bad_step
     never = torch.iinfo(step.dtype).max
     bad = int(all_reduce_min(torch.where(step < 0, torch.full_like(step, never), step), run.dist).item())

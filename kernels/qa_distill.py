@@ -38,11 +38,38 @@ length stay correct.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+
+def _interpreter_index_compat() -> None:
+    """Triton 3.6's interpreter turns a scalar argument into ``int(array of shape [1])``, which
+    numpy 2 refuses (``range(0, B, CHUNK)`` fails with "only 0-dimensional arrays can be
+    converted"); Triton 3.9 squeezes the array first.  Under the interpreter of an older Triton,
+    patch its tensor ``__index__`` the same way.  Compiled kernels are not affected."""
+    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "yes", "on"):
+        return
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_kdqa_compat", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._kdqa_compat = True
+    interpreter._patch_lang_tensor = patched
+
+
+_interpreter_index_compat()
 
 #: Rows up to this many columns are handled by one block held in registers.
 SINGLE_BLOCK_MAX = 2048
@@ -55,6 +82,9 @@ LOOP_BLOCK = 2048
 ROW_CHUNK = 256
 #: Elements per program of the backward kernel.
 BWD_BLOCK = 2048
+#: Rows whose centred log-ratios are all below this take KL's series form (see ``_kl_small``).
+SERIES_MAX = 0.5
+_SERIES_MAX = tl.constexpr(SERIES_MAX)
 
 
 @triton.jit
@@ -93,19 +123,60 @@ def _load_block(row_base, cols, col_stride, valid):
 
 
 @triton.jit
-def _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature,
-                 ce_grad_scale, kd_grad_scale, HAS_TEACHER: tl.constexpr):
+def _exp_minus_1_minus_x(x):
+    """``exp(x) - 1 - x`` for |x| < SERIES_MAX without cancellation (Horner form, to x^9/9!)."""
+    acc = 1.0 / 362880.0
+    acc = acc * x + 1.0 / 40320.0
+    acc = acc * x + 1.0 / 5040.0
+    acc = acc * x + 1.0 / 720.0
+    acc = acc * x + 1.0 / 120.0
+    acc = acc * x + 1.0 / 24.0
+    acc = acc * x + 1.0 / 6.0
+    acc = acc * x + 0.5
+    return acc * x * x
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) to float32 precision for small x (Goldberg's correction of log(1 + x))."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _kl_small(kl_direct, delta, s1, s2, n_big):
+    """The row's KL: the series form where every centred log-ratio was small, else the direct
+    sum.  With ``d' = (t - max t - s + max s)/T - c``: ``KL = E_p[d'] - log E_q[exp d']``
+    ``= (delta + S1)/(1 + delta + S2) - log1p(delta + S2)``, ``delta = E_q[d']`` (about 0),
+    ``S1 = E_q[d' expm1 d']``, ``S2 = E_q[expm1 d' - d']``: sums of non-negative terms, where
+    the direct sum subtracts two terms of size log L (5 % off at T = 1e3, negative at 1e4)."""
+    series = (delta + s1) / (1.0 + delta + s2) - _log1p(delta + s2)
+    return tl.where(n_big == 0, series, kl_direct)
+
+
+@triton.jit
+def _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, centre,
+                 delta, s2_row, series, ce_grad_scale, kd_grad_scale, HAS_TEACHER: tl.constexpr):
     """Gradient and KL contribution of one block of a row, given the row's final statistics.
 
     ``s`` and ``tt`` are the untempered student and teacher blocks (-inf where not valid).
     Log-probabilities are formed as ``(x - max)/T - log(sum)`` for both models alike: logits of
     1e4 keep full float32 precision, and a teacher equal to the student gives exactly KL = 0.
+    Also the block's terms of the series form (``_kl_small``) about ``centre`` ~ E_q[d]:
+    ``(kl, q d', q d' expm1 d', q (expm1 d' - d'), count of |d'| >= SERIES_MAX)``.  Where
+    ``series`` (the row's sums ``delta``, ``s2_row`` known), the KD gradient is taken in that form
+    too, ``q - p = q (delta + S2 - d' - (expm1 d' - d')) / (1 + delta + S2)``: ``q - p`` itself
+    loses its size-1/T difference to the rounding of q and p.
     """
     e_s = tl.exp(s - m_s)
     r = e_s / z_s
     onehot = tl.where(cols == y, 1.0, 0.0)
     grad = ce_grad_scale * (r - onehot)
     kl = tl.zeros_like(r)
+    dq = tl.zeros_like(r)
+    s1 = tl.zeros_like(r)
+    s2 = tl.zeros_like(r)
+    big = tl.zeros_like(cols).to(tl.int32)
     if HAS_TEACHER:
         shifted_q = (s - m_s) / temperature
         q = tl.exp(shifted_q) / z_q
@@ -116,9 +187,20 @@ def _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature,
         log_p = shifted_p - tl.log(z_p)
         # 0 * log 0 = 0: a teacher probability of exactly 0 (masked or -inf) contributes nothing.
         kl = tl.where(valid & (e_p > 0.0), p * (log_p - log_q), 0.0)
-        grad = grad + kd_grad_scale * (q - p)
+        # NaN (from inf - inf) fails the comparison, so such a row keeps the direct sum.
+        d = tl.where(valid, ((tt - m_t) - (s - m_s)) / temperature - centre, 0.0)
+        big = tl.where(valid & ((tl.abs(d) < _SERIES_MAX) == 0), 1, 0)
+        d = tl.where(big == 0, d, 0.0)
+        g = _exp_minus_1_minus_x(d)
+        q = tl.where(valid, q, 0.0)
+        dq = q * d
+        s1 = dq * (d + g)
+        s2 = q * g
+        q_minus_p = tl.where(series, q * ((delta + s2_row) - (d + g)) / (1.0 + delta + s2_row),
+                             q - p)
+        grad = grad + kd_grad_scale * q_minus_p
     grad = tl.where(valid, grad, 0.0)
-    return grad, kl
+    return grad, kl, dq, s1, s2, big
 
 
 @triton.jit(do_not_specialize=["store_grad"])
@@ -192,18 +274,32 @@ def _qa_distill_fwd_kernel(
         z_q = 1.0
         m_t = 0.0
         z_p = 1.0
+        centre = 0.0
         tt = s
         if HAS_TEACHER:
-            z_q = tl.sum(tl.exp((s - m_s) / temperature), axis=0)
+            e_q = tl.exp((s - m_s) / temperature)
+            z_q = tl.sum(e_q, axis=0)
             tt = _load_block(t_base, cols, t_sl, valid)
             m_t = tl.max(tt, axis=0)
             m_t = tl.where(m_t == float("-inf"), 0.0, m_t)
             z_p = tl.sum(tl.exp((tt - m_t) / temperature), axis=0)
-        grad, kl = _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature,
-                                ce_grad_scale, kd_grad_scale, HAS_TEACHER)
+            centre = tl.sum(tl.where(valid & (e_q > 0.0), e_q * (tt - s), 0.0), axis=0)
+            centre = (centre / z_q + (m_s - m_t)) / temperature
+        # The row's sums first (this call's gradient is unused), then the gradient with them.
+        _, kl, dq, s1, s2, big = _row_outputs(
+            s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, centre, 0.0, 0.0, False,
+            ce_grad_scale, kd_grad_scale, HAS_TEACHER)
+        kl_row = tl.sum(kl, axis=0)
+        delta = tl.sum(dq, axis=0)
+        s2_row = tl.sum(s2, axis=0)
+        n_big = tl.sum(big, axis=0)
+        if HAS_TEACHER:
+            kl_row = _kl_small(kl_row, delta, tl.sum(s1, axis=0), s2_row, n_big)
+        grad, kl, dq, s1, s2, big = _row_outputs(
+            s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, centre, delta, s2_row,
+            n_big == 0, ce_grad_scale, kd_grad_scale, HAS_TEACHER)
         if store_grad:
             tl.store(g_base + cols, grad, mask=cols < L)
-        kl_row = tl.sum(kl, axis=0)
     else:
         # Pass 1: online max and rescaled sums of exp(s), exp(s/T) (sharing max(s)) and exp(t/T).
         m_s = float("-inf")
@@ -211,6 +307,7 @@ def _qa_distill_fwd_kernel(
         z_q = 0.0
         m_t = float("-inf")
         z_p = 0.0
+        w_q = 0.0  # sum of exp((s - max s)/T) (t - s): the series form's centre
         for start in range(0, L, BLOCK):
             cols = start + tl.arange(0, BLOCK).to(tl.int64)
             valid = _valid_columns(m_base, cols, m_sl, L)
@@ -219,9 +316,12 @@ def _qa_distill_fwd_kernel(
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
             z_s = z_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
             if HAS_TEACHER:
-                z_q = z_q * tl.exp((m_s - m_new) / temperature) \
-                    + tl.sum(tl.exp((s - m_new) / temperature), axis=0)
+                e_q = tl.exp((s - m_new) / temperature)
+                rescale = tl.exp((m_s - m_new) / temperature)
+                z_q = z_q * rescale + tl.sum(e_q, axis=0)
                 tt = _load_block(t_base, cols, t_sl, valid)
+                w_q = w_q * rescale + tl.sum(tl.where(valid & (e_q > 0.0), e_q * (tt - s), 0.0),
+                                             axis=0)
                 mt_new = tl.maximum(m_t, tl.max(tt, axis=0))
                 mt_new = tl.where(mt_new == float("-inf"), 0.0, mt_new)
                 z_p = z_p * tl.exp((m_t - mt_new) / temperature) \
@@ -231,8 +331,13 @@ def _qa_distill_fwd_kernel(
         if not HAS_TEACHER:
             z_q = 1.0
             z_p = 1.0
-        # Pass 2: gradients and the KL sum with the final statistics.
+        centre = (w_q / z_q + (m_s - m_t)) / temperature
+        # Pass 2: gradients and the KL sums with the final statistics.
         kl_row = 0.0
+        delta = 0.0
+        s1_row = 0.0
+        s2_row = 0.0
+        n_big = 0
         for start in range(0, L, BLOCK):
             cols = start + tl.arange(0, BLOCK).to(tl.int64)
             valid = _valid_columns(m_base, cols, m_sl, L)
@@ -240,11 +345,31 @@ def _qa_distill_fwd_kernel(
             tt = s
             if HAS_TEACHER:
                 tt = _load_block(t_base, cols, t_sl, valid)
-            grad, kl = _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature,
-                                    ce_grad_scale, kd_grad_scale, HAS_TEACHER)
+            grad, kl, dq, s1, s2, big = _row_outputs(
+                s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, centre, 0.0, 0.0,
+                False, ce_grad_scale, kd_grad_scale, HAS_TEACHER)
             if store_grad:
                 tl.store(g_base + cols, grad, mask=cols < L)
             kl_row += tl.sum(kl, axis=0)
+            if HAS_TEACHER:
+                delta += tl.sum(dq, axis=0)
+                s1_row += tl.sum(s1, axis=0)
+                s2_row += tl.sum(s2, axis=0)
+                n_big += tl.sum(big, axis=0)
+        if HAS_TEACHER:
+            kl_row = _kl_small(kl_row, delta, s1_row, s2_row, n_big)
+            # Pass 3, only for a row in series form: its gradient again, in that form.
+            if store_grad:
+                if n_big == 0:
+                    for start in range(0, L, BLOCK):
+                        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+                        valid = _valid_columns(m_base, cols, m_sl, L)
+                        s = _load_block(s_base, cols, s_sl, valid)
+                        tt = _load_block(t_base, cols, t_sl, valid)
+                        grad, kl, dq, s1, s2, big = _row_outputs(
+                            s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, centre,
+                            delta, s2_row, True, ce_grad_scale, kd_grad_scale, HAS_TEACHER)
+                        tl.store(g_base + cols, grad, mask=cols < L)
 
     # (m_s - s_y) + log z_s rather than (m_s + log z_s) - s_y: no cancellation for large logits.
     ce_row = tl.where(label_ok, ((m_s - s_y) + tl.log(z_s)) * 0.5 * inv_count, 0.0)
@@ -322,7 +447,25 @@ def choose_blocking(L: int, block_size: Optional[int] = None) -> Blocking:
     warps = 4 if block <= 1024 else 8
     if block > 8 * 32 * warps:
         raise ValueError(f"block_size {block} is above the largest block, {8 * 32 * warps}")
+    if _OLDER_TRITON:
+        warps = _OLDER_TRITON_WARPS.get((single, block), warps)
     return Blocking(single, block, warps)
+
+
+def _triton_before(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return found < (major, minor)
+
+
+#: Triton before 3.9 (3.6, the GPU machines' compiler) gives the variants without a teacher an
+#: 8-byte stack frame on sm_90 at (single block 1024, 4 warps) and (two passes of 2048, 8 warps);
+#: these warp counts compile clean there for every variant (tests/test_qa_distill_compile.py
+#: checks both Triton versions in CI).  {(single, block): warps}
+_OLDER_TRITON = _triton_before(3, 9)
+_OLDER_TRITON_WARPS = {(True, 1024): 8, (False, 2048): 4}
 
 
 _TICKETS: dict = {}

@@ -17,7 +17,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 
 # Sub-commands that run one function: (module, function), imported only when chosen.
@@ -49,6 +51,15 @@ def run_command(args) -> None:
                 if args.do_train else args)
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (loading, tokenising, the cache build, the final evaluation):
+    it stops the command with one line instead of silently. Inside the loop StopRequest takes it."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def report_stop(args, stop: BaseException, argv) -> int:
     """One line for a run stopped by a signal (or a second Ctrl-C), with the command that continues it;
     exit 128 + the signal's number."""
@@ -57,13 +68,14 @@ def report_stop(args, stop: BaseException, argv) -> int:
 
     command = continue_command(sys.argv[1:] if argv is None else list(argv), sys.argv[0] if argv is None else
                                "train.py", int(os.environ.get("WORLD_SIZE", "1")))
+    name, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
     if isinstance(stop, TrainingInterrupted):
         line, code = f"{stop}; continue with: {command}", stop.exit_code
     elif args.command == "recipe" or (args.command in ("finetune", "distill") and
                                       list_checkpoints(getattr(args, "output_dir", None))):
-        line, code = f"interrupted (Ctrl-C); continue from the last checkpoint with: {command}", 130
+        line = f"interrupted ({name}); continue from the last checkpoint with: {command}"
     else:
-        line, code = "interrupted (Ctrl-C)", 130
+        line = f"interrupted ({name})"
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"train.py {args.command}: {line}", file=sys.stderr)
     return code
@@ -88,9 +100,11 @@ def main(argv=None) -> int:
 
     user_errors = (ConfigError, SquadDataError, ModelLoadError, CheckpointError, NonFiniteLossError,
                    FileExistsError, FileNotFoundError, ValueError)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         run_command(args)
-    except (TrainingInterrupted, KeyboardInterrupt) as stop:
+    except (TrainingInterrupted, KeyboardInterrupt, Terminated) as stop:
         if os.environ.get("KDQA_TRACEBACK"):
             raise
         return report_stop(args, stop, argv)
@@ -101,6 +115,9 @@ def main(argv=None) -> int:
             raise
         print(f"train.py {args.command}: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
 
 

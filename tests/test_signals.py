@@ -188,6 +188,20 @@ def test_the_continue_command_keeps_every_flag_but_resume_and_overwrite():
     assert continue_command(["distill"], "t.py", 2).startswith("torchrun --nproc_per_node=2 t.py distill")
 
 
+def test_sigterm_outside_the_training_loop_is_one_line_and_exit_143(setup, tmp_path, monkeypatch, capsys,
+                                                                   sigterm_fails_the_test):
+    """While data loads or the final evaluation runs, SIGTERM stops the command with one line, not silently."""
+    import train
+
+    def loading(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+    monkeypatch.setattr(train, "run_command", loading)
+    code = train.main(argv_for("finetune", setup, tmp_path / "out"))
+    assert code == 143
+    assert capsys.readouterr().err.strip().endswith("interrupted (SIGTERM)")
+
+
 def test_outside_training_the_previous_handlers_are_back():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     from kdqa.interrupt import StopRequest

@@ -16,16 +16,9 @@ from kdqa import evaluate as kdqa_evaluate
 from kdqa.config import ConfigError, parse_args
 from tiny_models import make_model_folder, make_name_task, tiny_bert_config, write_squad
 
-WINDOW = ["--max_seq_length", "48", "--doc_stride", "16"]
+from test_model_folders import WINDOW, one_error_line
+
 BOM = b"\xef\xbb\xbf"
-
-
-def one_error_line(argv, capsys, code=1) -> str:
-    assert train_py.main(argv) == code
-    err = [line for line in capsys.readouterr().err.splitlines()
-           if line.strip() and not line.startswith("[kdqa]") and "%|" not in line]  # logs, progress bars
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 @pytest.fixture(scope="module")

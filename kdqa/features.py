@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -27,6 +28,20 @@ MAX_QUERY_LENGTH = 64
 # Inputs up to this many examples are converted in one go without Dataset.map; it is also the
 # map's batch size.
 DIRECT_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class Window:
+    """How an example is cut into features (run_qa.py's three flags), one value from parsing to
+    the predictor, so training, evaluation and serving cannot cut differently."""
+
+    max_seq_length: int = MAX_SEQ_LENGTH
+    doc_stride: int = DOC_STRIDE
+    max_query_length: int = MAX_QUERY_LENGTH
+
+    @classmethod
+    def from_args(cls, args) -> "Window":
+        return cls(args.max_seq_length, args.doc_stride, args.max_query_length)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ numpy operations instead of a Python double loop.
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -84,6 +85,18 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
         return finite[np.argmax(scores[finite])][None]
     part = np.argpartition(-scores[finite], k - 1)[:k]
     return finite[part]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How logits become an answer span (run_qa.py's two flags), one value from parsing to the predictor."""
+
+    n_best_size: int = 20
+    max_answer_length: int = 30
+
+    @classmethod
+    def from_args(cls, args) -> "Decoding":
+        return cls(args.n_best_size, args.max_answer_length)
 
 
 class Span(NamedTuple):

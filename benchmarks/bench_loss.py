@@ -216,7 +216,7 @@ class Timer:
 def count_launches(fn, inputs, args):
     """{pass: device launches} of one call after a warm-up: the CUDA kernels, copies and memsets
     the profiler sees on a GPU; on the CPU, the aten ops that would launch one plus the Triton
-    launches (``kernels.launch_count``).  The gradient seed is made outside the count."""
+    launches (``kdqa.kernels.launch_count``).  The gradient seed is made outside the count."""
     test_in = clone_inputs(inputs)
     leaves = [test_in["s_start"], test_in["s_end"]]
     seed = torch.ones((), device=args.device)
@@ -233,9 +233,7 @@ def count_launches(fn, inputs, args):
                 torch.cuda.synchronize()
             return result, sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
     else:
-        from kdqa.loss import load_kernel
-
-        counter = load_kernel("launch_count").count_launches
+        from kdqa.kernels.launch_count import count_launches as counter
 
         def counted(step):
             with counter() as c:

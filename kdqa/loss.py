@@ -26,7 +26,6 @@ NaN or inf in a logit that takes part in the loss shows in the loss; masked colu
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import math
 import os
@@ -35,7 +34,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["QALoss", "qa_distillation_loss", "qa_distillation_loss_reference", "load_kernel",
+__all__ = ["QALoss", "qa_distillation_loss", "qa_distillation_loss_reference",
            "triton_available", "interpreter_enabled"]
 
 IMPLS = ("auto", "triton", "torch")
@@ -66,31 +65,21 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-#: Import names of kdqa's ``kernels/`` folder: installed, it is ``kdqa_kernels`` (``kernels`` is
-#: also Hugging Face's kernel hub); in a checkout run from the repository root, ``kernels``.
-KERNEL_PACKAGES = ("kdqa_kernels", "kernels")
+def _fused_kernel():
+    """The fused kernel's autograd entry point, imported on first use.
 
-
-def load_kernel(module: str = "qa_distill"):
-    """Import ``module`` of kdqa's kernels folder on first use, so ``import kdqa.loss`` works
-    without triton.
-
-    Lazy also because triton decides between compiling and interpreting when the kernel module
-    is imported: TRITON_INTERPRET must be set by then.
+    Lazy on purpose: it keeps triton off the import path of ``import kdqa.loss`` (and so of
+    ``train.py --help``), and triton decides between compiling and interpreting when the kernel
+    module is imported, so TRITON_INTERPRET must be set by then.
     """
-    for package in KERNEL_PACKAGES:
-        if importlib.util.find_spec(package) is None:
-            continue
-        try:
-            return importlib.import_module(f"{package}.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{package}.{module}":  # not "this folder is someone else's kernels"
-                raise ImportError(
-                    "impl='triton' needs the triton package (pip install triton, Linux only); "
-                    "use impl='torch' for the PyTorch reference") from exc
-    raise ImportError(f"kdqa's kernels.{module} was not found (neither as kdqa_kernels, installed "
-                      "with kdqa, nor as kernels/ of a checkout): reinstall kdqa (pip install -e .) "
-                      "or use impl='torch'")
+    try:
+        from kdqa.kernels.qa_distill import qa_distill
+    except ModuleNotFoundError as exc:
+        if exc.name != "triton" and not (exc.name or "").startswith("triton."):
+            raise
+        raise ImportError("impl='triton' needs the triton package (pip install triton, Linux only); "
+                          "use impl='torch' for the PyTorch reference") from exc
+    return qa_distill
 
 
 def _is_number(x) -> bool:
@@ -222,8 +211,7 @@ def qa_distillation_loss(student_start_logits: Tensor, student_end_logits: Tenso
         return _reference(student_start_logits, student_end_logits, start_positions, end_positions,
                           teacher_start_logits, teacher_end_logits, temperature, alpha_ce,
                           alpha_kd, mask)
-    kernel = load_kernel()
-    loss, ce, kd = kernel.qa_distill(
+    loss, ce, kd = _fused_kernel()(
         student_start_logits, student_end_logits, start_positions, end_positions,
         teacher_start_logits, teacher_end_logits, mask, float(temperature), float(alpha_ce),
         float(alpha_kd))

@@ -15,7 +15,7 @@ dtype pairs, e.g. a float16 student with a bfloat16 teacher, differ from a compi
 the conversion instruction of the teacher's load.
 
 Needs the compiler, not the interpreter: run it with TRITON_INTERPRET unset (the test starts it in
-a subprocess for that reason).  ``python -m kernels.compile_check --markdown`` prints the table of
+a subprocess for that reason).  ``python -m kdqa.kernels.compile_check --markdown`` prints the table of
 ``benchmarks/RESULTS.md``; ``--json`` prints one record per variant.
 """
 

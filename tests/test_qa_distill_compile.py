@@ -1,6 +1,6 @@
 """The fused loss's kernels compile for real GPUs (sm_80, sm_90) on the CPU, without spilling.
 
-``kernels.compile_check`` compiles every variant the launcher can pick, through Triton's own
+``kdqa.kernels.compile_check`` compiles every variant the launcher can pick, through Triton's own
 specialisation of the launcher's arguments, and reads registers and local memory from each cubin
 with ``cuobjdump``.  It runs in a subprocess with TRITON_INTERPRET unset: under the interpreter
 (which tests/conftest.py switches on without a GPU) ``triton.jit`` returns interpreted functions
@@ -18,7 +18,7 @@ import pytest
 
 
 triton = pytest.importorskip("triton")
-from kdqa.loss import load_kernel  # noqa: E402
+from kdqa.kernels import compile_check, qa_distill  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,13 +33,13 @@ def _tool(name):
 
 
 def _compile_check(*args):
-    """Run ``python -m kernels.compile_check ARGS`` with the compiler (not the interpreter)."""
+    """Run ``python -m kdqa.kernels.compile_check ARGS`` with the compiler (not the interpreter)."""
     missing = [t for t in ("ptxas", "cuobjdump") if _tool(t) is None]
     if missing:
         pytest.skip(f"{' and '.join(missing)} not found (neither in the triton wheel nor on PATH)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 = its default
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--json", *args],
+    proc = subprocess.run([sys.executable, "-m", "kdqa.kernels.compile_check", "--json", *args],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode not in (0, 1):  # 1: compiled, but something spilled (asserted below)
         pytest.fail(f"compile_check failed:\n{proc.stderr[-4000:]}")
@@ -53,7 +53,6 @@ def compiled():
 
 @pytest.mark.slow
 def test_every_launcher_variant_compiles_for_sm80_and_sm90(compiled):
-    compile_check, qa_distill = load_kernel("compile_check"), load_kernel()
 
     blocks = {(b.single, b.block, b.num_warps) for b in compile_check.forward_blockings()}
     seen = {(r["single"], r["block"], r["num_warps"]) for r in compiled if r["kernel"] == "fwd"}
@@ -73,7 +72,7 @@ def test_every_launcher_variant_compiles_for_sm80_and_sm90(compiled):
 def test_no_variant_spills_registers(compiled):
     spilled = [f"{r['label']} {r['arch']}: {r['registers']} registers, "
                f"{r['stack_bytes']} B stack, {r['local_instructions']} local loads/stores"
-               for r in compiled if load_kernel("compile_check").spills(r)]
+               for r in compiled if compile_check.spills(r)]
     assert not spilled, "register spills:\n" + "\n".join(spilled)
 
 
@@ -82,4 +81,4 @@ def test_the_spill_check_sees_a_spilling_variant():
     """One warp holding a 2048-column row with a strided teacher (64 values per thread) must
     spill: proof that the check above can fail."""
     (probe,) = _compile_check("--spill_probe")
-    assert load_kernel("compile_check").spills(probe), probe
+    assert compile_check.spills(probe), probe

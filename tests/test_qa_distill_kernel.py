@@ -14,9 +14,9 @@ from typing import Optional
 import pytest
 import torch
 
-from kdqa.loss import QALoss, load_kernel, qa_distillation_loss, qa_distillation_loss_reference
+from kdqa.kernels import qa_distill as kernel
+from kdqa.loss import QALoss, qa_distillation_loss, qa_distillation_loss_reference
 
-kernel = load_kernel()
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")

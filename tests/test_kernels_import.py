@@ -1,5 +1,10 @@
-"""kdqa's ``kernels/`` folder and Hugging Face's kernel hub package (import name ``kernels`` too)
-installed side by side: neither breaks the other.
+"""kdqa's ``kernels/`` folder, imported as ``kdqa.kernels``, and Hugging Face's kernel hub package
+(import name ``kernels``) installed side by side: neither breaks the other.
+
+``kernels/`` has no ``__init__.py``, so run from the repository root it is only a namespace portion
+and the hub's regular package wins ``import kernels``.  ``kdqa/kernels`` is a symlink to it: the
+editable install's finder cannot map a namespace subpackage (setuptools issue 4943), the symlink
+makes it a plain subfolder of ``kdqa``; the wheel copies ``kernels/`` to ``kdqa/kernels/``.
 
 transformers imports names from ``kernels`` when the hub's metadata shows a version it supports.
 Each case runs in a fresh interpreter against a stand-in hub written to a temporary folder (the
@@ -9,6 +14,7 @@ real one is not a dependency): a package ``kernels`` that provides any name and 
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -44,13 +50,14 @@ def hub_site(tmp_path_factory):
 
 
 LOSS_RUNS = """
-    import torch
-    from kdqa.loss import load_kernel, qa_distillation_loss
+    import pathlib, torch
+    import kdqa.kernels.qa_distill
+    from kdqa.loss import qa_distillation_loss
     s = torch.randn(2, 9, requires_grad=True)
     p = torch.tensor([1, 2])
     out = qa_distillation_loss(s, s, p, p, s.detach(), s.detach(), impl="triton")
     out.loss.backward()
-    print("ours:", load_kernel().__file__)
+    print("ours:", pathlib.Path(kdqa.kernels.qa_distill.__file__).resolve())
 """
 
 
@@ -64,11 +71,9 @@ def _run(code, cwd, pythonpath):
     return proc.stdout
 
 
-
-
-def test_checkout_run_from_its_root_serves_the_hub_to_transformers(hub_site):
-    """A command run from the repository root sees our folder as ``kernels`` first: transformers
-    must still get the hub's names, and we our kernel."""
+def test_run_from_the_repository_root_leaves_kernels_to_the_hub(hub_site):
+    """Run from the repository root, our ``kernels/`` folder (no ``__init__.py``: a namespace
+    portion) must not hide the hub's regular package from transformers."""
     out = _run("""
         import kernels
         assert kernels.HUB and kernels.LayerRepository is kernels.layer.LayerRepository
@@ -81,18 +86,18 @@ def test_checkout_run_from_its_root_serves_the_hub_to_transformers(hub_site):
     assert f"ours: {REPO_ROOT / 'kernels' / 'qa_distill.py'}" in out
 
 
-def test_installed_kdqa_finds_its_kernels_beside_the_hub(hub_site, tmp_path):
-    """Installed, our folder is ``kdqa_kernels`` (pyproject.toml), and the hub is ``kernels``,
-    first on the path: the loss loads ours, and ``kernels`` stays the hub's."""
-    installed = tmp_path / "installed"
-    installed.mkdir()
-    (installed / "kdqa_kernels").symlink_to(REPO_ROOT / "kernels", target_is_directory=True)
-    (installed / "kdqa").symlink_to(REPO_ROOT / "kdqa", target_is_directory=True)
+def test_installed_layout_imports_kdqa_kernels_beside_the_hub(hub_site, tmp_path):
+    """Installed (the wheel's layout: kernels/ copied to kdqa/kernels/), the loss imports
+    ``kdqa.kernels`` and ``kernels`` stays the hub's, first on the path."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO_ROOT / "kdqa", site / "kdqa", symlinks=False,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    assert not (site / "kdqa" / "kernels" / "__init__.py").exists()
     out = _run("""
         import kernels
         assert kernels.HUB, kernels.__file__  # the hub's package, untouched
-    """, cwd=tmp_path, pythonpath=[hub_site, installed])
-    assert f"ours: {installed / 'kdqa_kernels' / 'qa_distill.py'}" in out
+    """, cwd=tmp_path, pythonpath=[hub_site, site])
+    assert f"ours: {site / 'kdqa' / 'kernels' / 'qa_distill.py'}" in out
 
 
 def test_pyproject_installs_the_folder_as_kdqa_kernels():
@@ -101,5 +106,7 @@ def test_pyproject_installs_the_folder_as_kdqa_kernels():
     except ImportError:  # Python 3.10
         pytest.skip("tomllib needs Python 3.11")
     config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert "kernels" not in config["packages"] and "kdqa_kernels" in config["packages"]
-    assert config["package-dir"]["kdqa_kernels"] == "kernels"
+    assert "kernels" not in config["packages"] and "kdqa.kernels" in config["packages"]
+    assert config["package-dir"]["kdqa.kernels"] == "kernels"
+    assert not (REPO_ROOT / "kernels" / "__init__.py").exists(), (
+        "kernels/__init__.py would make the folder a regular package that hides the hub's kernels")

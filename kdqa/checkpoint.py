@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdqa.run_dir import fsync_path, is_our_checkpoint, read_run_id
+from kdqa.atomic_io import fsync_path, write_json_atomic
+from kdqa.run_identity import read_run_id
 
 logger = logging.getLogger("kdqa")
 
@@ -116,11 +117,38 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _write_json_synced(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+def _write_compact_json(path: str, obj) -> None:
+    write_json_atomic(path, obj, indent=None, ensure_ascii=True, end="")
+
+
+def _is_checkpoint_name(name: str) -> bool:
+    """checkpoint-N, or checkpoint-N.<anything> (a half-written one)."""
+    return name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].split(".")[0].isdigit()
+
+
+def is_our_checkpoint(path: str) -> bool:
+    """A real checkpoint-N folder holding kdqa's checkpoint files: its checksums.json of kdqa's payload, or
+    (older kdqa) a trainer_state.json with kdqa's keys. Not a symlink, nor another trainer's checkpoint."""
+    if not _is_checkpoint_name(os.path.basename(path)) or os.path.islink(path) or not os.path.isdir(path):
+        return False
+    manifest = _json_in(path, MANIFEST)
+    state = _json_in(path, STATE_FILE) or _json_in(path, LEGACY_STATE_FILE)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if isinstance(files, dict) and "model.safetensors" in files and set(files) <= {*PAYLOAD_FILES, LEGACY_STATE_FILE}:
+        return True
+    return isinstance(state, dict) and {"run_id", "batches_per_epoch", "batch_in_epoch"} <= set(state)
+
+
+def _json_in(folder: str, name: str):
+    """The JSON in folder/name when it is a regular file that parses, else None."""
+    path = os.path.join(folder, name)
+    if os.path.islink(path) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def save_checkpoint(output_dir: str, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict,
@@ -149,13 +177,13 @@ def save_checkpoint(output_dir: str, step: int, *, model, optimizer, scheduler, 
         state = dict(trainer_state, rng=rng_by_rank[0] if rng_by_rank else rng_state(), step=step)
         if rng_by_rank and len(rng_by_rank) > 1:
             state["rng_by_rank"] = rng_by_rank  # the other ranks' streams (rank 0's is "rng")
-        _write_json_synced(os.path.join(tmp, STATE_FILE), state)
+        _write_compact_json(os.path.join(tmp, STATE_FILE), state)
         files = {}
         for name in PAYLOAD_FILES:
             path = os.path.join(tmp, name)
             fsync_path(path)
             files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-        _write_json_synced(os.path.join(tmp, MANIFEST), {"files": files})  # last: marks the folder complete
+        _write_compact_json(os.path.join(tmp, MANIFEST), {"files": files})  # last: marks the folder complete
         fsync_path(tmp)
         if os.path.exists(final):
             shutil.rmtree(final)

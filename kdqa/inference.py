@@ -308,7 +308,7 @@ def write_prediction_outputs(output_dir: str, prefix: str, predictions: dict, nb
                              metrics: dict | None = None) -> list[str]:
     """run_qa.py's output files: {prefix}_predictions.json (official format {id: text}),
     {prefix}_nbest_predictions.json and, with metrics, {prefix}_results.json. Returns their paths."""
-    from .reporting import write_json
+    from .atomic_io import write_json_atomic as write_json
 
     os.makedirs(output_dir, exist_ok=True)
     texts = {qid: (p.text if isinstance(p, Answer) else p) for qid, p in predictions.items()}

@@ -30,7 +30,7 @@ from kdqa.checkpoint import list_checkpoints
 from kdqa.data import datasets_cache_dir, hub_dataset_cached, load_squad
 from kdqa.modeling import ModelLoadError, OFFLINE_HELP, hub_reachable, short_model_name
 from kdqa.report_card import recipe_report, write_recipe_report
-from kdqa.reporting import write_json
+from kdqa.atomic_io import write_json_atomic
 
 logger = logging.getLogger("kdqa")
 
@@ -345,7 +345,7 @@ def run_stage(name: str, run_args, resume: bool) -> dict:
     results = train(run_args)
     results = {k: v for k, v in results.items() if isinstance(v, (int, float, str))}
     run_dir.record_outputs(run_args.output_dir, STAGE_MARKER)  # the stage's own: --overwrite_output_dir removes it
-    write_json(os.path.join(run_args.output_dir, STAGE_MARKER), {"settings": stage_settings(run_args),
+    write_json_atomic(os.path.join(run_args.output_dir, STAGE_MARKER), {"settings": stage_settings(run_args),
                                                                  "results": results})
     return results
 
@@ -409,7 +409,7 @@ def run_recipe(args: argparse.Namespace) -> dict:
     elapsed = time.perf_counter() - started
     with open(os.path.join(out, "recipe_results.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
-    write_json(os.path.join(out, "recipe_results.json"), {
+    write_json_atomic(os.path.join(out, "recipe_results.json"), {
         "models": rows, "speed_test": {"questions": args.speed_test_questions, "device": "cpu",
                                        "threads": torch.get_num_threads()},
         "settings": banner, "elapsed_s": round(elapsed, 1),

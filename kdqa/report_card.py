@@ -14,7 +14,7 @@ import os
 
 from .metric import f1_score, normalize_answer
 from .modeling import short_model_name
-from .reporting import write_json
+from .atomic_io import write_json_atomic, write_text_atomic
 
 REPORT_NAMES = ("report.md", "report.json")
 MODEL_CARD_NAME = "README.md"
@@ -174,16 +174,9 @@ def _facts(facts: dict) -> str:
 def write_report(output_dir: str, report: dict, markdown: str | None = None) -> list[str]:
     """report.json and report.md (markdown, else render_report's) into output_dir, each atomically."""
     paths = [os.path.join(output_dir, name) for name in REPORT_NAMES]
-    write_json(paths[1], report)
-    write_text(paths[0], render_report(report) if markdown is None else markdown)
+    write_json_atomic(paths[1], report)
+    write_text_atomic(paths[0], render_report(report) if markdown is None else markdown)
     return paths
-
-
-def write_text(path: str, text: str) -> None:
-    """Through a temporary file, so a crash never leaves half a file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- the model card
@@ -219,7 +212,7 @@ def model_card(report: dict, *, model_name: str, base_model: str | None, license
 
 def write_model_card(model_dir: str, report: dict, *, model_name: str, base_model: str | None) -> str:
     path = os.path.join(model_dir, MODEL_CARD_NAME)
-    write_text(path, model_card(report, model_name=model_name, base_model=base_model))
+    write_text_atomic(path, model_card(report, model_name=model_name, base_model=base_model))
     return path
 
 

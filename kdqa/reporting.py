@@ -9,16 +9,9 @@ import resource
 
 import torch
 
+from kdqa.atomic_io import write_text_atomic
+
 logger = logging.getLogger("kdqa")
-
-
-def write_json(path: str, obj, indent: int | None = 2) -> None:
-    """Write JSON through a temporary file so a crash never leaves half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 class MetricsLog:
@@ -44,13 +37,7 @@ class MetricsLog:
         if not self.enabled:
             return
         self.records = [r for r in self.records if r.get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in self.records:
-                f.write(json.dumps(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

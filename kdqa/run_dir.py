@@ -24,6 +24,10 @@ import socket
 import time
 import uuid
 
+from kdqa.atomic_io import fsync_path, write_json_atomic
+from kdqa.checkpoint import CheckpointError, is_our_checkpoint, list_checkpoints, remove_half_written
+from kdqa.run_identity import RUN_FILE, read_run_id, write_run_file
+
 try:
     import fcntl
 except ImportError:  # not on Windows: no lock there
@@ -32,7 +36,6 @@ except ImportError:  # not on Windows: no lock there
 logger = logging.getLogger("kdqa")
 
 LOCK_NAME = ".kdqa-run.lock"
-RUN_FILE = "run.json"
 OUTPUTS_FILE = ".kdqa-outputs.json"  # the names kdqa wrote at the top of the output dir
 STAGING_NAME = ".kdqa-staging"       # the final model folder while it is written
 METRICS_FILE = "metrics.jsonl"
@@ -55,18 +58,6 @@ _LEGACY_OUTPUTS = (RUN_FILE, METRICS_FILE, "training_args.json", "model.safetens
 
 class OutputDirBusyError(FileExistsError):
     """Another live run holds the lock of this output directory."""
-
-
-def fsync_path(path: str) -> None:
-    """fsync a file or a directory (a directory's entry list holds the renames made in it)."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a directory
-        pass
-    finally:
-        os.close(fd)
 
 
 class RunLock:
@@ -120,24 +111,9 @@ def release(output_dir: str | None) -> None:
         held.release()
 
 
-def read_run_id(output_dir: str | None) -> str | None:
-    """The run id recorded in output_dir/run.json, or None where there is none."""
-    try:
-        with open(os.path.join(output_dir, RUN_FILE), encoding="utf-8") as f:
-            return json.load(f)["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def write_run_id(output_dir: str, run_id: str) -> None:
-    path = os.path.join(output_dir, RUN_FILE)
     record_outputs(output_dir, RUN_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    fsync_path(output_dir)
+    write_run_file(output_dir, run_id)
 
 
 # ----------------------------------------------------------------------------- what kdqa wrote here
@@ -158,10 +134,8 @@ def record_outputs(output_dir: str, *names: str) -> None:
     known = recorded_outputs(output_dir) or set()
     if set(names) <= known:
         return
-    path = os.path.join(output_dir, OUTPUTS_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"names": sorted(known | set(names))}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(os.path.join(output_dir, OUTPUTS_FILE), {"names": sorted(known | set(names))},
+                      indent=1, ensure_ascii=True, end="")
 
 
 def input_paths(args) -> list[str]:
@@ -202,37 +176,6 @@ def _contents(output_dir: str, bookkeeping: bool = True) -> list[str]:
     that failed at start-up)."""
     skip = {LOCK_NAME} if bookkeeping else {LOCK_NAME, RUN_FILE, OUTPUTS_FILE}
     return sorted(n for n in os.listdir(output_dir) if n not in skip) if os.path.isdir(output_dir) else []
-
-
-def _is_checkpoint_name(name: str) -> bool:
-    return name.startswith("checkpoint-") and name[len("checkpoint-"):].split(".")[0].isdigit()
-
-
-def is_our_checkpoint(path: str) -> bool:
-    """A real checkpoint-N folder holding kdqa's checkpoint files: its checksums.json of kdqa's payload, or
-    (older kdqa) a trainer_state.json with kdqa's keys. Not a symlink, nor another trainer's checkpoint."""
-    from kdqa.checkpoint import LEGACY_STATE_FILE, MANIFEST, PAYLOAD_FILES, STATE_FILE
-
-    if not _is_checkpoint_name(os.path.basename(path)) or os.path.islink(path) or not os.path.isdir(path):
-        return False
-    manifest = _json_in(path, MANIFEST)
-    state = _json_in(path, STATE_FILE) or _json_in(path, LEGACY_STATE_FILE)
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if isinstance(files, dict) and "model.safetensors" in files and set(files) <= {*PAYLOAD_FILES, LEGACY_STATE_FILE}:
-        return True
-    return isinstance(state, dict) and {"run_id", "batches_per_epoch", "batch_in_epoch"} <= set(state)
-
-
-def _json_in(folder: str, name: str):
-    """The JSON in folder/name when it is a regular file that parses, else None."""
-    path = os.path.join(folder, name)
-    if os.path.islink(path) or not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 _RUN_MARKERS = (RUN_FILE, METRICS_FILE, "training_args.json", "trainer_state.json")
@@ -335,8 +278,6 @@ def prepare(output_dir: str, *, resume: bool, overwrite: bool, keep: list[str] =
     --resume_from_checkpoint or --overwrite_output_dir is refused; with --overwrite_output_dir what
     the previous run wrote is removed first (clear_previous_run; `keep`: the command's inputs).
     """
-    from kdqa.checkpoint import list_checkpoints, remove_half_written
-
     os.makedirs(output_dir, exist_ok=True)
     lock(output_dir)
     try:
@@ -371,8 +312,6 @@ def adopt_run_id(output_dir: str, checkpoint_run_id: str, checkpoint: str) -> st
     if current is None:
         write_run_id(output_dir, checkpoint_run_id)
     elif current != checkpoint_run_id:
-        from kdqa.checkpoint import CheckpointError
-
         raise CheckpointError(
             f"{checkpoint} belongs to run {checkpoint_run_id}, but --output_dir {output_dir} holds run {current}: "
             "resume into the checkpoint's own output dir or an empty one"

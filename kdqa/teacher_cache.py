@@ -26,7 +26,7 @@ import torch
 from kdqa.features import FeatureRows
 from kdqa.modeling import logits_over_features
 from kdqa.precision import PRECISION_NAMES
-from kdqa.run_dir import fsync_path
+from kdqa.atomic_io import fsync_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -373,10 +373,7 @@ def _publish(tmp: str, cache_dir: str, key: str, meta: dict) -> None:
     the cache complete), then one rename, replacing whatever incomplete cache held the key."""
     for name in ("offsets.npy", "start_logits.npy", "end_logits.npy"):
         fsync_path(os.path.join(tmp, name))
-    with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    write_json_atomic(os.path.join(tmp, "meta.json"), meta, indent=1, ensure_ascii=True, end="")
     final = os.path.join(cache_dir, key)
     if os.path.lexists(final):  # an incomplete or mismatching cache under this key
         stale = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}stale-{key}-", dir=cache_dir)

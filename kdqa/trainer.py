@@ -46,7 +46,8 @@ from kdqa.modeling import (QAOutputs, short_model_name, build_student_from_layer
                            load_qa_model, load_tokenizer, parse_layers)
 from kdqa.report_card import MODEL_CARD_NAME, REPORT_NAMES, objective_as_run, write_run_report_and_card
 from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
-from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, train_figures, write_json
+from kdqa.atomic_io import write_json_atomic
+from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, train_figures
 from kdqa.resume_settings import check_resume_settings, run_settings
 from kdqa.samplers import TrainBatchSampler
 from kdqa.tensorboard_log import open_tensorboard
@@ -841,10 +842,10 @@ def write_results_files(run: Run, results: dict, all_results: dict) -> None:
                             samples=len(run.data.train_features), steps_run=steps_run,
                             samples_run=steps_run * args.per_device_train_batch_size * s.accumulation
                             * run.dist.world_size, epoch=round(epoch_float(run), 4))
-    write_json(os.path.join(args.output_dir, "train_results.json"), {**figures, **results})
+    write_json_atomic(os.path.join(args.output_dir, "train_results.json"), {**figures, **results})
     if run.data.eval_features is not None and "eval_f1" in all_results:
         all_results["eval_samples"] = len(run.data.eval_features)
-    write_json(os.path.join(args.output_dir, "all_results.json"), {**figures, **all_results})
+    write_json_atomic(os.path.join(args.output_dir, "all_results.json"), {**figures, **all_results})
     if run.metrics_log.sink is not None:  # the last record is written: close the TensorBoard file
         run.metrics_log.sink.close()
 
@@ -869,7 +870,7 @@ def save_model(model, tokenizer, args, extra_writers=()) -> list[str]:
     def write(folder: str) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        write_json(os.path.join(folder, "training_args.json"), {k: v for k, v in vars(args).items()})
+        write_json_atomic(os.path.join(folder, "training_args.json"), {k: v for k, v in vars(args).items()})
         for writer in extra_writers:
             writer(folder)
     return run_dir.publish_staged(args.output_dir, write)

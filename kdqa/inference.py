@@ -33,6 +33,7 @@ from .metric import squad_v1_score
 from .modeling import ModelLoadError, load_qa_model, load_tokenizer
 from .modeling import logits_over_features as run_over_features
 from .postprocess import decode_spans
+from .reporting import quiet_progress_bars
 
 logger = logging.getLogger("kdqa")
 
@@ -433,8 +434,6 @@ def predict_command(args) -> dict:
     --output_dir (plus predict_results.json with EM/F1 when the file has gold answers) and returns
     the metrics (or {"questions": n}); with --question/--context prints the answer and returns it.
     """
-    from .trainer import quiet_progress_bars
-
     quiet_progress_bars(getattr(args, "disable_tqdm", False))
     predictor = load_predictor(args)
     question, context = getattr(args, "question", None), getattr(args, "context", None)
@@ -458,8 +457,6 @@ def predict_command(args) -> dict:
 def evaluate_command(args) -> dict:
     """`train.py evaluate`: prediction on the dev set + the official metric, eval_* files in --output_dir."""
     from .data import load_squad
-    from .trainer import quiet_progress_bars
-
     quiet_progress_bars(args.disable_tqdm)
     predictor = load_predictor(args)
     examples = load_squad(validation_file=args.validation_file, dataset_name=args.dataset_name,

@@ -30,6 +30,7 @@ from kdqa.checkpoint import list_checkpoints
 from kdqa.data import datasets_cache_dir, hub_dataset_cached, load_squad
 from kdqa.modeling import ModelLoadError, OFFLINE_HELP, hub_reachable, short_model_name
 from kdqa.report_card import recipe_report, write_recipe_report
+from kdqa.reporting import quiet_progress_bars
 from kdqa.atomic_io import write_json_atomic
 
 logger = logging.getLogger("kdqa")
@@ -373,8 +374,6 @@ def check_output_dir(args) -> None:
 # ----------------------------------------------------------------------------- the whole recipe
 
 def run_recipe(args: argparse.Namespace) -> dict:
-    from kdqa.trainer import quiet_progress_bars
-
     started = time.perf_counter()
     quiet_progress_bars(args.disable_tqdm)
     check_output_dir(args)

@@ -1,4 +1,5 @@
-"""What a run writes for people: metrics.jsonl, eval_results.json, predictions.json, the curves PNG."""
+"""What a run shows people: metrics.jsonl, eval_results.json, predictions.json, the curves PNG, and
+which progress bars are on."""
 
 from __future__ import annotations
 
@@ -136,3 +137,17 @@ def plot_curves(records: list[dict], path: str, title: str = "", loss_terms: lis
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def quiet_progress_bars(quiet: bool) -> None:
+    """--disable_tqdm (and ranks other than 0) silence every bar: ours, datasets' (tokenisation) and
+    transformers' (loading weights)."""
+    import datasets
+    import transformers
+
+    if quiet:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    else:
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()

@@ -47,7 +47,7 @@ from kdqa.modeling import (QAOutputs, short_model_name, build_student_from_layer
 from kdqa.report_card import MODEL_CARD_NAME, REPORT_NAMES, objective_as_run, write_run_report_and_card
 from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
 from kdqa.atomic_io import write_json_atomic
-from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, train_figures
+from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, quiet_progress_bars, train_figures
 from kdqa.resume_settings import check_resume_settings, run_settings
 from kdqa.samplers import TrainBatchSampler
 from kdqa.tensorboard_log import open_tensorboard
@@ -152,20 +152,6 @@ def trainable_modules(student: torch.nn.Module, loss_modules: torch.nn.ModuleDic
 
 
 # ----------------------------------------------------------------------------- set-up helpers
-
-def quiet_progress_bars(quiet: bool) -> None:
-    """--disable_tqdm (and ranks other than 0) silence every bar: ours, datasets' (tokenisation) and
-    transformers' (loading weights)."""
-    import datasets
-    import transformers
-
-    if quiet:
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-    else:
-        datasets.enable_progress_bars()
-        transformers.utils.logging.enable_progress_bar()
-
 
 def set_seed(seed: int) -> None:
     random.seed(seed)

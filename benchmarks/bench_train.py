@@ -288,7 +288,7 @@ def build_cache(features, teacher, pad_id, autocast_dtype, args):
     """The teacher-logits cache of the feature pool (timed: the build is part of our recipe's cost)."""
     from kdqa.features import QACollator
     from kdqa.teacher_cache import TeacherLogitsCache
-    from kdqa.trainer import cache_storage_dtype
+    from kdqa.teacher_cache import cache_storage_dtype
 
     tmp = tempfile.mkdtemp(prefix="bench_train_cache-")
     synchronize(args.device)

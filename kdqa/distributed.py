@@ -124,6 +124,18 @@ def all_gather_object(obj, state: DistState) -> list:
     return gathered
 
 
+def check_ranks_in_sync(model, state: DistState) -> list[float]:
+    """Every rank must end with the same parameters; a silent divergence would corrupt the run."""
+    checksum = torch.stack([p.detach().double().pow(2).sum() + p.detach().double().sum()
+                            for p in model.parameters()]).sum().reshape(1)
+    gathered = [torch.zeros_like(checksum) for _ in range(state.world_size)]
+    dist.all_gather(gathered, checksum)
+    values = [float(g) for g in gathered]
+    if len(set(values)) != 1:
+        raise RuntimeError(f"data-parallel ranks ended with different parameters (checksums {values})")
+    return values
+
+
 def cleanup(state: DistState) -> None:
     global _host_group
     _host_group = None

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from kdqa.distributed import barrier, broadcast_object
 from kdqa.features import FeatureRows
 from kdqa.modeling import logits_over_features
 from kdqa.precision import PRECISION_NAMES
@@ -275,48 +276,17 @@ class TeacherLogitsCache:
         Batches are formed from length-sorted features so little is computed on padding.
         """
         _check_key(key)
-        if storage_dtype not in _DTYPES:
-            raise ValueError(f"storage_dtype must be torch.float16 or torch.bfloat16, got {storage_dtype}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        rows = FeatureRows(features)
-        n = len(rows)
-        if n == 0:
-            raise ValueError("no features to run the teacher on")
-        lengths = rows.lengths()
-        if (lengths < 1).any():
-            raise ValueError(f"feature {int(np.argmin(lengths))} has no tokens (attention_mask all zero)")
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        total = int(offsets[-1])
+        offsets = _token_offsets(features, storage_dtype, batch_size)
+        n, total = len(offsets) - 1, int(offsets[-1])
         dtype_name = _DTYPES[storage_dtype]
 
         os.makedirs(cache_dir, exist_ok=True)
         _remove_dead_temp_dirs(cache_dir, key)
         tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key}-{socket.gethostname()}-{os.getpid()}-", dir=cache_dir)
         try:
-            np.save(os.path.join(tmp, "offsets.npy"), offsets, allow_pickle=False)
-            flat = {
-                name: np.lib.format.open_memmap(
-                    os.path.join(tmp, f"{name}.npy"), mode="w+", dtype=_NUMPY_STORAGE[dtype_name], shape=(total,)
-                )
-                for name in ("start_logits", "end_logits")
-            }
-
-            def store(indices, batch_lengths, start_logits, end_logits):
-                for name, values in (("start_logits", start_logits), ("end_logits", end_logits)):
-                    stored = _to_storage(values.float(), storage_dtype)
-                    for row, (i, length) in enumerate(zip(indices.tolist(), batch_lengths.tolist())):
-                        flat[name][offsets[i] : offsets[i + 1]] = stored[row, :length]
-
-            logits_over_features(teacher, features, collate_fn, store, batch_size=batch_size, device=device,
-                                 autocast_dtype=autocast_dtype, progress=progress, desc="teacher logits")
-            bad = _first_non_finite(list(flat.values()), dtype_name)
-            if bad is not None:
-                raise TeacherCacheError(_non_finite_teacher_message(bad, offsets, dtype_name))
-            for arr in flat.values():
-                arr.flush()
-            del flat
+            _write_teacher_logits(tmp, offsets, storage_dtype, teacher, features, collate_fn,
+                                  batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
+                                  progress=progress)
             meta = {
                 "key": key,
                 "format_version": FORMAT_VERSION,
@@ -359,6 +329,54 @@ class TeacherLogitsCache:
             return cache
         logger.info("teacher logits cache: building %s (%s)", path, reason)
         return cls.build(cache_dir, key, features, teacher, collate_fn, **build_kwargs)
+
+
+def _token_offsets(features, storage_dtype: torch.dtype, batch_size: int) -> np.ndarray:
+    """The build's arguments checked, and feature i's tokens' place in the flat arrays:
+    offsets[i]:offsets[i + 1] (n + 1 entries)."""
+    if storage_dtype not in _DTYPES:
+        raise ValueError(f"storage_dtype must be torch.float16 or torch.bfloat16, got {storage_dtype}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    rows = FeatureRows(features)
+    n = len(rows)
+    if n == 0:
+        raise ValueError("no features to run the teacher on")
+    lengths = rows.lengths()
+    if (lengths < 1).any():
+        raise ValueError(f"feature {int(np.argmin(lengths))} has no tokens (attention_mask all zero)")
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
+def _write_teacher_logits(tmp: str, offsets: np.ndarray, storage_dtype: torch.dtype, teacher, features,
+                          collate_fn, **run_kwargs) -> None:
+    """Run the teacher over the features and write offsets.npy and the two flat logit arrays into
+    tmp; a non-finite teacher logit is a TeacherCacheError (nothing published)."""
+    dtype_name = _DTYPES[storage_dtype]
+    total = int(offsets[-1])
+    np.save(os.path.join(tmp, "offsets.npy"), offsets, allow_pickle=False)
+    flat = {
+        name: np.lib.format.open_memmap(
+            os.path.join(tmp, f"{name}.npy"), mode="w+", dtype=_NUMPY_STORAGE[dtype_name], shape=(total,)
+        )
+        for name in ("start_logits", "end_logits")
+    }
+
+    def store(indices, batch_lengths, start_logits, end_logits):
+        for name, values in (("start_logits", start_logits), ("end_logits", end_logits)):
+            stored = _to_storage(values.float(), storage_dtype)
+            for row, (i, length) in enumerate(zip(indices.tolist(), batch_lengths.tolist())):
+                flat[name][offsets[i] : offsets[i + 1]] = stored[row, :length]
+
+    logits_over_features(teacher, features, collate_fn, store, desc="teacher logits", **run_kwargs)
+    bad = _first_non_finite(list(flat.values()), dtype_name)
+    if bad is not None:
+        raise TeacherCacheError(_non_finite_teacher_message(bad, offsets, dtype_name))
+    for arr in flat.values():
+        arr.flush()
+    del flat
 
 
 def _to_storage(values: torch.Tensor, storage_dtype: torch.dtype) -> np.ndarray:
@@ -408,3 +426,37 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ----------------------------------------------------------------------------- the training run's cache policy
+
+def teacher_cache_key(args, teacher, tokenizer, num_features: int, autocast_dtype) -> str:
+    """The cache folder's name: a fingerprint of the data, tokenizer, teacher, windows and the
+    precision the teacher runs in (so fp32 and fp16/bf16 logits never share a folder)."""
+    data_files = [args.train_file] if args.train_file else None
+    return fingerprint(data_files=data_files,
+                       dataset_fingerprint=None if data_files else f"{args.dataset_name}:{args.max_train_samples}",
+                       tokenizer=tokenizer, teacher=teacher, max_seq_length=args.max_seq_length,
+                       doc_stride=args.doc_stride, max_query_length=args.max_query_length,
+                       num_features=num_features, storage_dtype=cache_storage_dtype(autocast_dtype),
+                       autocast_dtype=autocast_dtype)
+
+
+def cache_storage_dtype(autocast_dtype) -> torch.dtype:
+    """bf16 logits are stored as bf16 (fp16 could overflow them); everything else as fp16."""
+    return torch.bfloat16 if autocast_dtype == torch.bfloat16 else torch.float16
+
+
+def teacher_logits_from_cache(args, teacher, tokenizer, train_features, collator, dist, autocast_dtype):
+    """Compute the teacher's logits once (rank 0), then every rank memory-maps them."""
+    key = broadcast_object(teacher_cache_key(args, teacher, tokenizer, len(train_features), autocast_dtype), dist)
+    if dist.is_main:
+        TeacherLogitsCache.load_or_build(args.teacher_logits_cache, key, train_features, teacher.to(dist.device),
+                                         collator, batch_size=args.per_device_eval_batch_size, device=dist.device,
+                                         autocast_dtype=autocast_dtype, storage_dtype=cache_storage_dtype(autocast_dtype),
+                                         progress=not args.disable_tqdm)
+    barrier(dist)
+    cache = TeacherLogitsCache.load(args.teacher_logits_cache, key)
+    if cache is None:
+        raise RuntimeError(f"teacher logits cache {args.teacher_logits_cache}/{key} could not be read after building")
+    return cache

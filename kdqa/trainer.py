@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from kdqa import checkpoint as ckpt
 from kdqa import objective, run_dir
 from kdqa.data import fix_answer_starts, load_squad
-from kdqa.distributed import (DistState, all_gather_object, all_reduce_mean, all_reduce_min, barrier, broadcast_object,
-                              cleanup, init_distributed, max_over_ranks)
+from kdqa.distributed import (DistState, all_gather_object, all_reduce_mean, all_reduce_min, barrier,
+                              check_ranks_in_sync, cleanup, init_distributed, max_over_ranks)
 from kdqa.features import QACollator, prepare_eval_features, prepare_train_features
 from kdqa.inference import predict_and_score, write_prediction_outputs
 from kdqa.interrupt import StopRequest, TrainingInterrupted, ignore_stop_signals
@@ -50,6 +50,7 @@ from kdqa.atomic_io import write_json_atomic
 from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, quiet_progress_bars, train_figures
 from kdqa.resume_settings import check_resume_settings, run_settings
 from kdqa.samplers import TrainBatchSampler
+from kdqa.teacher_cache import teacher_logits_from_cache
 from kdqa.tensorboard_log import open_tensorboard
 
 logger = logging.getLogger("kdqa")
@@ -268,42 +269,6 @@ def load_student_and_teacher(args, dist: DistState):
         check_same_vocab(teacher_tokenizer, tokenizer, args.teacher_model_name_or_path, source)
         teacher.eval().requires_grad_(False)
     return student, teacher, tokenizer
-
-
-def teacher_cache_key(args, teacher, tokenizer, num_features: int, autocast_dtype) -> str:
-    """The cache folder's name: a fingerprint of the data, tokenizer, teacher, windows and the
-    precision the teacher runs in (so fp32 and fp16/bf16 logits never share a folder)."""
-    from kdqa.teacher_cache import fingerprint
-
-    data_files = [args.train_file] if args.train_file else None
-    return fingerprint(data_files=data_files,
-                       dataset_fingerprint=None if data_files else f"{args.dataset_name}:{args.max_train_samples}",
-                       tokenizer=tokenizer, teacher=teacher, max_seq_length=args.max_seq_length,
-                       doc_stride=args.doc_stride, max_query_length=args.max_query_length,
-                       num_features=num_features, storage_dtype=cache_storage_dtype(autocast_dtype),
-                       autocast_dtype=autocast_dtype)
-
-
-def cache_storage_dtype(autocast_dtype) -> torch.dtype:
-    """bf16 logits are stored as bf16 (fp16 could overflow them); everything else as fp16."""
-    return torch.bfloat16 if autocast_dtype == torch.bfloat16 else torch.float16
-
-
-def teacher_logits_from_cache(args, teacher, tokenizer, train_features, collator, dist, autocast_dtype):
-    """Compute the teacher's logits once (rank 0), then every rank memory-maps them."""
-    from kdqa.teacher_cache import TeacherLogitsCache
-
-    key = broadcast_object(teacher_cache_key(args, teacher, tokenizer, len(train_features), autocast_dtype), dist)
-    if dist.is_main:
-        TeacherLogitsCache.load_or_build(args.teacher_logits_cache, key, train_features, teacher.to(dist.device),
-                                         collator, batch_size=args.per_device_eval_batch_size, device=dist.device,
-                                         autocast_dtype=autocast_dtype, storage_dtype=cache_storage_dtype(autocast_dtype),
-                                         progress=not args.disable_tqdm)
-    barrier(dist)
-    cache = TeacherLogitsCache.load(args.teacher_logits_cache, key)
-    if cache is None:
-        raise RuntimeError(f"teacher logits cache {args.teacher_logits_cache}/{key} could not be read after building")
-    return cache
 
 
 def make_train_loader(features, collator: QACollator, *, batch_size: int, group_by_length: bool, seed: int,
@@ -834,18 +799,6 @@ def write_results_files(run: Run, results: dict, all_results: dict) -> None:
     write_json_atomic(os.path.join(args.output_dir, "all_results.json"), {**figures, **all_results})
     if run.metrics_log.sink is not None:  # the last record is written: close the TensorBoard file
         run.metrics_log.sink.close()
-
-
-def check_ranks_in_sync(model, dist: DistState) -> list[float]:
-    """Every rank must end with the same parameters; a silent divergence would corrupt the run."""
-    checksum = torch.stack([p.detach().double().pow(2).sum() + p.detach().double().sum()
-                            for p in model.parameters()]).sum().reshape(1)
-    gathered = [torch.zeros_like(checksum) for _ in range(dist.world_size)]
-    torch.distributed.all_gather(gathered, checksum)
-    values = [float(g) for g in gathered]
-    if len(set(values)) != 1:
-        raise RuntimeError(f"data-parallel ranks ended with different parameters (checksums {values})")
-    return values
 
 
 def save_model(model, tokenizer, args, extra_writers=()) -> list[str]:

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,7 +17,6 @@ from safetensors.torch import load_file
 import train
 from kdqa import checkpoint as ckpt
 from kdqa import run_dir
-from kdqa.reporting import MetricsLog
 from test_reliability import tiny_run_inputs
 
 
@@ -358,57 +356,7 @@ def test_the_lock_of_a_killed_run_does_not_block(tmp_path):
     run_dir.release(str(out))
 
 
-# ----------------------------------------------------------------------------- 8: teacher cache
-
-def _cache_parts():
-    from test_teacher_cache import _collate, _features, _teacher
-
-    return _teacher(), _features(), _collate
-
-
-@pytest.mark.parametrize("name", ["meta.json", "offsets.npy", "start_logits.npy", "end_logits.npy"])
-def test_an_empty_or_unreadable_cache_file_is_rebuilt(tmp_path, name):
-    from kdqa.teacher_cache import TeacherLogitsCache
-
-    teacher, features, collate = _cache_parts()
-    built = TeacherLogitsCache.build(str(tmp_path), "k", features, teacher, collate, progress=False)
-    expected = built.lookup(range(len(features)), 64)
-    open(tmp_path / "k" / name, "w").close()  # zero-length
-    assert TeacherLogitsCache.load(str(tmp_path), "k") is None
-    again = TeacherLogitsCache.load_or_build(str(tmp_path), "k", features, teacher, collate, progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(again.lookup(range(len(features)), 64), expected))
-
-
-def test_non_finite_teacher_logits_are_the_caches_fault_when_built_or_loaded(tmp_path):
-    from kdqa.teacher_cache import TeacherCacheError, TeacherLogitsCache
-
-    teacher, features, collate = _cache_parts()
-    TeacherLogitsCache.build(str(tmp_path), "k", features, teacher, collate, progress=False)
-    start = np.load(tmp_path / "k" / "start_logits.npy", mmap_mode="r+")
-    start[17] = np.nan  # a damaged file
-    start.flush()
-    del start
-    assert TeacherLogitsCache.load(str(tmp_path), "k") is None
-    with torch.no_grad():
-        teacher.qa_outputs.bias[0] = float("nan")  # a broken teacher
-    with pytest.raises(TeacherCacheError, match="teacher produced non-finite logits.*not the learning rate"):
-        TeacherLogitsCache.load_or_build(str(tmp_path), "k", features, teacher, collate, progress=False)
-
-
-# ----------------------------------------------------------------------------- 9: metrics.jsonl
-
-def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_one_is_named(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
-    log = MetricsLog(str(path), resume=True)
-    assert [r["step"] for r in log.records] == [1, 2]
-    log.truncate_after(2)
-    log.write({"step": 3, "loss": 1.0})
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
-    path.write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a JSON record"):
-        MetricsLog(str(path), resume=True)
-
+# ----------------------------------------------------------------------------- 8: metrics.jsonl on resume
 
 def test_resume_after_a_torn_metrics_line_through_the_cli(setup, tmp_path, capsys):
     out = tmp_path / "out"

@@ -87,3 +87,22 @@ def test_resume_with_another_world_size_is_refused(setup):
     assert proc.returncode == 1
     assert "written by a run with 2 process(es), this run has 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_check_ranks_in_sync_names_diverged_checksums(monkeypatch):
+    """Every rank's parameter checksum is gathered; unequal ones stop the run, naming them."""
+    from kdqa.distributed import DistState, check_ranks_in_sync
+
+    model = torch.nn.Linear(3, 2)
+    offsets = iter([0.0, 1.0])
+
+    def fake_all_gather(gathered, checksum):
+        for g, offset in zip(gathered, offsets):
+            g.copy_(checksum + offset)
+
+    monkeypatch.setattr(torch.distributed, "all_gather", fake_all_gather)
+    with pytest.raises(RuntimeError, match="ranks ended with different parameters"):
+        check_ranks_in_sync(model, DistState(rank=0, world_size=2))
+    monkeypatch.setattr(torch.distributed, "all_gather", lambda gathered, c: [g.copy_(c) for g in gathered])
+    values = check_ranks_in_sync(model, DistState(rank=0, world_size=2))
+    assert len(values) == 2 and values[0] == values[1]

@@ -11,7 +11,10 @@ import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
 from kdqa.modeling import forward_qa
-from kdqa.teacher_cache import TeacherLogitsCache, fingerprint
+from kdqa.config import parse_args
+from kdqa.teacher_cache import (TeacherCacheError, TeacherLogitsCache, cache_storage_dtype, fingerprint,
+                                teacher_cache_key)
+from tiny_models import make_model_folder, make_name_task, tiny_bert_config, write_squad
 
 N_FEATURES = 37
 
@@ -348,3 +351,53 @@ def test_with_project_collator_and_length_grouped_sampler(tmp_path, teacher, fea
         cached, _ = cache.lookup(batch["feature_index"], batch["input_ids"].shape[1])
         mask = batch["attention_mask"].bool()
         torch.testing.assert_close(cached[mask], _rounded(start[mask], torch.float16), rtol=2.0**-10, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- damaged files and a broken teacher
+
+def _cache_parts():
+    return _teacher(), _features(), _collate
+
+
+@pytest.mark.parametrize("name", ["meta.json", "offsets.npy", "start_logits.npy", "end_logits.npy"])
+def test_an_empty_or_unreadable_cache_file_is_rebuilt(tmp_path, name):
+    teacher, features, collate = _cache_parts()
+    built = TeacherLogitsCache.build(str(tmp_path), "k", features, teacher, collate, progress=False)
+    expected = built.lookup(range(len(features)), 64)
+    open(tmp_path / "k" / name, "w").close()  # zero-length
+    assert TeacherLogitsCache.load(str(tmp_path), "k") is None
+    again = TeacherLogitsCache.load_or_build(str(tmp_path), "k", features, teacher, collate, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(again.lookup(range(len(features)), 64), expected))
+
+
+def test_non_finite_teacher_logits_are_the_caches_fault_when_built_or_loaded(tmp_path):
+    teacher, features, collate = _cache_parts()
+    TeacherLogitsCache.build(str(tmp_path), "k", features, teacher, collate, progress=False)
+    start = np.load(tmp_path / "k" / "start_logits.npy", mmap_mode="r+")
+    start[17] = np.nan  # a damaged file
+    start.flush()
+    del start
+    assert TeacherLogitsCache.load(str(tmp_path), "k") is None
+    with torch.no_grad():
+        teacher.qa_outputs.bias[0] = float("nan")  # a broken teacher
+    with pytest.raises(TeacherCacheError, match="teacher produced non-finite logits.*not the learning rate"):
+        TeacherLogitsCache.load_or_build(str(tmp_path), "k", features, teacher, collate, progress=False)
+
+
+# ----------------------------------------------------------------------------- the training run's cache policy
+
+def test_teacher_cache_key_names_the_precision_the_teacher_runs_in(tmp_path):
+    """fp32 and fp16 logits are both stored as fp16: only the teacher's precision in the key keeps
+    their caches apart (and bf16's too)."""
+    from kdqa.modeling import load_qa_model, load_tokenizer
+
+    train_file = write_squad(str(tmp_path / "train.json"), make_name_task(40, seed=1, prefix="t"))
+    model_dir = make_model_folder(str(tmp_path / "bert"), tiny_bert_config(dropout=0.1))
+    args = parse_args(["distill", "--teacher_model_name_or_path", model_dir, "--model_name_or_path", model_dir,
+                       "--train_file", train_file, "--output_dir", str(tmp_path / "o")])
+    teacher, tokenizer = load_qa_model(model_dir), load_tokenizer(model_dir)
+    assert cache_storage_dtype(None) == cache_storage_dtype(torch.float16)
+    keys = {dtype: teacher_cache_key(args, teacher, tokenizer, 100, dtype)
+            for dtype in (None, torch.float16, torch.bfloat16)}
+    assert len(set(keys.values())) == 3, keys
+    assert teacher_cache_key(args, teacher, tokenizer, 100, None) == keys[None]

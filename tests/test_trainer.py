@@ -461,22 +461,6 @@ def test_distillation_step_from_the_cache_never_waits_for_the_device(task, model
     assert all(f"{os.sep}transformers{os.sep}" in where for where in reads.scalar_reads), reads.scalar_reads
 
 
-def test_teacher_cache_key_names_the_precision_the_teacher_runs_in(task, model_dir, tmp_path):
-    """fp32 and fp16 logits are both stored as fp16: only the teacher's precision in the key keeps
-    their caches apart (and bf16's too)."""
-    from kdqa.modeling import load_qa_model, load_tokenizer
-    from kdqa.trainer import cache_storage_dtype, teacher_cache_key
-
-    args = parse_args(["distill", "--teacher_model_name_or_path", model_dir, "--model_name_or_path", model_dir,
-                       "--train_file", task["train"], "--output_dir", str(tmp_path / "o")])
-    teacher, tokenizer = load_qa_model(model_dir), load_tokenizer(model_dir)
-    assert cache_storage_dtype(None) == cache_storage_dtype(torch.float16)
-    keys = {dtype: teacher_cache_key(args, teacher, tokenizer, 100, dtype)
-            for dtype in (None, torch.float16, torch.bfloat16)}
-    assert len(set(keys.values())) == 3, keys
-    assert teacher_cache_key(args, teacher, tokenizer, 100, None) == keys[None]
-
-
 def test_every_command_has_every_key_and_the_mode_is_stated(tmp_path):
     finetune = parse_args(["finetune", "--model_name_or_path", "m", "--output_dir", str(tmp_path),
                            "--teacher_model_name_or_path", "t"])

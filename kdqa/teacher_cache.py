@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from kdqa.features import FeatureRows
+from kdqa.features import FeatureRows, Window
 from kdqa.modeling import logits_over_features
 from kdqa.precision import PRECISION_NAMES
 from kdqa.run_dir import fsync_path
@@ -66,9 +66,7 @@ def fingerprint(
     dataset_fingerprint: str | None,
     tokenizer,
     teacher,
-    max_seq_length: int,
-    doc_stride: int,
-    max_query_length: int,
+    window: Window,
     num_features: int,
     storage_dtype: torch.dtype,
     autocast_dtype: torch.dtype | None,
@@ -103,9 +101,9 @@ def fingerprint(
     for name, tensor in teacher.state_dict().items():
         _update_tensor(h, name, tensor)
     settings = {
-        "max_seq_length": int(max_seq_length),
-        "doc_stride": int(doc_stride),
-        "max_query_length": int(max_query_length),
+        "max_seq_length": int(window.max_seq_length),
+        "doc_stride": int(window.doc_stride),
+        "max_query_length": int(window.max_query_length),
         "num_features": int(num_features),
         "storage_dtype": _DTYPES[storage_dtype],
         "teacher_precision": PRECISION_NAMES[autocast_dtype],

@@ -1,5 +1,11 @@
 """The command line of train.py: sub-commands, every flag with its default, and --config files.
 
+Flags come in groups (model, data, windows, decoding, runtime, training, distillation, run_qa.py
+compatibility, and predict's, export's and the recipe's own), each declared once; COMMANDS gives
+each sub-command the groups it reads, so its --help lists only those. Parsing imports no torch:
+`train.py --help` stays instant, and the rules that need torch (kdqa.objective, kdqa.loss) are
+imported only to validate a parsed command line.
+
 Flag names follow Hugging Face's run_qa.py so SQuAD users feel at home (its --do_*, --fp16/--bf16,
 --pad_to_max_length and `COMMAND args.json` work too; without a sub-command, a run_qa.py command
 line means finetune, and TrainingArguments' forms such as `--fp16 True` are accepted). A --config

@@ -13,7 +13,7 @@ Several GPUs: torchrun --nproc_per_node N train.py distill ...
 `python train.py <command> --help` lists every flag with its default.
 """
 
-import argparse
+import copy
 import importlib
 import logging
 import os
@@ -47,8 +47,14 @@ def run_command(args) -> None:
         from kdqa.inference import predict_command
 
         # After training, the trained model in --output_dir answers; without it, --model_name_or_path.
-        predict_command(argparse.Namespace(**{**vars(args), "model_name_or_path": args.output_dir})
-                if args.do_train else args)
+        predict_command(_with_model(args, args.output_dir) if args.do_train else args)
+
+
+def _with_model(args, model_name_or_path: str):
+    """A copy of args (its class kept: args.window and args.decoding) naming another model."""
+    other = copy.copy(args)
+    other.model_name_or_path = model_name_or_path
+    return other
 
 
 class Terminated(BaseException):

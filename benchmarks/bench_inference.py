@@ -163,9 +163,10 @@ def student_folder(args, teacher_path, scratch):
     """The student's model folder: --student, or --student_layers of the teacher saved into `scratch`."""
     if args.student:
         return args.student, args.student
-    from kdqa.modeling import build_student_from_layers, load_qa_model, load_tokenizer, parse_layers
+    from kdqa.hidden_distill import parse_student_layers
+    from kdqa.modeling import build_student_from_layers, load_qa_model, load_tokenizer
 
-    layers = parse_layers(args.student_layers)
+    layers = parse_student_layers(args.student_layers)
     folder = os.path.join(scratch, "student")
     build_student_from_layers(load_qa_model(teacher_path), layers).save_pretrained(folder)
     load_tokenizer(teacher_path).save_pretrained(folder)

@@ -136,7 +136,7 @@ def real_features(train_file, tokenizer_path, num_examples, max_seq_length, seed
     import json
 
     from kdqa.data import flatten_squad
-    from kdqa.features import prepare_train_features
+    from kdqa.features import Window, prepare_train_features
     from kdqa.modeling import load_tokenizer
 
     opener = gzip.open if str(train_file).endswith(".gz") else open
@@ -147,7 +147,7 @@ def real_features(train_file, tokenizer_path, num_examples, max_seq_length, seed
     pick.sort()
     sample = {k: [v[i] for i in pick] for k, v in columns.items()}
     tokenizer = load_tokenizer(tokenizer_path)
-    features = prepare_train_features(sample, tokenizer, max_seq_length=max_seq_length)
+    features = prepare_train_features(sample, tokenizer, Window(max_seq_length=max_seq_length))
     features = features.add_column("feature_index", list(range(len(features))))  # as the trainer's
     return features, tokenizer.pad_token_id
 
@@ -212,12 +212,13 @@ class Models:
     def student(self, attn: str, device):
         from transformers import AutoModelForQuestionAnswering
 
-        from kdqa.modeling import build_student_from_layers, load_qa_model, parse_layers
+        from kdqa.hidden_distill import parse_student_layers
+        from kdqa.modeling import build_student_from_layers, load_qa_model
 
         torch.manual_seed(self.args.seed + 1)
         if self.args.teacher:
             base = load_qa_model(self.args.teacher, attn_implementation=attn)
-            return build_student_from_layers(base, parse_layers(self.args.student_layers)).to(device).train()
+            return build_student_from_layers(base, parse_student_layers(self.args.student_layers)).to(device).train()
         return AutoModelForQuestionAnswering.from_config(self.configs[1], attn_implementation=attn).to(device).train()
 
     def describe(self) -> tuple[str, str, int]:

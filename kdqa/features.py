@@ -60,8 +60,9 @@ def check_fast_tokenizer(tokenizer, source: str | None = None) -> None:
         )
 
 
-def _check_setup(tokenizer, max_seq_length: int, doc_stride: int, max_query_length: int) -> int:
+def _check_setup(tokenizer, window: Window) -> int:
     """Fail early, with the fix, on set-ups the windowing cannot handle; return max_seq_length."""
+    max_seq_length, doc_stride, max_query_length = window.max_seq_length, window.doc_stride, window.max_query_length
     check_fast_tokenizer(tokenizer)
     if getattr(tokenizer, "padding_side", "right") != "right":
         raise ValueError(
@@ -226,9 +227,7 @@ def answer_token_span(offsets: list, sequence_ids: list, start_char: int, end_ch
 def prepare_train_features(
     examples,
     tokenizer,
-    max_seq_length: int = MAX_SEQ_LENGTH,
-    doc_stride: int = DOC_STRIDE,
-    max_query_length: int = MAX_QUERY_LENGTH,
+    window: Window = Window(),
     num_proc: int | None = None,
 ) -> Dataset:
     """Training features: input_ids, attention_mask, [token_type_ids], start_positions, end_positions.
@@ -236,7 +235,8 @@ def prepare_train_features(
     Labels are the first gold answer's token span; a window that does not hold the whole answer
     points at its CLS token, as run_qa.py does. Run fix_answer_starts on the examples first.
     """
-    max_seq_length = _check_setup(tokenizer, max_seq_length, doc_stride, max_query_length)
+    max_seq_length = _check_setup(tokenizer, window)
+    doc_stride, max_query_length = window.doc_stride, window.max_query_length
     cls_id = tokenizer.cls_token_id
 
     def convert(batch):
@@ -273,9 +273,7 @@ def prepare_train_features(
 def prepare_eval_features(
     examples,
     tokenizer,
-    max_seq_length: int = MAX_SEQ_LENGTH,
-    doc_stride: int = DOC_STRIDE,
-    max_query_length: int = MAX_QUERY_LENGTH,
+    window: Window = Window(),
     num_proc: int | None = None,
     as_dataset: bool = True,
 ) -> Dataset | dict:
@@ -284,7 +282,8 @@ def prepare_eval_features(
 
     as_dataset=False: inputs of up to DIRECT_LIMIT examples give a dict of columns (answering
     questions one at a time), larger ones a Dataset as always."""
-    max_seq_length = _check_setup(tokenizer, max_seq_length, doc_stride, max_query_length)
+    max_seq_length = _check_setup(tokenizer, window)
+    doc_stride, max_query_length = window.doc_stride, window.max_query_length
 
     def convert(batch):
         enc = _tokenize(batch, tokenizer, max_seq_length, doc_stride, max_query_length)

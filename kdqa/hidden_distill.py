@@ -25,6 +25,19 @@ import torch.nn.functional as F
 HIDDEN_LOSSES = ("mse", "cosine")
 
 
+def parse_student_layers(spec: str) -> list[int]:
+    """'0,2,4' -> [0, 2, 4]: the one reader of --student_layers (kdqa.config checks it at parse time,
+    the trainer builds the student and the layer maps default from it): comma-separated, distinct,
+    non-negative layer numbers."""
+    parts = [part.strip() for part in str(spec).split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise ValueError(f"--student_layers {spec!r}: give comma-separated layer numbers like 0,2,4")
+    layers = [int(part) for part in parts]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"--student_layers {spec!r} names a layer twice")
+    return layers
+
+
 def parse_layer_map(spec: str, student_num_layers: int, teacher_num_layers: int,
                     flag: str = "--hidden_layer_map") -> list[tuple[int, int]]:
     """'1:2,2:4,3:6' -> [(1, 2), (2, 4), (3, 6)]: student layer -> teacher layer, 0 = embeddings;

@@ -28,11 +28,11 @@ import warnings
 import numpy as np
 import torch
 
-from .features import DOC_STRIDE, MAX_QUERY_LENGTH, MAX_SEQ_LENGTH, QACollator, prepare_eval_features
+from .features import DOC_STRIDE, MAX_QUERY_LENGTH, MAX_SEQ_LENGTH, QACollator, Window, prepare_eval_features
 from .metric import squad_v1_score
 from .modeling import ModelLoadError, load_qa_model, load_tokenizer
 from .modeling import logits_over_features as run_over_features
-from .postprocess import decode_spans
+from .postprocess import Decoding, decode_spans
 from .reporting import quiet_progress_bars
 
 logger = logging.getLogger("kdqa")
@@ -179,11 +179,10 @@ def _as_model(model, device, autocast_dtype):
     return TorchQAModel(model, device, autocast_dtype) if isinstance(model, torch.nn.Module) else model
 
 
-def decode_answers(examples, features, all_start, all_end, n_best_size: int = 20, max_answer_length: int = 30,
+def decode_answers(examples, features, all_start, all_end, decoding: Decoding = Decoding(),
                    with_nbest: bool = False) -> tuple[dict[str, Answer], dict | None]:
     """Answers per example id from the logits of its windows (and the n-best lists if asked)."""
-    spans, nbest = decode_spans(examples, features, all_start, all_end, n_best_size=n_best_size,
-                                max_answer_length=max_answer_length, with_nbest=with_nbest)
+    spans, nbest = decode_spans(examples, features, all_start, all_end, decoding, with_nbest=with_nbest)
     return {qid: Answer(qid, *span) for qid, span in spans.items()}, nbest
 
 
@@ -193,8 +192,7 @@ def answer_texts(answers: dict[str, Answer]) -> dict[str, str]:
 
 
 def predict_and_score(model, examples, features, collate_fn, *, batch_size: int, device="cpu",
-                      n_best_size: int = 20, max_answer_length: int = 30,
-                      autocast_dtype: torch.dtype | None = None, progress: bool = False):
+                      decoding: Decoding = Decoding(), autocast_dtype: torch.dtype | None = None, progress: bool = False):
     """Evaluation = prediction + the official metric: (metrics, predictions {id: text}, nbest).
 
     model: a PyTorch QA model (run in eval mode, its mode restored) or an OnnxQAModel. metrics:
@@ -205,7 +203,7 @@ def predict_and_score(model, examples, features, collate_fn, *, batch_size: int,
     model = _as_model(model, device, autocast_dtype)
     all_start, all_end = logits_over_features(model, features, collate_fn, batch_size, progress=progress,
                                               desc="evaluating")
-    answers, nbest = decode_answers(examples, features, all_start, all_end, n_best_size, max_answer_length,
+    answers, nbest = decode_answers(examples, features, all_start, all_end, decoding,
                                     with_nbest=True)
     predictions = answer_texts(answers)
     metrics = squad_v1_score(examples, predictions)
@@ -229,8 +227,8 @@ class QAPredictor:
                  batch_size: int = 64, pad_to_max_length: bool = False, description: str = ""):
         self.model = model
         self.tokenizer = tokenizer
-        self.window = dict(max_seq_length=max_seq_length, doc_stride=doc_stride, max_query_length=max_query_length)
-        self.decoding = dict(n_best_size=n_best_size, max_answer_length=max_answer_length)
+        self.window = Window(max_seq_length, doc_stride, max_query_length)
+        self.decoding = Decoding(n_best_size, max_answer_length)
         self.batch_size = batch_size
         self.description = description
         # No padding to a multiple of 8 on the CPU: it only helps GPU tensor cores.
@@ -278,14 +276,14 @@ class QAPredictor:
     def features(self, examples):
         """The windows of the examples (id, question, context), as in training: a dict of columns
         for up to a thousand examples (a Dataset costs more than tokenising one question), else a Dataset."""
-        return prepare_eval_features(examples, self.tokenizer, as_dataset=False, **self.window)
+        return prepare_eval_features(examples, self.tokenizer, self.window, as_dataset=False)
 
     def predict(self, examples, *, with_nbest: bool = False, progress: bool = False):
         """(answers {id: Answer}, nbest {id: [...]} or None) for examples with id, question, context."""
         features = self.features(examples)
         all_start, all_end = logits_over_features(self.model, features, self.collate, self.batch_size,
                                                   progress=progress)
-        return decode_answers(examples, features, all_start, all_end, with_nbest=with_nbest, **self.decoding)
+        return decode_answers(examples, features, all_start, all_end, self.decoding, with_nbest=with_nbest)
 
     def answer(self, question: str, context: str, id: str = "question") -> Answer:
         answers, _ = self.predict({"id": [id], "question": [question], "context": [context]})
@@ -465,7 +463,7 @@ def evaluate_command(args) -> dict:
     features = predictor.features(examples)
     metrics, predictions, nbest = predict_and_score(
         predictor.model, examples, features, predictor.collate, batch_size=predictor.batch_size,
-        progress=not args.disable_tqdm, **predictor.decoding)
+        progress=not args.disable_tqdm, decoding=predictor.decoding)
     write_prediction_outputs(args.output_dir, "eval", predictions, nbest, metrics)
     logger.info("%s: exact_match %.2f f1 %.2f on %d questions", predictor.description, metrics["exact_match"],
                 metrics["f1"], metrics["total"])

@@ -41,10 +41,6 @@ IMPLS = ("auto", "triton", "torch")
 #: Largest accepted temperature: the KD term agrees with float64 up to here (the parity suites
 #: check it), and T^2 and the series form's (logit difference / T)^2 stay far inside float32.
 MAX_TEMPERATURE = 1e6
-#: What ``impl`` (the ``--loss_impl`` flag) picks.
-IMPL_HELP = ("fused Triton loss or its PyTorch reference (auto: Triton on CUDA tensors, and on the "
-             "CPU when TRITON_INTERPRET=1 was set before start-up, which runs the kernel in "
-             "Triton's interpreter: exact but slow, for tests; otherwise the reference)")
 
 
 class QALoss(NamedTuple):

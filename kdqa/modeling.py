@@ -228,19 +228,6 @@ def encoder_layers(model) -> torch.nn.ModuleList:
     )
 
 
-def parse_layers(spec: str | list[int]) -> list[int]:
-    """'0,2,4' -> [0, 2, 4]."""
-    if isinstance(spec, (list, tuple)):
-        return [int(i) for i in spec]
-    try:
-        layers = [int(part) for part in str(spec).split(",") if part.strip() != ""]
-    except ValueError:
-        raise ValueError(f"--student_layers must be comma-separated layer numbers like 0,2,4, got {spec!r}") from None
-    if not layers:
-        raise ValueError("--student_layers is empty; give layer numbers like 0,2,4")
-    return layers
-
-
 def build_student_from_layers(teacher, layers: list[int]):
     """A student with the teacher's architecture, its embeddings, the chosen encoder layers and QA head.
 

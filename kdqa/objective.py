@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from kdqa.hidden_distill import HiddenStateDistillation, choose_layer_map, format_layer_map
+from kdqa.hidden_distill import HiddenStateDistillation, choose_layer_map, format_layer_map, parse_student_layers
 from kdqa.loss import qa_distillation_loss
 
 if TYPE_CHECKING:  # kdqa.config reads the rules here: importing modeling (transformers) would slow every --help
@@ -48,8 +48,8 @@ class Term:
 
 def copied_layers(args) -> list[int] | None:
     """The teacher layers --student_layers copied into the student (None: not built that way)."""
-    spec = getattr(args, "student_layers", None)  # checked by kdqa.config
-    return [int(i) for i in str(spec).split(",")] if spec else None
+    spec = getattr(args, "student_layers", None)
+    return parse_student_layers(spec) if spec else None
 
 
 def num_layers(model) -> int:

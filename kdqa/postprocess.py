@@ -117,8 +117,7 @@ def decode_spans(
     features,
     all_start_logits,
     all_end_logits,
-    n_best_size: int = 20,
-    max_answer_length: int = 30,
+    decoding: Decoding = Decoding(),
     with_nbest: bool = False,
 ):
     """The best span per example id, from the logits of all its features: (spans, nbest or None).
@@ -134,6 +133,7 @@ def decode_spans(
     {text, score, start_logit, end_logit, offsets, probability} (probability: softmax of the scores
     over that list), the content of run_qa.py's nbest file.
     """
+    n_best_size, max_answer_length = decoding.n_best_size, decoding.max_answer_length
     if n_best_size < 1 or max_answer_length < 1:
         raise ValueError("n_best_size and max_answer_length must be at least 1")
     example_ids = _column(examples, "id")
@@ -229,13 +229,12 @@ def postprocess_qa_predictions(
     features,
     all_start_logits,
     all_end_logits,
-    n_best_size: int = 20,
-    max_answer_length: int = 30,
+    decoding: Decoding = Decoding(),
     return_nbest: bool = False,
 ):
     """Answer text per example id (an example without any valid span gets ""), as run_qa.py's
     function of that name; with return_nbest=True also the n-best lists (see decode_spans)."""
-    best, nbest = decode_spans(examples, features, all_start_logits, all_end_logits, n_best_size=n_best_size,
-                               max_answer_length=max_answer_length, with_nbest=return_nbest)
+    best, nbest = decode_spans(examples, features, all_start_logits, all_end_logits, decoding,
+                               with_nbest=return_nbest)
     predictions = collections.OrderedDict((example_id, span.text) for example_id, span in best.items())
     return (predictions, nbest) if return_nbest else predictions

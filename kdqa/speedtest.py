@@ -33,7 +33,7 @@ def _answer_one(predictor: QAPredictor, row: dict, stats: dict) -> None:
     t1 = time.perf_counter()
     starts, ends = logits_over_features(predictor.model, features, predictor.collate, predictor.batch_size)
     t2 = time.perf_counter()
-    answers, _ = decode_answers(question, features, starts, ends, **predictor.decoding)
+    answers, _ = decode_answers(question, features, starts, ends, predictor.decoding)
     t3 = time.perf_counter()
     stats["features_s"] += t1 - t0
     stats["predict_s"] += t2 - t1

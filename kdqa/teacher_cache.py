@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kdqa.distributed import barrier, broadcast_object
-from kdqa.features import FeatureRows
+from kdqa.features import FeatureRows, Window
 from kdqa.modeling import logits_over_features
 from kdqa.precision import PRECISION_NAMES
 from kdqa.atomic_io import fsync_path, write_json_atomic
@@ -67,9 +67,7 @@ def fingerprint(
     dataset_fingerprint: str | None,
     tokenizer,
     teacher,
-    max_seq_length: int,
-    doc_stride: int,
-    max_query_length: int,
+    window: Window,
     num_features: int,
     storage_dtype: torch.dtype,
     autocast_dtype: torch.dtype | None,
@@ -104,9 +102,9 @@ def fingerprint(
     for name, tensor in teacher.state_dict().items():
         _update_tensor(h, name, tensor)
     settings = {
-        "max_seq_length": int(max_seq_length),
-        "doc_stride": int(doc_stride),
-        "max_query_length": int(max_query_length),
+        "max_seq_length": int(window.max_seq_length),
+        "doc_stride": int(window.doc_stride),
+        "max_query_length": int(window.max_query_length),
         "num_features": int(num_features),
         "storage_dtype": _DTYPES[storage_dtype],
         "teacher_precision": PRECISION_NAMES[autocast_dtype],
@@ -436,9 +434,7 @@ def teacher_cache_key(args, teacher, tokenizer, num_features: int, autocast_dtyp
     data_files = [args.train_file] if args.train_file else None
     return fingerprint(data_files=data_files,
                        dataset_fingerprint=None if data_files else f"{args.dataset_name}:{args.max_train_samples}",
-                       tokenizer=tokenizer, teacher=teacher, max_seq_length=args.max_seq_length,
-                       doc_stride=args.doc_stride, max_query_length=args.max_query_length,
-                       num_features=num_features, storage_dtype=cache_storage_dtype(autocast_dtype),
+                       tokenizer=tokenizer, teacher=teacher, window=args.window, num_features=num_features, storage_dtype=cache_storage_dtype(autocast_dtype),
                        autocast_dtype=autocast_dtype)
 
 

@@ -43,7 +43,7 @@ from kdqa.inference import predict_and_score, write_prediction_outputs
 from kdqa.interrupt import StopRequest, TrainingInterrupted, ignore_stop_signals
 from kdqa.loss import resolve_loss_impl
 from kdqa.modeling import (QAOutputs, short_model_name, build_student_from_layers, check_same_vocab, forward_qa,
-                           load_qa_model, load_tokenizer, parse_layers)
+                           load_qa_model, load_tokenizer)
 from kdqa.report_card import MODEL_CARD_NAME, REPORT_NAMES, objective_as_run, write_run_report_and_card
 from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
 from kdqa.atomic_io import write_json_atomic
@@ -231,21 +231,19 @@ def load_datasets(args, tokenizer):
     evaluates = args.eval_strategy != "no"
     raw = load_squad(train_file=args.train_file, validation_file=args.validation_file,
                      dataset_name=args.dataset_name, splits=("train", "validation") if evaluates else ("train",))
-    lengths = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
-                   max_query_length=args.max_query_length)
     train_examples = raw["train"]
     if args.max_train_samples is not None:
         train_examples = train_examples.select(range(min(args.max_train_samples, len(train_examples))))
     train_examples = fix_answer_starts(train_examples, log=logger.info)
-    train_features = prepare_train_features(train_examples, tokenizer, num_proc=args.preprocessing_num_workers,
-                                            **lengths)
+    train_features = prepare_train_features(train_examples, tokenizer, args.window,
+                                            num_proc=args.preprocessing_num_workers)
     train_features = train_features.add_column("feature_index", list(range(len(train_features))))
     if not evaluates:
         return train_examples, train_features, None, None
     eval_examples = raw["validation"]
     if args.max_eval_samples is not None:
         eval_examples = eval_examples.select(range(min(args.max_eval_samples, len(eval_examples))))
-    eval_features = prepare_eval_features(eval_examples, tokenizer, num_proc=args.preprocessing_num_workers, **lengths)
+    eval_features = prepare_eval_features(eval_examples, tokenizer, args.window, num_proc=args.preprocessing_num_workers)
     return train_examples, train_features, eval_examples, eval_features
 
 
@@ -259,7 +257,7 @@ def load_student_and_teacher(args, dist: DistState):
     student = load_qa_model(source, attn_implementation=attn)
     tokenizer = load_tokenizer(source)
     if args.student_layers:
-        student = build_student_from_layers(student, parse_layers(args.student_layers))
+        student = build_student_from_layers(student, objective.copied_layers(args))
         logger.info("student: layers %s of %s (%d layers)", args.student_layers, short_model_name(source),
                     student.config.num_hidden_layers)
     teacher = None
@@ -672,8 +670,8 @@ def score_on_dev(run: Run, epoch: float, record: bool = True) -> None:
     if run.dist.is_main:
         metrics, predictions, nbest = predict_and_score(
             run.student, data.eval_examples, data.eval_features, data.collator,
-            batch_size=args.per_device_eval_batch_size, device=run.device, n_best_size=args.n_best_size,
-            max_answer_length=args.max_answer_length, autocast_dtype=run.autocast_dtype,
+            batch_size=args.per_device_eval_batch_size, device=run.device, decoding=args.decoding,
+            autocast_dtype=run.autocast_dtype,
             progress=run.show_progress)
         run.student.train()
         if record:

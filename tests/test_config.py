@@ -6,15 +6,21 @@ Bad input must end in exit code 2 and one line on stderr naming the flag, never 
 tests stop at parsing and need no model.
 """
 
+import copy
 import json
 import os
+import re
+import subprocess
 import sys
 
 import pytest
 
 import train
 from kdqa.config import ConfigError, parse_args
-from kdqa.features import QACollator
+from kdqa.features import QACollator, Window
+from kdqa.postprocess import Decoding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FINETUNE = ["finetune", "--model_name_or_path", "m"]
 
@@ -310,3 +316,127 @@ def test_pad_to_max_length_reaches_the_collator(tmp_path, monkeypatch):
             str(tmp_path / "ev"), "--max_seq_length", "96", "--doc_stride", "32", "--disable_tqdm",
             "--pad_to_max_length"]
     assert train.main(argv) == 0 and set(widths) == {96}  # the features are shorter (the collator test above)
+
+
+# --------------------------------------------------------------- issue 23.3: flag groups, windows and decoding
+
+
+def test_help_documents_every_flag_with_its_default():
+    out = subprocess.run([sys.executable, "train.py", "distill", "--help"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    for flag in ("--train_file", "--validation_file", "--max_seq_length", "--doc_stride", "--max_query_length",
+                 "--per_device_train_batch_size", "--per_device_eval_batch_size", "--gradient_accumulation_steps",
+                 "--learning_rate", "--weight_decay", "--warmup_ratio", "--num_train_epochs", "--max_steps",
+                 "--max_grad_norm", "--max_train_samples", "--max_eval_samples", "--precision", "--loss_impl",
+                 "--seed", "--logging_steps", "--eval_strategy", "--eval_steps", "--save_steps",
+                 "--resume_from_checkpoint", "--n_best_size", "--max_answer_length", "--student_layers", "--config",
+                 "--temperature", "--alpha_ce", "--alpha_kd", "--teacher_logits_cache", "--group_by_length",
+                 "--torch_compile"):
+        assert flag in out, flag
+    assert "(default: 384)" in out and "(default: 2.0)" in out
+
+
+def test_config_file_sets_flags_and_flags_override_it(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 0.001\ntemperature: 4.0\nmodel_name_or_path: m\noutput_dir: o\n")
+    args = parse_args(["distill", "--config", str(cfg), "--teacher_model_name_or_path", "t", "--temperature", "3"])
+    assert args.learning_rate == 0.001 and args.temperature == 3.0 and args.model_name_or_path == "m"
+    cfg.write_text('{"learning_rat": 0.1}')
+    os.rename(cfg, tmp_path / "c.json")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rat'\]"):
+        parse_args(["finetune", "--config", str(tmp_path / "c.json"), "--model_name_or_path", "m"])
+    with pytest.raises(ConfigError, match="--temperature must be > 0"):
+        parse_args(["distill", "--teacher_model_name_or_path", "t", "--model_name_or_path", "m", "--output_dir",
+                    "o", "--temperature", "0"])
+
+
+def test_finetune_and_distill_share_every_key_and_the_mode_is_stated(tmp_path):
+    """One config file serves both training modes; evaluate has only the keys it reads."""
+    finetune = parse_args(["finetune", "--model_name_or_path", "m", "--output_dir", str(tmp_path),
+                           "--teacher_model_name_or_path", "t"])
+    distill = parse_args(["distill", "--model_name_or_path", "m", "--output_dir", str(tmp_path),
+                          "--teacher_model_name_or_path", "t"])
+    evaluate = parse_args(["evaluate", "--model_name_or_path", "m", "--output_dir", str(tmp_path)])
+    assert (finetune.mode, distill.mode, evaluate.mode) == ("finetune", "distill", None)
+    assert set(vars(distill)) == set(vars(finetune))
+    assert set(vars(evaluate)) < set(vars(distill))
+    assert not {"learning_rate", "temperature", "train_file", "report_to"} & set(vars(evaluate))
+    assert finetune.temperature == 2.0 and finetune.teacher_logits_cache is None
+
+
+def _imports_torch(*argv) -> bool:
+    """Whether `train.py ARGV` (which must exit 0, e.g. --help) imports torch, in a fresh interpreter."""
+    code = ("import sys, train\n"
+            "try:\n    train.main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_help_does_not_import_torch():
+    assert not _imports_torch("--help")
+    assert not _imports_torch("distill", "--help")
+
+
+# Per command: flags its --help must list, and flags of groups it does not have.
+HELP_LISTS = {
+    "finetune": (["--learning_rate", "--temperature", "--max_seq_length", "--n_best_size", "--do_train",
+                  "--report_to"], ["--question", "--opset", "--data_dir"]),
+    "distill": (["--teacher_model_name_or_path", "--alpha_hidden", "--doc_stride", "--max_answer_length"],
+                ["--question", "--tolerance", "--full"]),
+    "evaluate": (["--validation_file", "--max_seq_length", "--n_best_size", "--precision", "--fp16",
+                  "--pad_to_max_length"],
+                 ["--learning_rate", "--temperature", "--train_file", "--max_steps", "--report_to", "--seed",
+                  "--do_train", "--student_layers"]),
+    "predict": (["--n_best_size", "--max_seq_length", "--question", "--runtime", "--quantize"],
+                ["--learning_rate", "--temperature", "--precision", "--validation_file", "--opset"]),
+    "export": (["--quantize", "--tolerance", "--opset"],
+               ["--max_seq_length", "--n_best_size", "--learning_rate", "--device"]),
+    "recipe": (["--data_dir", "--teacher_num_train_epochs", "--speed_test_questions", "--learning_rate",
+                "--n_best_size"], ["--question", "--opset", "--do_train"]),
+}
+
+
+@pytest.mark.parametrize("command", sorted(HELP_LISTS))
+def test_each_commands_help_lists_only_its_groups(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_args([command, "--help"])
+    assert stop.value.code == 0
+    listed = set(re.findall(r"--[a-z_0-9]+", capsys.readouterr().out))
+    has, lacks = HELP_LISTS[command]
+    assert set(has) <= listed, set(has) - listed
+    assert not set(lacks) & listed, set(lacks) & listed
+
+
+def test_evaluate_refuses_the_training_flags_it_used_to_ignore(out, capsys):
+    err = main_error(["evaluate", "--model_name_or_path", "m", "--output_dir", out, "--learning_rate", "1e-3"],
+                     capsys)
+    assert "--learning_rate" in err and "evaluate --help" in err
+
+
+def test_window_and_decoding_are_values_that_follow_their_flags(out):
+    args = parse_args(FINETUNE + ["--output_dir", out, "--max_seq_length", "96", "--doc_stride", "32",
+                                  "--n_best_size", "5"])
+    assert args.window == Window(max_seq_length=96, doc_stride=32, max_query_length=64)
+    assert args.decoding == Decoding(n_best_size=5, max_answer_length=30)
+    json.dumps(vars(args))  # resume settings, training_args.json and report cards dump the flags
+    assert "window" not in vars(args) and "decoding" not in vars(args)
+    args.max_seq_length = 256  # as the recipe's CPU preset sets it after parsing
+    assert args.window.max_seq_length == 256 and copy.deepcopy(args).window == args.window
+    predict = parse_args(["predict", "--model_name_or_path", "m", "--question", "q", "--context", "c",
+                          "--max_answer_length", "7"])
+    assert predict.decoding == Decoding(20, 7) and predict.window == Window()
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--output_dir", "OUT"], ["predict", "--question", "q",
+                                                                          "--context", "c"]])
+def test_every_command_with_windows_checks_the_stride(command, out, capsys):
+    argv = [command[0], "--model_name_or_path", "m"] + [out if a == "OUT" else a for a in command[1:]]
+    err = main_error(argv + ["--max_seq_length", "64", "--doc_stride", "64"], capsys)
+    assert "--doc_stride must be smaller than --max_seq_length" in err
+
+
+def test_evaluate_keeps_refusing_fp16_on_the_cpu(out, capsys):
+    err = main_error(["evaluate", "--model_name_or_path", "m", "--output_dir", out, "--fp16", "--device", "cpu"],
+                     capsys)
+    assert "--precision fp16 needs a CUDA GPU" in err

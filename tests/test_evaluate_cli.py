@@ -13,7 +13,7 @@ import torch
 
 from kdqa.evaluate import main
 from kdqa.inference import predict_and_score, predict_logits
-from kdqa.features import QACollator, prepare_eval_features
+from kdqa.features import QACollator, Window, prepare_eval_features
 from kdqa.metric import normalize_answer
 from synthetic import make_examples, make_tokenizer, write_squad_json
 
@@ -124,7 +124,7 @@ def tiny_setup():
     )
     model = BertForQuestionAnswering(config)
     examples = make_examples(n=25, seed=41, min_context_words=20, max_context_words=120)
-    features = prepare_eval_features(examples, tokenizer, max_seq_length=64, doc_stride=16, max_query_length=16)
+    features = prepare_eval_features(examples, tokenizer, Window(64, 16, 16))
     return tokenizer, model, examples, features
 
 

@@ -7,7 +7,7 @@ import datasets
 import pytest
 import torch
 
-from kdqa.features import QACollator, prepare_eval_features, prepare_train_features
+from kdqa.features import QACollator, Window, prepare_eval_features, prepare_train_features
 from synthetic import make_examples, make_tokenizer
 
 datasets.disable_progress_bars()
@@ -28,10 +28,10 @@ def long_examples():
 
 @pytest.fixture(scope="module")
 def both_features(tokenizer, long_examples):
-    args = dict(max_seq_length=MAX_LEN, doc_stride=STRIDE, max_query_length=MAX_Q)
+    window = Window(MAX_LEN, STRIDE, MAX_Q)
     return (
-        prepare_train_features(long_examples, tokenizer, **args),
-        prepare_eval_features(long_examples, tokenizer, **args),
+        prepare_train_features(long_examples, tokenizer, window),
+        prepare_eval_features(long_examples, tokenizer, window),
     )
 
 
@@ -43,7 +43,7 @@ def test_columns_are_minimal(both_features):
 
 def test_no_token_type_ids_when_tokenizer_has_none(long_examples):
     tok = make_tokenizer(with_token_type_ids=False)
-    train = prepare_train_features(long_examples[:5], tok, max_seq_length=MAX_LEN, doc_stride=STRIDE, max_query_length=MAX_Q)
+    train = prepare_train_features(long_examples[:5], tok, Window(MAX_LEN, STRIDE, MAX_Q))
     assert "token_type_ids" not in train.column_names
 
 
@@ -114,11 +114,11 @@ def test_max_query_length_truncates_question(tokenizer):
     ex = make_examples(n=1, seed=3, question_words=(60, 60))[0]
     full = tokenizer(ex["question"], add_special_tokens=False)["input_ids"]
     assert len(full) > 30
-    feats = prepare_eval_features([ex], tokenizer, max_seq_length=128, doc_stride=32, max_query_length=10)
+    feats = prepare_eval_features([ex], tokenizer, Window(128, 32, 10))
     ids = feats[0]["input_ids"]
     sep = ids.index(tokenizer.sep_token_id)
     assert ids[1:sep] == full[:10]
-    untruncated = prepare_eval_features([ex], tokenizer, max_seq_length=256, doc_stride=32, max_query_length=200)
+    untruncated = prepare_eval_features([ex], tokenizer, Window(256, 32, 200))
     u_ids = untruncated[0]["input_ids"]
     assert u_ids[1 : u_ids.index(tokenizer.sep_token_id)] == full
 
@@ -127,8 +127,8 @@ def test_leading_whitespace_of_question_is_stripped(tokenizer):
     ex = make_examples(n=1, seed=4)[0]
     spaced = copy.deepcopy(ex)
     spaced["question"] = "   \t " + ex["question"]
-    a = prepare_train_features([ex], tokenizer, max_seq_length=MAX_LEN, doc_stride=STRIDE, max_query_length=MAX_Q)
-    b = prepare_train_features([spaced], tokenizer, max_seq_length=MAX_LEN, doc_stride=STRIDE, max_query_length=MAX_Q)
+    a = prepare_train_features([ex], tokenizer, Window(MAX_LEN, STRIDE, MAX_Q))
+    b = prepare_train_features([spaced], tokenizer, Window(MAX_LEN, STRIDE, MAX_Q))
     assert a[:] == b[:]
 
 
@@ -145,17 +145,17 @@ def test_bad_tokenizers_and_lengths_are_refused(tokenizer):
     with pytest.raises(ValueError, match="pads on the 'left'.*only right padding"):
         prepare_eval_features(examples, left)
     with pytest.raises(ValueError, match="max_seq_length 20 is too small"):
-        prepare_train_features(examples, tokenizer, max_seq_length=20, doc_stride=16)
+        prepare_train_features(examples, tokenizer, Window(max_seq_length=20, doc_stride=16))
     long_q = make_examples(n=2, seed=6, question_words=(40, 40))
     with pytest.raises(ValueError, match=r"too small for question 'syn-0000\d'.*Raise max_seq_length"):
-        prepare_train_features(long_q, tokenizer, max_seq_length=64, doc_stride=16, max_query_length=64)
+        prepare_train_features(long_q, tokenizer, Window(64, 16, 64))
 
 
 def test_wrong_answer_start_without_fix_gives_cls(tokenizer):
     """Sanity: labels follow answer_start (which is why fix_answer_starts runs first)."""
     ex = make_examples(n=1, seed=7, min_context_words=10, max_context_words=12)[0]
     ex["answers"] = {"text": ex["answers"]["text"], "answer_start": [len(ex["context"]) + 5]}
-    feats = prepare_train_features([ex], tokenizer, max_seq_length=MAX_LEN, doc_stride=STRIDE, max_query_length=MAX_Q)
+    feats = prepare_train_features([ex], tokenizer, Window(MAX_LEN, STRIDE, MAX_Q))
     assert feats["start_positions"] == [0] and feats["end_positions"] == [0]
 
 
@@ -230,8 +230,8 @@ def test_minilm_tokenizer_windows_map_back(minilm_dir, long_examples):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_dir)
-    train = prepare_train_features(long_examples[:40], tok, max_seq_length=MAX_LEN, doc_stride=STRIDE, max_query_length=MAX_Q)
-    evaluation = prepare_eval_features(long_examples[:40], tok, max_seq_length=MAX_LEN, doc_stride=STRIDE, max_query_length=MAX_Q)
+    train = prepare_train_features(long_examples[:40], tok, Window(MAX_LEN, STRIDE, MAX_Q))
+    evaluation = prepare_eval_features(long_examples[:40], tok, Window(MAX_LEN, STRIDE, MAX_Q))
     by_id = {ex["id"]: ex for ex in long_examples}
     hits = 0
     for feat, ev in zip(train, evaluation):
@@ -249,9 +249,9 @@ def test_small_inputs_skip_dataset_map_with_identical_features(tokenizer, long_e
     result must equal the Dataset.map path's."""
     import kdqa.features as features_module
 
-    args = dict(max_seq_length=MAX_LEN, doc_stride=STRIDE, max_query_length=MAX_Q)
+    window = Window(MAX_LEN, STRIDE, MAX_Q)
     monkeypatch.setattr(features_module, "DIRECT_LIMIT", 0)  # force Dataset.map
-    via_map = (prepare_train_features(long_examples, tokenizer, **args), prepare_eval_features(long_examples, tokenizer, **args))
+    via_map = (prepare_train_features(long_examples, tokenizer, window), prepare_eval_features(long_examples, tokenizer, window))
     for direct, mapped in zip(both_features, via_map):
         assert direct.features == mapped.features
         assert direct[:] == mapped[:]

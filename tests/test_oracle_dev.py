@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from kdqa.data import load_squad_json
-from kdqa.features import answer_token_span, prepare_eval_features
+from kdqa.features import Window, answer_token_span, prepare_eval_features
 from kdqa.metric import squad_v1_score
-from kdqa.postprocess import postprocess_qa_predictions
+from kdqa.postprocess import Decoding, postprocess_qa_predictions
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 
@@ -29,7 +29,7 @@ def test_oracle_logits_reach_gold_on_real_dev(squad_dev_file, minilm_dir):
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
     examples = load_squad_json(squad_dev_file)
     assert len(examples) == 10570
-    features = prepare_eval_features(examples, tokenizer, max_seq_length=384, doc_stride=128, max_query_length=64)
+    features = prepare_eval_features(examples, tokenizer, Window(384, 128, 64))
     assert len(features) >= len(examples)
 
     gold = {row["id"]: row["answers"] for row in examples.select_columns(["id", "answers"])}
@@ -58,7 +58,7 @@ def test_oracle_logits_reach_gold_on_real_dev(squad_dev_file, minilm_dir):
     assert len(windows_with_answer) == len(examples)
 
     t_decode = time.perf_counter()
-    predictions = postprocess_qa_predictions(examples, features, starts, ends, n_best_size=20, max_answer_length=30)
+    predictions = postprocess_qa_predictions(examples, features, starts, ends, Decoding(n_best_size=20, max_answer_length=30))
     t_decode = time.perf_counter() - t_decode
     scores = squad_v1_score(examples, predictions)
     elapsed = time.perf_counter() - t0

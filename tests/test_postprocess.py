@@ -4,8 +4,8 @@ import datasets
 import numpy as np
 import pytest
 
-from kdqa.features import prepare_eval_features
-from kdqa.postprocess import postprocess_qa_predictions
+from kdqa.features import Window, prepare_eval_features
+from kdqa.postprocess import Decoding, postprocess_qa_predictions
 from synthetic import make_examples, make_tokenizer
 
 datasets.disable_progress_bars()
@@ -28,9 +28,9 @@ def _logits(peaks: dict) -> np.ndarray:
     return out
 
 
-def _decode(starts: dict, ends: dict, **kwargs):
+def _decode(starts: dict, ends: dict, decoding: Decoding = Decoding()):
     features = [{"example_id": "e1", "offset_mapping": OFFSETS}]
-    return postprocess_qa_predictions([_example()], features, [_logits(starts)], [_logits(ends)], **kwargs)["e1"]
+    return postprocess_qa_predictions([_example()], features, [_logits(starts)], [_logits(ends)], decoding)["e1"]
 
 
 def test_best_span():
@@ -47,13 +47,13 @@ def test_end_before_start_is_skipped_and_n_best_matters():
     starts, ends = {DELTA: 5, GAMMA: 3}, {BETA: 5, EPSILON: 2}
     assert _decode(starts, ends) == "delta epsilon"  # (delta, beta) scores 10 but ends before it starts
     # With one candidate each, the only pair is (delta, beta): invalid, so no answer at all.
-    assert _decode(starts, ends, n_best_size=1) == ""
+    assert _decode(starts, ends, Decoding(n_best_size=1)) == ""
 
 
 def test_max_answer_length_in_tokens():
     starts, ends = {ALPHA: 5}, {EPSILON: 5, GAMMA: 1}
-    assert _decode(starts, ends, max_answer_length=3) == "Alpha beta gamma"
-    assert _decode(starts, ends, max_answer_length=5) == "Alpha beta gamma delta epsilon"
+    assert _decode(starts, ends, Decoding(max_answer_length=3)) == "Alpha beta gamma"
+    assert _decode(starts, ends, Decoding(max_answer_length=5)) == "Alpha beta gamma delta epsilon"
 
 
 def test_padded_tail_ignored_and_2d_input():
@@ -92,7 +92,7 @@ def test_nbest_lists():
     starts = [np.array([0, 0, 0, 2, 0, 0.0]), np.array([0, 2, 0, 0, 1, 0.0])]
     ends = [np.array([0, 0, 0, 0, 2, 0.0]), np.array([0, 0, 2, 0, 1, 0.0])]
     predictions, nbest = postprocess_qa_predictions(
-        [_example("long", long_context)], features, starts, ends, n_best_size=5, return_nbest=True
+        [_example("long", long_context)], features, starts, ends, Decoding(n_best_size=5), return_nbest=True
     )
     entries = nbest["long"]
     assert predictions["long"] == entries[0]["text"] == "three four"
@@ -117,7 +117,7 @@ def test_dataset_features_match_row_features():
     """The vectorised Arrow path for a Dataset and the plain-rows path decode identically."""
     tokenizer = make_tokenizer()
     examples = make_examples(n=40, seed=21, min_context_words=30, max_context_words=150)
-    features = prepare_eval_features(examples, tokenizer, max_seq_length=64, doc_stride=16, max_query_length=16)
+    features = prepare_eval_features(examples, tokenizer, Window(64, 16, 16))
     rng = np.random.default_rng(0)
     starts = [rng.normal(size=len(ids)).astype(np.float32) for ids in features["input_ids"]]
     ends = [rng.normal(size=len(ids)).astype(np.float32) for ids in features["input_ids"]]

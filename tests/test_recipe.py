@@ -192,3 +192,72 @@ def test_offline_recipe_end_to_end_interrupted_and_resumed(offline, checkout, tm
 
     with pytest.raises(ValueError, match=r"other settings \(--learning_rate 0\.0001 -> 0\.001\)"):
         recipe.run_recipe(parse_args(argv + ["--resume_from_checkpoint", "latest", "--learning_rate", "1e-3"]))
+
+
+# --------------------------------------------------------------------------- moved from test_trainer.py (issue 23)
+
+@pytest.fixture(scope="module")
+def name_task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    train = write_squad(str(root / "train.json"), make_name_task(400, seed=1, prefix="t"))
+    dev = write_squad(str(root / "dev.json.gz"), make_name_task(60, seed=2, prefix="d"))
+    return {"root": root, "train": train, "dev": dev}
+
+
+def _loss_records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def test_recipe_without_hub_stops_within_seconds_naming_the_offline_flags(tmp_path):
+    import time  # here, not at the top: this section is appended and the file's head left as it is
+
+    env = dict(os.environ, HF_HUB_OFFLINE="0")
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--output_dir", str(tmp_path / "r"),
+                           "--teacher_model_name_or_path", "bert-large-uncased"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 1, proc.stderr
+    assert "hub cannot be reached" in proc.stderr or "hub" in proc.stderr
+    for flag in ("--train_file", "--validation_file", "--model_name_or_path", "--teacher_model_name_or_path"):
+        assert flag in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 30, elapsed
+
+
+def test_recipe_runs_teacher_student_and_distilled_student_and_prints_the_table(name_task, tmp_path, capsys):
+    from kdqa.recipe import run_recipe
+
+    base = make_model_folder(str(tmp_path / "base"), tiny_bert_config(layers=4), seed=8)
+    args = parse_args(["--teacher_model_name_or_path", base, "--student_layers", "0,2",
+                       "--train_file", name_task["train"], "--validation_file", name_task["dev"],
+                       "--output_dir", str(tmp_path / "recipe"),
+                       "--max_seq_length", "64", "--doc_stride", "32", "--max_train_samples", "48",
+                       "--teacher_num_train_epochs", "1", "--num_train_epochs", "1", "--loss_impl", "torch",
+                       "--per_device_train_batch_size", "8", "--disable_tqdm"])
+    assert args.command == "recipe"
+    results = run_recipe(args)
+    assert set(results) == {"teacher", "student", "distilled student"}
+    table = capsys.readouterr().out
+    assert "| teacher (" in table and "| student (layers 0,2 of base" in table and "| distilled student (" in table
+    out = tmp_path / "recipe"
+    for run_dir in ("teacher", "student", "distilled"):
+        assert (out / run_dir / "eval_results.json").is_file()
+    distilled_args = json.loads((out / "distilled" / "training_args.json").read_text())
+    assert distilled_args["teacher_model_name_or_path"] == str(out / "teacher")
+    assert distilled_args["student_layers"] == "0,2"
+    assert json.loads((out / "recipe_results.json").read_text())["models"]["teacher"]["f1"] == results["teacher"]["f1"]
+    assert (out / "teacher_logits_cache").is_dir()
+    # Student and distilled student start from the same weights: layers 0 and 2 of the base model.
+    kd_log = _loss_records(out / "distilled")
+    assert kd_log[-1]["kd"] > 0
+    # The recipe's report card: the table's scores, each student's agreement with the teacher, the objectives.
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"]["distilled student"]["f1"] == results["distilled student"]["f1"]
+    assert report["models"]["student"]["agreement_with_teacher"]["questions"] == 60
+    kd_terms = {t["name"]: t for t in report["models"]["distilled student"]["objective"]["terms"]}
+    assert kd_terms["kd"]["temperature"] == args.temperature and kd_terms["kd"]["weight"] == args.alpha_kd
+    assert "gap to the teacher closed" in (out / "report.md").read_text()
+    for run_dir in ("teacher", "student", "distilled"):
+        assert (out / run_dir / "README.md").read_text().startswith("---\n")

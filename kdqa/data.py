@@ -476,3 +476,63 @@ def fix_answer_starts(dataset: Dataset, log: Callable[[str], None] | None = prin
     return fixed.add_column("answers", new_answers, feature=dataset.features["answers"]).select_columns(
         dataset.column_names
     )
+
+
+# ----------------------------------------------------------------------------- question files (predict --test_file)
+
+
+def read_questions_file(path: str):
+    """--test_file: SQuAD v1.1 (the layouts kdqa.data reads) or JSON lines of {id, question, context}.
+
+    JSON lines whose first record has no "answers" are questions to answer (_read_question_lines);
+    everything else goes to load_squad_json, which knows the SQuAD layouts and their errors. Both
+    read the file with read_text (gzip, UTF-8 with or without a BOM, errors naming the file).
+    """
+    text = read_text(path)
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        record = None
+    if isinstance(record, dict) and "data" not in record and "answers" not in record:
+        return _read_question_lines(text, path)
+    return _scored_only_if_all_answered(load_squad_json(path), path)
+
+
+def _scored_only_if_all_answered(examples, path: str):
+    """The rule `evaluate` follows: a file is scored only when every question has a gold answer (one
+    without would score 0 whatever the model says). None has one: answered, not scored. Some: refused."""
+    unanswered = sum(1 for gold in examples["answers"] if not gold["text"])
+    if unanswered == len(examples):
+        logger.info("%s: no question has a gold answer; answering them without a score", path)
+        return examples.remove_columns("answers")
+    if unanswered:
+        raise SquadDataError(
+            f"{path}: {unanswered} of {len(examples)} questions have no gold answer, and a question without one "
+            "would score 0 whatever the model says (evaluate refuses such a file too). Remove those questions, or "
+            "remove every gold answer to have the questions answered without a score."
+        )
+    return examples
+
+
+def _read_question_lines(text: str, path: str) -> dict[str, list]:
+    """JSON lines of {id, question, context} as columns; errors name the line and the fix."""
+    columns = {"id": [], "question": [], "context": []}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SquadDataError(f"{path}: line {number} is not JSON ({err.msg})") from None
+        bad = [k for k in columns if not isinstance(record.get(k) if isinstance(record, dict) else None, str)]
+        if bad:
+            raise SquadDataError(f"{path}: line {number} lacks {bad} as text; each line must be "
+                                 '{"id": ..., "question": ..., "context": ...}')
+        for key in columns:
+            columns[key].append(record[key])
+    if not columns["id"]:
+        raise SquadDataError(f"{path}: no questions in the file")
+    if len(set(columns["id"])) != len(columns["id"]):
+        raise SquadDataError(f"{path}: question ids are not unique; give every line its own id")
+    return columns

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .config import MIN_OPSET, check_opset
-from .inference import ONNX_FILE, ONNX_INT8_FILE, OnnxQAModel
+from .inference import ONNX_FILE, ONNX_INT8_FILE, OnnxRunner
 from .modeling import ModelLoadError, load_qa_model, load_tokenizer, takes_token_type_ids
 
 logger = logging.getLogger("kdqa")
@@ -104,7 +104,7 @@ def max_logit_difference(onnx_path: str, model, inputs: dict) -> float:
     """Largest |ONNX Runtime - PyTorch| over the start and end logits of the real (unmasked) tokens."""
     with torch.no_grad():
         expected = model(**inputs)
-    got = OnnxQAModel(onnx_path, threads=1)(inputs)
+    got = OnnxRunner(onnx_path, threads=1)(inputs)
     real = inputs["attention_mask"].numpy().astype(bool)
     return max(float(np.max(np.abs(g - e.numpy())[real])) for g, e in zip(got, expected))
 

@@ -2,18 +2,21 @@
 character offsets.
 
 Everything that answers questions goes through here, so every number kdqa reports comes from the
-same code: the training loop's evaluation and `train.py evaluate` (`predict_and_score`: prediction
-plus the official metric), `train.py predict` (`predict_command`), and benchmarks/bench_inference.py.
+same code: the training loop's evaluation and `train.py evaluate` (`QAPredictor.evaluate`: prediction
+plus the official metric), `train.py predict` (`QAPredictor.predict`), the recipe's speed test
+(kdqa.speedtest, which times the predictor's stages) and benchmarks/bench_inference.py. PyTorch
+and ONNX Runtime are two runners of one interface (`TorchRunner`, `OnnxRunner`).
 
     predictor = QAPredictor.load("runs/student")                 # PyTorch fp32
     predictor = QAPredictor.load("runs/student", quantize="int8")  # PyTorch dynamic int8 Linear layers
     predictor = QAPredictor.load("runs/student-onnx")            # ONNX Runtime (the folder has model.onnx)
-    predictor.answer("Who wrote it?", "It was written by Ada.")  # -> Answer(text="Ada", score=..., start=18, end=21)
+    predictor.answer("Who wrote it?", "It was written by Ada.")  # -> Answer(id=..., text="Ada", score=..., start=18, end=21)
+    metrics, predictions, nbest = predictor.evaluate(dev_examples)  # + EM/F1
 
 The steps: windows as in training (`features.prepare_eval_features`: question + overlapping context
 windows of max_seq_length tokens), the model over length-sorted batches (little padding), span
-decoding over all windows of a question (`postprocess.decode_spans`). Gold answers are never
-needed; when the examples have them, `predict_and_score` adds EM/F1.
+decoding over all windows of a question (`postprocess.decode_answers`). Gold answers are never
+needed; when the examples have them, `QAPredictor.evaluate` adds EM/F1.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ import warnings
 import numpy as np
 import torch
 
-from .features import DOC_STRIDE, MAX_QUERY_LENGTH, MAX_SEQ_LENGTH, QACollator, Window, prepare_eval_features
+from .atomic_io import write_json_atomic
+from .data import load_squad, read_questions_file
+from .features import QACollator, Window, prepare_eval_features
 from .metric import squad_v1_score
-from .modeling import ModelLoadError, load_qa_model, load_tokenizer
-from .modeling import logits_over_features as run_over_features
-from .postprocess import Decoding, decode_spans
+from .modeling import ModelLoadError, forward_qa, load_qa_model, load_tokenizer, logits_over_features
+from .postprocess import Answer, Decoding, answer_texts, decode_answers
 from .reporting import quiet_progress_bars
 
 logger = logging.getLogger("kdqa")
@@ -44,36 +48,33 @@ RUNTIMES = ("auto", "torch", "onnxruntime")
 QUANTIZE = ("none", "int8")
 
 
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    """One question's answer: context[start:end] == text; score = start logit + end logit of the
-    span. No valid span in any window: text "", score/start/end None."""
-
-    id: str
-    text: str
-    score: float | None
-    start: int | None
-    end: int | None
+# ----------------------------------------------------------------------------- the runners
+# One interface for both runtimes: runner(batch) -> (start, end) logits [B, L] for a collated batch
+# of model inputs; runner.device and runner.autocast_dtype say where and how it runs; runner.module
+# is the PyTorch module (run in eval mode, its mode restored, by modeling.logits_over_features) or None.
 
 
-# ----------------------------------------------------------------------------- the models
-
-
-class TorchQAModel:
+class TorchRunner:
     """A PyTorch QA model with the device and autocast dtype it answers with."""
 
     def __init__(self, model: torch.nn.Module, device="cpu", autocast_dtype: torch.dtype | None = None):
-        self.model = model
+        self.module = model
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
 
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_qa(self.module, batch).logits
 
-class OnnxQAModel:
-    """An exported model (kdqa.export) in ONNX Runtime, as a function: collated batch -> (start, end) logits.
+
+class OnnxRunner:
+    """An exported model (kdqa.export) in ONNX Runtime.
 
     Tuned for answering questions one at a time on a CPU: full graph optimisation, `threads`
     intra-op threads (default: ONNX Runtime's, one per physical core), sequential execution.
     """
+
+    module = None
+    autocast_dtype = None
 
     def __init__(self, path: str, threads: int | None = None):
         ort = import_onnxruntime()
@@ -138,102 +139,33 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(model.float().cpu().eval(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
-# ----------------------------------------------------------------------------- logits and decoding
+# ----------------------------------------------------------------------------- the predictor
 
 
 def _numpy(logits) -> np.ndarray:
     return logits.float().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits, dtype=np.float32)
 
 
-def logits_over_features(model, features, collate_fn, batch_size: int, progress: bool = False,
-                         desc: str = "predicting") -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Start and end logits per feature, unpadded float32 arrays in feature order.
-
-    model: a TorchQAModel or an OnnxQAModel; the length-sorted batching is modeling.logits_over_features'.
-    """
-    starts: dict[int, np.ndarray] = {}
-    ends: dict[int, np.ndarray] = {}
-
-    def keep(indices, lengths, start_logits, end_logits):
-        start_logits, end_logits = _numpy(start_logits), _numpy(end_logits)
-        for j, (i, n) in enumerate(zip(indices.tolist(), lengths.tolist())):
-            starts[i], ends[i] = start_logits[j, :n].copy(), end_logits[j, :n].copy()
-
-    if isinstance(model, TorchQAModel):
-        run_over_features(model.model, features, collate_fn, keep, batch_size=batch_size, device=model.device,
-                          autocast_dtype=model.autocast_dtype, progress=progress, desc=desc)
-    else:
-        run_over_features(model, features, collate_fn, keep, batch_size=batch_size, device=model.device,
-                          progress=progress, desc=desc, forward=lambda onnx_model, batch: onnx_model(batch))
-    return [starts[i] for i in range(len(starts))], [ends[i] for i in range(len(ends))]
-
-
-def predict_logits(model, features, collate_fn, batch_size: int, device, autocast_dtype: torch.dtype | None = None,
-                   progress: bool = False, desc: str = "evaluating") -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """logits_over_features for a PyTorch model (eval mode during, its previous mode restored)."""
-    return logits_over_features(TorchQAModel(model, device, autocast_dtype), features, collate_fn, batch_size,
-                                progress=progress, desc=desc)
-
-
-def _as_model(model, device, autocast_dtype):
-    return TorchQAModel(model, device, autocast_dtype) if isinstance(model, torch.nn.Module) else model
-
-
-def decode_answers(examples, features, all_start, all_end, decoding: Decoding = Decoding(),
-                   with_nbest: bool = False) -> tuple[dict[str, Answer], dict | None]:
-    """Answers per example id from the logits of its windows (and the n-best lists if asked)."""
-    spans, nbest = decode_spans(examples, features, all_start, all_end, decoding, with_nbest=with_nbest)
-    return {qid: Answer(qid, *span) for qid, span in spans.items()}, nbest
-
-
-def answer_texts(answers: dict[str, Answer]) -> dict[str, str]:
-    """{id: text}: the official predictions format."""
-    return {qid: answer.text for qid, answer in answers.items()}
-
-
-def predict_and_score(model, examples, features, collate_fn, *, batch_size: int, device="cpu",
-                      decoding: Decoding = Decoding(), autocast_dtype: torch.dtype | None = None, progress: bool = False):
-    """Evaluation = prediction + the official metric: (metrics, predictions {id: text}, nbest).
-
-    model: a PyTorch QA model (run in eval mode, its mode restored) or an OnnxQAModel. metrics:
-    exact_match, f1 (percent), total, missing, runtime_s (forward + decoding + scoring),
-    samples_per_second (features/s, as the HF Trainer counts eval samples), examples_per_second.
-    """
-    begin = time.perf_counter()
-    model = _as_model(model, device, autocast_dtype)
-    all_start, all_end = logits_over_features(model, features, collate_fn, batch_size, progress=progress,
-                                              desc="evaluating")
-    answers, nbest = decode_answers(examples, features, all_start, all_end, decoding,
-                                    with_nbest=True)
-    predictions = answer_texts(answers)
-    metrics = squad_v1_score(examples, predictions)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    runtime = time.perf_counter() - begin
-    metrics["runtime_s"] = runtime
-    metrics["samples_per_second"] = len(all_start) / runtime if runtime > 0 else float("inf")
-    metrics["examples_per_second"] = metrics["total"] / runtime if runtime > 0 else float("inf")
-    return metrics, predictions, nbest
-
-
-# ----------------------------------------------------------------------------- the predictor
-
-
 class QAPredictor:
-    """A model, its tokenizer and the windowing/decoding settings: questions in, Answers out."""
+    """A runner, its tokenizer, the window and the decoding: questions in, Answers (and EM/F1) out.
 
-    def __init__(self, model, tokenizer, *, max_seq_length: int = MAX_SEQ_LENGTH, doc_stride: int = DOC_STRIDE,
-                 max_query_length: int = MAX_QUERY_LENGTH, n_best_size: int = 20, max_answer_length: int = 30,
-                 batch_size: int = 64, pad_to_max_length: bool = False, description: str = ""):
-        self.model = model
+    The stages are methods so that the speed test can time each one: `features` (the windows),
+    `logits` (the runner over length-sorted batches), `decode` (span decoding); `predict` and
+    `evaluate` are the three in a row. `collate` defaults to dynamic padding (to a multiple of 8
+    on CUDA only: it helps tensor cores, not the CPU); the trainer passes its own collator.
+    """
+
+    def __init__(self, runner, tokenizer, window: Window = Window(), decoding: Decoding = Decoding(), *,
+                 batch_size: int = 64, pad_to_max_length: bool = False, collate=None, description: str = ""):
+        self.runner = runner
         self.tokenizer = tokenizer
-        self.window = Window(max_seq_length, doc_stride, max_query_length)
-        self.decoding = Decoding(n_best_size, max_answer_length)
+        self.window = window
+        self.decoding = decoding
         self.batch_size = batch_size
         self.description = description
-        # No padding to a multiple of 8 on the CPU: it only helps GPU tensor cores.
-        self.collate = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if model.device.type == "cuda" else None,
-                                  pad_to_length=max_seq_length if pad_to_max_length else None)
+        self.collate = collate or QACollator(
+            tokenizer.pad_token_id, pad_to_multiple_of=8 if runner.device.type == "cuda" else None,
+            pad_to_length=window.max_seq_length if pad_to_max_length else None)
 
     @classmethod
     def load(cls, path: str, *, runtime: str = "auto", quantize: str = "none", device="cpu",
@@ -244,7 +176,8 @@ class QAPredictor:
         runtime "auto": ONNX Runtime when `path` is a .onnx file or a folder with model.onnx, else
         PyTorch. quantize "int8": PyTorch dynamic int8 Linear layers, or the folder's
         model_int8.onnx (written by `train.py export --quantize int8`). trained_head=False lets a
-        base model answer from a random QA head (speed measurements only).
+        base model answer from a random QA head (speed measurements only). settings: the
+        constructor's (window, decoding, batch_size, pad_to_max_length).
         """
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -260,7 +193,7 @@ class QAPredictor:
             if torch.device(device).type != "cpu":
                 raise ValueError(f"ONNX Runtime runs on the CPU here; use --device cpu (got {device})")
             tokenizer = load_tokenizer(os.path.dirname(onnx_file) or ".")
-            model = OnnxQAModel(onnx_file, threads=threads)
+            runner = OnnxRunner(onnx_file, threads=threads)
             what = f"{os.path.basename(onnx_file)} in ONNX Runtime"
         else:
             tokenizer = load_tokenizer(path)
@@ -269,21 +202,62 @@ class QAPredictor:
                 if torch.device(device).type != "cpu":
                     raise ValueError(f"PyTorch dynamic int8 runs on the CPU only; use --device cpu (got {device})")
                 network = quantize_int8(network)
-            model = TorchQAModel(network.to(device).eval(), device, autocast_dtype)
+            runner = TorchRunner(network.to(device).eval(), device, autocast_dtype)
             what = f"PyTorch {'int8' if quantize == 'int8' else 'fp32'} on {device}"
-        return cls(model, tokenizer, description=f"{path} ({what})", **settings)
+        return cls(runner, tokenizer, description=f"{path} ({what})", **settings)
 
     def features(self, examples):
         """The windows of the examples (id, question, context), as in training: a dict of columns
         for up to a thousand examples (a Dataset costs more than tokenising one question), else a Dataset."""
         return prepare_eval_features(examples, self.tokenizer, self.window, as_dataset=False)
 
-    def predict(self, examples, *, with_nbest: bool = False, progress: bool = False):
-        """(answers {id: Answer}, nbest {id: [...]} or None) for examples with id, question, context."""
-        features = self.features(examples)
-        all_start, all_end = logits_over_features(self.model, features, self.collate, self.batch_size,
-                                                  progress=progress)
-        return decode_answers(examples, features, all_start, all_end, self.decoding, with_nbest=with_nbest)
+    def logits(self, features, *, progress: bool = False,
+               desc: str = "predicting") -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Start and end logits per feature, unpadded float32 arrays in feature order."""
+        starts: dict[int, np.ndarray] = {}
+        ends: dict[int, np.ndarray] = {}
+
+        def keep(indices, lengths, start_logits, end_logits):
+            start_logits, end_logits = _numpy(start_logits), _numpy(end_logits)
+            for j, (i, n) in enumerate(zip(indices.tolist(), lengths.tolist())):
+                starts[i], ends[i] = start_logits[j, :n].copy(), end_logits[j, :n].copy()
+
+        logits_over_features(self.runner, features, self.collate, keep, batch_size=self.batch_size,
+                             device=self.runner.device, autocast_dtype=self.runner.autocast_dtype,
+                             progress=progress, desc=desc)
+        return [starts[i] for i in range(len(starts))], [ends[i] for i in range(len(ends))]
+
+    def decode(self, examples, features, starts, ends, *, with_nbest: bool = False):
+        """(answers {id: Answer}, nbest {id: [...]} or None) from the logits of the examples' windows."""
+        return decode_answers(examples, features, starts, ends, self.decoding, with_nbest=with_nbest)
+
+    def predict(self, examples, *, features=None, with_nbest: bool = False, progress: bool = False):
+        """(answers {id: Answer}, nbest or None) for examples with id, question, context; `features`:
+        their windows when already made (the trainer makes them once)."""
+        features = self.features(examples) if features is None else features
+        starts, ends = self.logits(features, progress=progress)
+        return self.decode(examples, features, starts, ends, with_nbest=with_nbest)
+
+    def evaluate(self, examples, *, features=None, progress: bool = False):
+        """Prediction + the official metric: (metrics, predictions {id: text}, nbest).
+
+        metrics: exact_match, f1 (percent), total, missing, runtime_s (forward + decoding + scoring,
+        not the windows), samples_per_second (features/s, as the HF Trainer counts eval samples),
+        examples_per_second. A PyTorch model runs in eval mode, its mode restored.
+        """
+        features = self.features(examples) if features is None else features
+        begin = time.perf_counter()
+        starts, ends = self.logits(features, progress=progress, desc="evaluating")
+        answers, nbest = self.decode(examples, features, starts, ends, with_nbest=True)
+        predictions = answer_texts(answers)
+        metrics = squad_v1_score(examples, predictions)
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
+        runtime = time.perf_counter() - begin
+        metrics["runtime_s"] = runtime
+        metrics["samples_per_second"] = len(starts) / runtime if runtime > 0 else float("inf")
+        metrics["examples_per_second"] = metrics["total"] / runtime if runtime > 0 else float("inf")
+        return metrics, predictions, nbest
 
     def answer(self, question: str, context: str, id: str = "question") -> Answer:
         answers, _ = self.predict({"id": [id], "question": [question], "context": [context]})
@@ -307,82 +281,17 @@ def write_prediction_outputs(output_dir: str, prefix: str, predictions: dict, nb
                              metrics: dict | None = None) -> list[str]:
     """run_qa.py's output files: {prefix}_predictions.json (official format {id: text}),
     {prefix}_nbest_predictions.json and, with metrics, {prefix}_results.json. Returns their paths."""
-    from .atomic_io import write_json_atomic as write_json
-
     os.makedirs(output_dir, exist_ok=True)
     texts = {qid: (p.text if isinstance(p, Answer) else p) for qid, p in predictions.items()}
     written = [os.path.join(output_dir, f"{prefix}_predictions.json")]
-    write_json(written[-1], texts)
+    write_json_atomic(written[-1], texts)
     if nbest is not None:
         written.append(os.path.join(output_dir, f"{prefix}_nbest_predictions.json"))
-        write_json(written[-1], nbest)
+        write_json_atomic(written[-1], nbest)
     if metrics is not None:
         written.append(os.path.join(output_dir, f"{prefix}_results.json"))
-        write_json(written[-1], metrics)
+        write_json_atomic(written[-1], metrics)
     return written
-
-
-def read_questions_file(path: str):
-    """--test_file: SQuAD v1.1 (the layouts kdqa.data reads) or JSON lines of {id, question, context}.
-
-    JSON lines whose first record has no "answers" are questions to answer, read here; everything
-    else goes to kdqa.data, which knows the SQuAD layouts and their errors. Both read the file with
-    kdqa.data.read_text (gzip, UTF-8 with or without a BOM, errors naming the file).
-    """
-    from .data import load_squad_json, read_text
-
-    text = read_text(path)
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    try:
-        record = json.loads(first)
-    except json.JSONDecodeError:
-        record = None
-    if isinstance(record, dict) and "data" not in record and "answers" not in record:
-        return _read_question_lines(text, path)
-    return _scored_only_if_all_answered(load_squad_json(path), path)
-
-
-def _scored_only_if_all_answered(examples, path: str):
-    """The rule `evaluate` follows: a file is scored only when every question has a gold answer (one
-    without would score 0 whatever the model says). None has one: answered, not scored. Some: refused."""
-    from .data import SquadDataError
-
-    unanswered = sum(1 for gold in examples["answers"] if not gold["text"])
-    if unanswered == len(examples):
-        logger.info("%s: no question has a gold answer; answering them without a score", path)
-        return examples.remove_columns("answers")
-    if unanswered:
-        raise SquadDataError(
-            f"{path}: {unanswered} of {len(examples)} questions have no gold answer, and a question without one "
-            "would score 0 whatever the model says (evaluate refuses such a file too). Remove those questions, or "
-            "remove every gold answer to have the questions answered without a score."
-        )
-    return examples
-
-
-def _read_question_lines(text: str, path: str) -> dict[str, list]:
-    """JSON lines of {id, question, context} as columns; errors name the line and the fix."""
-    from .data import SquadDataError
-
-    columns = {"id": [], "question": [], "context": []}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SquadDataError(f"{path}: line {number} is not JSON ({err.msg})") from None
-        bad = [k for k in columns if not isinstance(record.get(k) if isinstance(record, dict) else None, str)]
-        if bad:
-            raise SquadDataError(f"{path}: line {number} lacks {bad} as text; each line must be "
-                                 '{"id": ..., "question": ..., "context": ...}')
-        for key in columns:
-            columns[key].append(record[key])
-    if not columns["id"]:
-        raise SquadDataError(f"{path}: no questions in the file")
-    if len(set(columns["id"])) != len(columns["id"]):
-        raise SquadDataError(f"{path}: question ids are not unique; give every line its own id")
-    return columns
 
 
 # ----------------------------------------------------------------------------- the commands
@@ -407,9 +316,7 @@ def load_predictor(args) -> QAPredictor:
     return QAPredictor.load(
         args.model_name_or_path, runtime=runtime, quantize=quantize, device=device, autocast_dtype=autocast_dtype,
         attn_implementation=getattr(args, "attn_implementation", "sdpa"),
-        max_seq_length=args.max_seq_length, doc_stride=args.doc_stride, max_query_length=args.max_query_length,
-        n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
-        batch_size=args.per_device_eval_batch_size, pad_to_max_length=getattr(args, "pad_to_max_length", False),
+        window=Window.from_args(args), decoding=Decoding.from_args(args), batch_size=args.per_device_eval_batch_size, pad_to_max_length=getattr(args, "pad_to_max_length", False),
     )
 
 
@@ -454,16 +361,12 @@ def predict_command(args) -> dict:
 
 def evaluate_command(args) -> dict:
     """`train.py evaluate`: prediction on the dev set + the official metric, eval_* files in --output_dir."""
-    from .data import load_squad
     quiet_progress_bars(args.disable_tqdm)
     predictor = load_predictor(args)
     examples = load_squad(validation_file=args.validation_file, dataset_name=args.dataset_name,
                           splits=("validation",))["validation"]
     examples = _first(examples, args.max_eval_samples)
-    features = predictor.features(examples)
-    metrics, predictions, nbest = predict_and_score(
-        predictor.model, examples, features, predictor.collate, batch_size=predictor.batch_size,
-        progress=not args.disable_tqdm, decoding=predictor.decoding)
+    metrics, predictions, nbest = predictor.evaluate(examples, progress=not args.disable_tqdm)
     write_prediction_outputs(args.output_dir, "eval", predictions, nbest, metrics)
     logger.info("%s: exact_match %.2f f1 %.2f on %d questions", predictor.description, metrics["exact_match"],
                 metrics["f1"], metrics["total"])

@@ -340,18 +340,19 @@ def logits_over_features(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     desc: str = "running the model",
-    forward: Callable | None = None,
 ) -> None:
     """Run a QA model over features, calling on_batch(indices, lengths, start, end) per batch.
 
     Batches are cut from the features sorted by length, longest first, so dynamic padding pads
     little and an out-of-memory error shows in the first batch. The logits are [B, L] on `device`
     in the model's output dtype; row j belongs to feature indices[j], whose real tokens are the
-    first lengths[j]. A PyTorch model runs in eval mode under inference_mode (its mode is restored);
-    any other model (ONNX Runtime) runs through `forward(model, batch)`, which defaults to forward_qa's logits.
-    Shared by the inference path (evaluation, predict, benchmarks) and the teacher-logits cache.
+    first lengths[j]. model: a PyTorch QA model (forward_qa's logits) or a runner of kdqa.inference
+    (`model(batch)` -> (start, end); its `module`, if any, is the PyTorch model inside). The PyTorch
+    module runs in eval mode under inference_mode (its mode is restored).
+    Shared by the inference path (kdqa.inference.QAPredictor) and the teacher-logits cache.
     """
-    forward = forward or (lambda m, b: forward_qa(m, b).logits)
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "module", None)
+    forward = (lambda batch: forward_qa(model, batch).logits) if model is module else model
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     rows = FeatureRows(features)
@@ -362,22 +363,21 @@ def logits_over_features(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(rows), desc=desc, unit="feature")
-    is_module = isinstance(model, torch.nn.Module)
-    was_training = is_module and model.training
-    if is_module:
-        model.eval()
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
     try:
         with torch.inference_mode(), autocast(device, autocast_dtype):
             for begin in range(0, len(rows), batch_size):
                 indices = order[begin : begin + batch_size]
                 batch = collate_fn(rows.rows(indices))
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in FeatureRows.MODEL_INPUTS}
-                on_batch(indices, lengths[indices], *forward(model, batch))
+                on_batch(indices, lengths[indices], *forward(batch))
                 if bar is not None:
                     bar.update(len(indices))
     finally:
-        if is_module:
-            model.train(was_training)
+        if module is not None:
+            module.train(was_training)
         if bar is not None:
             bar.close()
 

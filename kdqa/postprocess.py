@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -99,20 +99,25 @@ class Decoding:
         return cls(args.n_best_size, args.max_answer_length)
 
 
-class Span(NamedTuple):
-    """The best answer of an example: its text, score (start logit + end logit) and character
-    offsets in the context (context[start:end] == text). No valid span: text "", the rest None."""
+@dataclass(frozen=True)
+class Answer:
+    """One question's answer: its text, score (start logit + end logit of the span) and character
+    offsets in the context (context[start:end] == text). No valid span in any window: text "",
+    score/start/end None."""
 
+    id: str
     text: str
     score: float | None
     start: int | None
     end: int | None
 
 
-NO_SPAN = Span("", None, None, None)
+def answer_texts(answers: dict[str, Answer]) -> dict[str, str]:
+    """{id: text}: the official predictions format."""
+    return {qid: answer.text for qid, answer in answers.items()}
 
 
-def decode_spans(
+def decode_answers(
     examples,
     features,
     all_start_logits,
@@ -120,7 +125,7 @@ def decode_spans(
     decoding: Decoding = Decoding(),
     with_nbest: bool = False,
 ):
-    """The best span per example id, from the logits of all its features: (spans, nbest or None).
+    """The best answer per example id, from the logits of all its features: (answers, nbest or None).
 
     examples: Dataset / rows / dict of columns with id and context (gold answers are not needed).
     features: Dataset / rows with example_id and offset_mapping (None outside the context), in
@@ -128,8 +133,8 @@ def decode_spans(
     feature's length is ignored) or a 2-D array.
 
     Per example, over all its windows: the n_best_size best start and end tokens of the context,
-    spans with end >= start and at most max_answer_length tokens, best start+end score. spans:
-    id -> Span. With with_nbest=True also id -> the n_best_size best distinct spans, best first, as
+    spans with end >= start and at most max_answer_length tokens, best start+end score. answers:
+    id -> Answer. With with_nbest=True also id -> the n_best_size best distinct spans, best first, as
     {text, score, start_logit, end_logit, offsets, probability} (probability: softmax of the scores
     over that list), the content of run_qa.py's nbest file.
     """
@@ -148,7 +153,7 @@ def decode_spans(
     for index, example_id in enumerate(feature_example_ids):
         features_of[example_id].append(index)
 
-    best_spans = collections.OrderedDict()
+    best_answers = collections.OrderedDict()
     nbest_all = collections.OrderedDict() if with_nbest else None
     for example_id, context in zip(example_ids, contexts):
         candidates = []  # (score, start_char, end_char, start_logit, end_logit)
@@ -158,16 +163,16 @@ def decode_spans(
                                    max_answer_length, n_best_size if with_nbest else 1)
             )
         if not candidates:
-            best_spans[example_id] = NO_SPAN
+            best_answers[example_id] = Answer(example_id, "", None, None, None)
             if with_nbest:
                 nbest_all[example_id] = []
             continue
         candidates.sort(key=lambda c: -c[0])
         score, s_char, e_char = candidates[0][:3]
-        best_spans[example_id] = Span(context[s_char:e_char], score, s_char, e_char)
+        best_answers[example_id] = Answer(example_id, context[s_char:e_char], score, s_char, e_char)
         if with_nbest:
             nbest_all[example_id] = _nbest_list(candidates, context, n_best_size)
-    return best_spans, nbest_all
+    return best_answers, nbest_all
 
 
 def _window_candidates(char_spans, start_row, end_row, index: int, n_best_size: int, max_answer_length: int,
@@ -233,8 +238,8 @@ def postprocess_qa_predictions(
     return_nbest: bool = False,
 ):
     """Answer text per example id (an example without any valid span gets ""), as run_qa.py's
-    function of that name; with return_nbest=True also the n-best lists (see decode_spans)."""
-    best, nbest = decode_spans(examples, features, all_start_logits, all_end_logits, decoding,
-                               with_nbest=return_nbest)
-    predictions = collections.OrderedDict((example_id, span.text) for example_id, span in best.items())
+    function of that name; with return_nbest=True also the n-best lists (see decode_answers)."""
+    best, nbest = decode_answers(examples, features, all_start_logits, all_end_logits, decoding,
+                                 with_nbest=return_nbest)
+    predictions = collections.OrderedDict((example_id, answer.text) for example_id, answer in best.items())
     return (predictions, nbest) if return_nbest else predictions

@@ -423,17 +423,17 @@ def run_recipe(args: argparse.Namespace) -> dict:
 
 
 def run_speed_test(args, stages: dict) -> dict:
+    from kdqa.features import Window
     from kdqa.modeling import load_qa_model, load_tokenizer
+    from kdqa.postprocess import Decoding
     from kdqa.speedtest import speed_test
 
     dev = load_squad(validation_file=args.validation_file, splits=("validation",))["validation"] \
         if args.validation_file else load_squad(dataset_name=args.dataset_name, splits=("validation",))["validation"]
     models = {name: (load_qa_model(stages[name].output_dir, attn_implementation=args.attn_implementation),
                      load_tokenizer(stages[name].output_dir)) for name, _ in STAGES}
-    return speed_test(models, dev, args.speed_test_questions, max_seq_length=args.max_seq_length,
-                      doc_stride=args.doc_stride, max_query_length=args.max_query_length,
-                      n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
-                      progress=not args.disable_tqdm) | {"parameters": {
+    return speed_test(models, dev, args.speed_test_questions, window=Window.from_args(args),
+                      decoding=Decoding.from_args(args), progress=not args.disable_tqdm) | {"parameters": {
                           name: sum(p.numel() for p in model.parameters()) for name, (model, _) in models.items()}}
 
 

@@ -1,7 +1,7 @@
 """The seed's speed test: CPU milliseconds per question, answered one at a time, models taking turns.
 
 A deployed QA model answers one question per request, so that is what is timed: per question, the
-inference path (kdqa.inference) makes its windows, runs the model and decodes the answer. The models
+predictor (kdqa.inference.QAPredictor) makes its windows, runs the model and decodes the answer. The models
 take turns, `turn_size` questions each, swapping who goes first, so a change of machine load affects
 them alike. Turns of one question are fair between PyTorch models (one thread pool), but not across
 runtimes: ONNX Runtime's and PyTorch's thread pools each keep spinning after a call, so on a small
@@ -18,7 +18,9 @@ import time
 
 import torch
 
-from kdqa.inference import QAPredictor, TorchQAModel, answer_texts, decode_answers, logits_over_features
+from kdqa.features import Window
+from kdqa.inference import QAPredictor, TorchRunner
+from kdqa.postprocess import Decoding, answer_texts
 
 
 def _fresh_stats() -> dict:
@@ -26,14 +28,15 @@ def _fresh_stats() -> dict:
 
 
 def _answer_one(predictor: QAPredictor, row: dict, stats: dict) -> None:
-    """One question through the inference path, each stage timed into `stats`."""
+    """One question through the predictor's three stages (QAPredictor.predict, a stage at a time),
+    each timed into `stats`."""
     question = {"id": [row["id"]], "question": [row["question"]], "context": [row["context"]]}
     t0 = time.perf_counter()
     features = predictor.features(question)
     t1 = time.perf_counter()
-    starts, ends = logits_over_features(predictor.model, features, predictor.collate, predictor.batch_size)
+    starts, ends = predictor.logits(features)
     t2 = time.perf_counter()
-    answers, _ = decode_answers(question, features, starts, ends, predictor.decoding)
+    answers, _ = predictor.decode(question, features, starts, ends)
     t3 = time.perf_counter()
     stats["features_s"] += t1 - t0
     stats["predict_s"] += t2 - t1
@@ -70,9 +73,8 @@ def answer_in_turns(predictors: dict[str, QAPredictor], rows: list[dict], *, war
     return stats
 
 
-def speed_test(models: dict, examples, num_questions: int, *, max_seq_length: int = 384, doc_stride: int = 128,
-               max_query_length: int = 64, n_best_size: int = 20, max_answer_length: int = 30, warmup: int = 2,
-               device: str = "cpu", progress: bool = True) -> dict:
+def speed_test(models: dict, examples, num_questions: int, *, window: Window = Window(),
+               decoding: Decoding = Decoding(), warmup: int = 2, device: str = "cpu", progress: bool = True) -> dict:
     """{name: {"ms_per_question", "questions", "wall_s"}} for models = {name: (model, tokenizer)}.
 
     `examples` are flat SQuAD rows (a datasets.Dataset or a list of dicts); the first
@@ -80,9 +82,7 @@ def speed_test(models: dict, examples, num_questions: int, *, max_seq_length: in
     """
     rows = [examples[i] for i in range(min(num_questions, len(examples)))]
     predictors = {
-        name: QAPredictor(TorchQAModel(model.to(device).eval(), device), tokenizer, max_seq_length=max_seq_length,
-                          doc_stride=doc_stride, max_query_length=max_query_length, n_best_size=n_best_size,
-                          max_answer_length=max_answer_length, description=name)
+        name: QAPredictor(TorchRunner(model.to(device).eval(), device), tokenizer, window, decoding, description=name)
         for name, (model, tokenizer) in models.items()
     }
     stats = answer_in_turns(predictors, rows, warmup=warmup, progress_every=100 if progress else 0)

@@ -13,7 +13,7 @@ that read in order:
 
 The mode is stated by the caller (`args.mode`, set by kdqa.config): "finetune" uses no teacher,
 "distill" uses the online teacher or its cached logits. Both go through `qa_distillation_loss`.
-Evaluation goes through kdqa.inference (`predict_and_score`), as `train.py evaluate` does.
+Evaluation goes through kdqa.inference (`QAPredictor.evaluate`), as `train.py evaluate` does.
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ from kdqa import objective, run_dir
 from kdqa.data import fix_answer_starts, load_squad
 from kdqa.distributed import (DistState, all_gather_object, all_reduce_mean, all_reduce_min, barrier,
                               check_ranks_in_sync, cleanup, init_distributed, max_over_ranks)
-from kdqa.features import QACollator, prepare_eval_features, prepare_train_features
-from kdqa.inference import predict_and_score, write_prediction_outputs
+from kdqa.features import QACollator, Window, prepare_eval_features, prepare_train_features
+from kdqa.inference import QAPredictor, TorchRunner, write_prediction_outputs
 from kdqa.interrupt import StopRequest, TrainingInterrupted, ignore_stop_signals
 from kdqa.loss import resolve_loss_impl
 from kdqa.modeling import (QAOutputs, short_model_name, build_student_from_layers, check_same_vocab, forward_qa,
                            load_qa_model, load_tokenizer)
 from kdqa.report_card import MODEL_CARD_NAME, REPORT_NAMES, objective_as_run, write_run_report_and_card
+from kdqa.postprocess import Decoding
 from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
 from kdqa.atomic_io import write_json_atomic
 from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, quiet_progress_bars, train_figures
@@ -668,11 +669,11 @@ def score_on_dev(run: Run, epoch: float, record: bool = True) -> None:
     """EM/F1 of the student on the dev set (rank 0), logged to metrics.jsonl (when `record`); every rank waits."""
     p, data, args = run.progress, run.data, run.args
     if run.dist.is_main:
-        metrics, predictions, nbest = predict_and_score(
-            run.student, data.eval_examples, data.eval_features, data.collator,
-            batch_size=args.per_device_eval_batch_size, device=run.device, decoding=args.decoding,
-            autocast_dtype=run.autocast_dtype,
-            progress=run.show_progress)
+        predictor = QAPredictor(TorchRunner(run.student, run.device, run.autocast_dtype), run.tokenizer,
+                                Window.from_args(args), Decoding.from_args(args),
+                                batch_size=args.per_device_eval_batch_size, collate=data.collator)
+        metrics, predictions, nbest = predictor.evaluate(data.eval_examples, features=data.eval_features,
+                                                         progress=run.show_progress)
         run.student.train()
         if record:
             run.metrics_log.write({"step": p.step, "epoch": round(epoch, 4),

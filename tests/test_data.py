@@ -8,7 +8,7 @@ import datasets
 import pytest
 
 import kdqa.data as data_module
-from kdqa.data import SQUAD_FEATURES, SquadDataError, fix_answer_starts, load_squad, load_squad_json
+from kdqa.data import SQUAD_FEATURES, SquadDataError, fix_answer_starts, load_squad, load_squad_json, read_questions_file
 from synthetic import make_examples, to_squad_json, write_squad_json
 
 datasets.disable_progress_bars()
@@ -299,3 +299,18 @@ def test_evaluation_file_with_unanswerable_questions_is_refused(tmp_path, exampl
         r"1 of 30 questions have no gold answer.* would score 0"
     with pytest.raises(SquadDataError, match=pattern):
         load_squad(validation_file=dev, splits=("validation",))
+
+
+# ----------------------------------------------------------------------------- question files (predict --test_file)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": "a", "question": "q", "context": "c"}\nnot json\n', "line 2 is not JSON"),
+    ('{"id": "a", "question": "q"}\n', r"line 1 lacks \['context'\]"),
+    ('{"id": "a", "question": "q", "context": "c"}\n{"id": "a", "question": "r", "context": "c"}\n', "not unique"),
+])
+def test_bad_question_lines_name_the_line(tmp_path, content, message):
+    path = tmp_path / "q.jsonl"
+    path.write_text(content)
+    with pytest.raises(SquadDataError, match=message):
+        read_questions_file(str(path))

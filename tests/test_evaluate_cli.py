@@ -1,4 +1,4 @@
-"""`python -m kdqa.evaluate` (the official metric's command line) and predict_and_score end to end."""
+"""`python -m kdqa.evaluate` (the official metric's command line) and QAPredictor.evaluate end to end."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kdqa.evaluate import main
-from kdqa.inference import predict_and_score, predict_logits
+from kdqa.inference import QAPredictor, TorchRunner
 from kdqa.features import QACollator, Window, prepare_eval_features
 from kdqa.metric import normalize_answer
 from synthetic import make_examples, make_tokenizer, write_squad_json
@@ -108,7 +108,7 @@ def test_python_dash_m(tmp_path, examples, dataset_file):
 
 
 # ---------------------------------------------------------------------------------------------
-# predict_and_score with a tiny random BERT
+# QAPredictor.evaluate with a tiny random BERT
 # ---------------------------------------------------------------------------------------------
 
 
@@ -128,13 +128,19 @@ def tiny_setup():
     return tokenizer, model, examples, features
 
 
-def test_predict_and_score_end_to_end(tiny_setup):
+WINDOW = Window(max_seq_length=64, doc_stride=16, max_query_length=16)
+
+
+def predictor_of(model, tokenizer, batch_size: int, autocast_dtype=None) -> QAPredictor:
+    return QAPredictor(TorchRunner(model, "cpu", autocast_dtype), tokenizer, WINDOW, batch_size=batch_size,
+                       collate=QACollator(tokenizer.pad_token_id))
+
+
+def test_evaluate_end_to_end(tiny_setup):
     tokenizer, model, examples, features = tiny_setup
     model.train()
-    metrics, predictions, nbest = predict_and_score(
-        model, datasets.Dataset.from_list(examples), features, QACollator(tokenizer.pad_token_id),
-        batch_size=4, device="cpu", progress=False,
-    )
+    metrics, predictions, nbest = predictor_of(model, tokenizer, batch_size=4).evaluate(
+        datasets.Dataset.from_list(examples), features=features, progress=False)
     assert model.training, "the model's train/eval mode must be restored"
     assert set(metrics) >= {"exact_match", "f1", "total", "missing", "runtime_s", "samples_per_second"}
     assert metrics["total"] == 25 and metrics["missing"] == 0
@@ -146,11 +152,11 @@ def test_predict_and_score_end_to_end(tiny_setup):
     assert set(nbest) == set(by_id) and all(nbest[qid][0]["text"] == text for qid, text in predictions.items())
 
 
-def test_predict_logits_unpadded_in_feature_order(tiny_setup):
+def test_logits_unpadded_in_feature_order(tiny_setup):
     """Length-sorted batching must hand each feature back its own logits."""
     tokenizer, model, _, features = tiny_setup
     model.eval()
-    starts, ends = predict_logits(model, features, QACollator(tokenizer.pad_token_id), batch_size=3, device="cpu")
+    starts, ends = predictor_of(model, tokenizer, batch_size=3).logits(features)
     assert len(starts) == len(ends) == len(features)
     lengths = [len(ids) for ids in features["input_ids"]]
     assert len(set(lengths)) > 1
@@ -166,6 +172,6 @@ def test_predict_logits_unpadded_in_feature_order(tiny_setup):
         np.testing.assert_allclose(starts[k], out.start_logits[0].numpy(), atol=1e-4)
         np.testing.assert_allclose(ends[k], out.end_logits[0].numpy(), atol=1e-4)
     # bfloat16 autocast runs on the CPU too and gives float32 arrays back.
-    bf_starts, _ = predict_logits(model, features.select(range(6)), QACollator(tokenizer.pad_token_id), batch_size=8, device="cpu",
-                                  autocast_dtype=torch.bfloat16)
+    bf_starts, _ = predictor_of(model, tokenizer, batch_size=8, autocast_dtype=torch.bfloat16).logits(
+        features.select(range(6)))
     assert bf_starts[0].dtype == np.float32 and len(bf_starts[0]) == lengths[0]

@@ -12,7 +12,8 @@ import torch
 
 import train as train_py
 from kdqa.export import ExportError, _LogitsOnly, export_model, max_logit_difference, sample_inputs
-from kdqa.inference import ONNX_FILE, ONNX_INT8_FILE, OnnxQAModel, QAPredictor
+from kdqa.features import Window
+from kdqa.inference import ONNX_FILE, ONNX_INT8_FILE, OnnxRunner, QAPredictor, TorchRunner
 from kdqa.modeling import load_qa_model, load_tokenizer
 from tiny_models import make_model_folder, make_name_task, tiny_bert_config
 
@@ -47,8 +48,8 @@ def test_onnx_runtime_gives_pytorch_logits_on_new_shapes(exported, model_dir):
     questions = ["who is named here", "what name", "who is here"]
     contexts = ["w1 w2 n3 w4 .", " ".join(["w5 w6 w7"] * 20) + " n8 .", "n1 w2"]
     batch = tokenizer(questions, contexts, padding=True, return_tensors="pt")
-    batch = {k: batch[k] for k in OnnxQAModel(os.path.join(exported, ONNX_FILE)).input_names}
-    start, end = OnnxQAModel(os.path.join(exported, ONNX_FILE))(batch)
+    batch = {k: batch[k] for k in OnnxRunner(os.path.join(exported, ONNX_FILE)).input_names}
+    start, end = OnnxRunner(os.path.join(exported, ONNX_FILE))(batch)
     with torch.no_grad():
         expected = model(**batch)
     real = batch["attention_mask"].bool().numpy()
@@ -58,24 +59,51 @@ def test_onnx_runtime_gives_pytorch_logits_on_new_shapes(exported, model_dir):
 
 def test_exported_folders_answer_like_pytorch(exported, model_dir):
     examples = make_name_task(12, seed=3)
-    settings = dict(max_seq_length=64, doc_stride=32)
+    settings = dict(window=Window(64, 32))
     torch_answers, _ = QAPredictor.load(model_dir, **settings).predict(examples)
     onnx_predictor = QAPredictor.load(exported, **settings)
-    assert isinstance(onnx_predictor.model, OnnxQAModel)
+    assert isinstance(onnx_predictor.runner, OnnxRunner)
     onnx_answers, _ = onnx_predictor.predict(examples)
     assert {q: a.text for q, a in onnx_answers.items()} == {q: a.text for q, a in torch_answers.items()}
     int8 = QAPredictor.load(exported, quantize="int8", **settings)
-    assert int8.model.path.endswith(ONNX_INT8_FILE)
+    assert int8.runner.path.endswith(ONNX_INT8_FILE)
     int8_answers, _ = int8.predict(examples)
     contexts = {e["id"]: e["context"] for e in examples}
     for qid, answer in int8_answers.items():
         assert answer.text and contexts[qid][answer.start:answer.end] == answer.text
 
 
+def test_torch_and_onnx_runners_are_one_interface_and_answer_alike(exported, model_dir):
+    """One predictor, its runner swapped: a PyTorch runner and an ONNX Runtime runner of the same model
+    take the same batch, return start/end logits of the same shape, and give the same answers and EM/F1."""
+    tokenizer = load_tokenizer(model_dir)
+    torch_runner = TorchRunner(load_qa_model(model_dir).eval())
+    onnx_runner = OnnxRunner(os.path.join(exported, ONNX_FILE))
+    for runner in (torch_runner, onnx_runner):
+        assert runner.device == torch.device("cpu") and runner.autocast_dtype is None
+    batch = tokenizer(["who is named here"], ["w1 w2 n3 w4 ."], return_tensors="pt")
+    with torch.inference_mode():
+        got = [tuple(np.asarray(x) for x in runner(dict(batch))) for runner in (torch_runner, onnx_runner)]
+    assert [a.shape for a in got[0]] == [a.shape for a in got[1]] == [tuple(batch["input_ids"].shape)] * 2
+    examples = make_name_task(12, seed=4)
+    predictor = QAPredictor(torch_runner, tokenizer, Window(64, 32))
+    torch_metrics, torch_predictions, _ = predictor.evaluate(examples)
+    torch_answers, _ = predictor.predict(examples)
+    predictor.runner = onnx_runner
+    onnx_metrics, onnx_predictions, _ = predictor.evaluate(examples)
+    onnx_answers, _ = predictor.predict(examples)
+    assert onnx_predictions == torch_predictions
+    assert (onnx_metrics["exact_match"], onnx_metrics["f1"]) == (torch_metrics["exact_match"], torch_metrics["f1"])
+    for qid, answer in torch_answers.items():
+        other = onnx_answers[qid]
+        assert (other.id, other.text, other.start, other.end) == (answer.id, answer.text, answer.start, answer.end)
+        assert other.score == pytest.approx(answer.score, abs=1e-3)
+
+
 def test_export_that_disagrees_with_pytorch_is_refused(exported, model_dir, tmp_path, monkeypatch):
     """An ONNX file of another model stands in for a broken export: the check refuses it, writes nothing."""
     other_dir = make_model_folder(str(tmp_path / "other"), tiny_bert_config(dropout=0.0), seed=1)
-    other = OnnxQAModel(os.path.join(exported, ONNX_FILE))
+    other = OnnxRunner(os.path.join(exported, ONNX_FILE))
     model = _LogitsOnly(load_qa_model(other_dir).eval(), with_token_types=False)
     check = sample_inputs(load_tokenizer(other_dir), with_token_types=False, long=True)
     assert max_logit_difference(other.path, model, check) > 1e-2

@@ -13,10 +13,10 @@ import torch
 
 import train as train_py
 from kdqa.config import ConfigError, parse_args
-from kdqa.data import SquadDataError
-from kdqa.inference import (Answer, QAPredictor, TorchQAModel, logits_over_features, predict_and_score,
-                            predict_command, read_questions_file, write_prediction_outputs)
+from kdqa.features import Window
+from kdqa.inference import QAPredictor, TorchRunner, predict_command, write_prediction_outputs
 from kdqa.metric import squad_v1_score
+from kdqa.postprocess import Answer
 from tiny_models import make_model_folder, make_name_task, tiny_bert_config, write_squad
 
 WINDOW = ["--max_seq_length", "64", "--doc_stride", "32"]
@@ -95,7 +95,7 @@ def test_predict_json_lines_without_answers(trained, dev, tmp_path):
 
 def test_long_context_is_answered_from_a_later_window(trained):
     """Contexts longer than a window use the training windows: the answer may sit in any of them."""
-    predictor = QAPredictor.load(trained, max_seq_length=32, doc_stride=8)
+    predictor = QAPredictor.load(trained, window=Window(32, 8))
     example = make_name_task(1, seed=5, prefix="x")[0]
     name = example["answers"]["text"][0]
     context = " ".join(["w1 w2 w3 w4 w5"] * 12) + f" {name} w6 ."
@@ -107,14 +107,14 @@ def test_long_context_is_answered_from_a_later_window(trained):
 
 
 def test_pytorch_int8_answers_close_to_fp32(trained, dev):
-    fp32 = QAPredictor.load(trained, max_seq_length=64, doc_stride=32)
-    int8 = QAPredictor.load(trained, quantize="int8", max_seq_length=64, doc_stride=32)
+    fp32 = QAPredictor.load(trained, window=Window(64, 32))
+    int8 = QAPredictor.load(trained, quantize="int8", window=Window(64, 32))
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-    modules = list(int8.model.model.modules())
+    modules = list(int8.runner.module.modules())
     assert not any(type(m) is torch.nn.Linear for m in modules), "every Linear layer is quantised"
     assert sum(isinstance(m, DynamicInt8Linear) for m in modules) == sum(
-        type(m) is torch.nn.Linear for m in fp32.model.model.modules())
+        type(m) is torch.nn.Linear for m in fp32.runner.module.modules())
     rows = dev["examples"]
     fp32_answers, _ = fp32.predict(rows)
     int8_answers, _ = int8.predict(rows)
@@ -122,20 +122,51 @@ def test_pytorch_int8_answers_close_to_fp32(trained, dev):
     assert squad_v1_score(rows, texts)["f1"] >= squad_v1_score(rows, {q: a.text for q, a in fp32_answers.items()})["f1"] - 10
 
 
-def test_predict_and_score_restores_training_mode(trained, dev):
-    predictor = QAPredictor.load(trained, max_seq_length=64, doc_stride=32)
-    network = predictor.model.model.train()
+def test_evaluate_restores_training_mode(trained, dev):
+    loaded = QAPredictor.load(trained, window=Window(64, 32))
+    network = loaded.runner.module.train()
+    predictor = QAPredictor(TorchRunner(network), loaded.tokenizer, loaded.window, batch_size=7)
     features = predictor.features(dev["examples"])
-    metrics, predictions, nbest = predict_and_score(network, dev["examples"], features, predictor.collate,
-                                                    batch_size=7)
+    metrics, predictions, nbest = predictor.evaluate(dev["examples"], features=features)
     assert network.training
     assert metrics["total"] == 40 and set(predictions) == set(nbest)
     # Length-sorted batches of 7 hand every feature back its own logits.
-    starts, _ = logits_over_features(TorchQAModel(network), features, predictor.collate, batch_size=7)
+    starts, _ = predictor.logits(features)
     with torch.no_grad():
         network.eval()
         expected = network(**{k: torch.tensor([features[k][3]]) for k in ("input_ids", "attention_mask")})
     np.testing.assert_allclose(starts[3], expected.start_logits[0].numpy(), atol=1e-5)
+
+
+def test_trainer_evaluate_and_predict_all_answer_through_the_predictor(trained, dev, tmp_path, monkeypatch):
+    """The loop's evaluation, `evaluate` and `predict` each go through QAPredictor.evaluate/predict and,
+    for one model, give the same answers."""
+    calls = []
+
+    def recording(name, real):
+        def call(self, *a, **k):
+            calls.append(name)
+            return real(self, *a, **k)
+        return call
+
+    monkeypatch.setattr(QAPredictor, "evaluate", recording("evaluate", QAPredictor.evaluate))
+    monkeypatch.setattr(QAPredictor, "predict", recording("predict", QAPredictor.predict))
+    train_file = write_squad(str(tmp_path / "train.json"), make_name_task(8, seed=7, prefix="u"))
+    out = str(tmp_path / "ft")  # a step at a learning rate of ~0: the trained model, evaluated by the loop
+    assert train_py.main(["finetune", "--model_name_or_path", trained, "--train_file", train_file,
+                          "--validation_file", dev["file"], "--output_dir", out, *WINDOW, "--loss_impl", "torch",
+                          "--learning_rate", "1e-12", "--num_train_epochs", "1", "--disable_tqdm",
+                          "--per_device_train_batch_size", "8", "--save_steps", "0"]) == 0
+    assert calls == ["evaluate"], "the loop's evaluation is QAPredictor.evaluate"
+    assert train_py.main(["evaluate", "--model_name_or_path", out, "--validation_file", dev["file"],
+                          "--output_dir", str(tmp_path / "ev"), *WINDOW, "--disable_tqdm"]) == 0
+    assert train_py.main(["predict", "--model_name_or_path", out, "--test_file", dev["file"],
+                          "--output_dir", str(tmp_path / "pr"), *WINDOW, "--disable_tqdm"]) == 0
+    assert calls == ["evaluate", "evaluate", "predict"]
+    from_loop = json.load(open(os.path.join(out, "eval_predictions.json")))
+    assert json.load(open(tmp_path / "ev" / "eval_predictions.json")) == from_loop
+    assert json.load(open(tmp_path / "pr" / "predict_predictions.json")) == from_loop
+    assert squad_v1_score(dev["examples"], from_loop)["f1"] > 50, "real answers, not a degenerate agreement"
 
 
 def test_write_prediction_outputs_names(tmp_path):
@@ -146,18 +177,6 @@ def test_write_prediction_outputs_names(tmp_path):
     assert json.load(open(tmp_path / "eval_predictions.json")) == {"a": "x"}
     assert [os.path.basename(p) for p in write_prediction_outputs(str(tmp_path), "predict", {"a": "x"}, None)] == [
         "predict_predictions.json"]
-
-
-@pytest.mark.parametrize("content, message", [
-    ('{"id": "a", "question": "q", "context": "c"}\nnot json\n', "line 2 is not JSON"),
-    ('{"id": "a", "question": "q"}\n', r"line 1 lacks \['context'\]"),
-    ('{"id": "a", "question": "q", "context": "c"}\n{"id": "a", "question": "r", "context": "c"}\n', "not unique"),
-])
-def test_bad_question_lines_name_the_line(tmp_path, content, message):
-    path = tmp_path / "q.jsonl"
-    path.write_text(content)
-    with pytest.raises(SquadDataError, match=message):
-        read_questions_file(str(path))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -103,7 +103,7 @@ def _kill_points():
         "metrics line": (kdqa.reporting.MetricsLog, "write", torn_metrics_line),
         "checkpoint file": (kdqa.checkpoint.torch, "save", after("after one checkpoint file")),
         "checkpoint fsync": (kdqa.checkpoint, "fsync_path", after("after an fsync")),
-        "evaluation": (kdqa.trainer, "predict_and_score", before("mid evaluation")),
+        "evaluation": (kdqa.trainer.QAPredictor, "evaluate", before("mid evaluation")),
         "final model": (kdqa.trainer, "save_model", before("writing the final model")),
     }
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdqa.features import Window
 from kdqa.inference import QAPredictor
 from kdqa.modeling import load_qa_model
 from tiny_models import FILLER, make_model_folder, make_name_task, tiny_bert_config
@@ -77,7 +78,7 @@ def test_example_decodes_like_kdqa_predictor(model_dir):
     example, qa = load_example(), example_on_torch(model_dir)
     examples = questions()
     assert len(example.windows(qa.tokenizer, examples[-1]["question"], examples[-1]["context"], **WINDOW)["input_ids"]) > 3
-    expected, _ = QAPredictor.load(model_dir, runtime="torch", **WINDOW).predict(as_columns(examples))
+    expected, _ = QAPredictor.load(model_dir, runtime="torch", window=Window(**WINDOW)).predict(as_columns(examples))
     for e in examples:
         text, score = qa.answer(e["question"], e["context"])
         assert text == expected[e["id"]].text, e["id"]

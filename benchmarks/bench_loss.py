@@ -50,9 +50,6 @@ Quick check on the CPU: python benchmarks/bench_loss.py --smoke --out /tmp/bench
 
 from __future__ import annotations
 
-import argparse
-import csv
-import datetime
 import math
 import os
 import platform
@@ -61,6 +58,9 @@ import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this script, also under runpy
+from common import command_line, device_name, environment_lines, fmt, parser, utc_date, write_csv  # noqa: E402
 
 # The interpreter must be switched on before any Triton kernel module is imported.
 if not torch.cuda.is_available():
@@ -319,10 +319,7 @@ def parse_shape_list(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                   help="folder for bench_loss.csv / .md / .png")
+    p = parser(__doc__, out_help="folder for bench_loss.csv / .md / .png")
     p.add_argument("--smoke", action="store_true",
                    help="CPU check in seconds: Triton interpreter, two tiny shapes (2x384 QA, 4x1024 long), "
                         "perf_counter timing, fp32 and bf16, torch.compile with --smoke_compile_backend; "
@@ -374,19 +371,15 @@ def parse_args(argv=None):
 
 def environment(args):
     import triton
-    if args.device == "cuda":
-        dev = torch.cuda.get_device_name()
-    else:
-        dev = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
-        "device": dev,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device_name(args.device),
+        "date": utc_date(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda or "-",
         "python": platform.python_version(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]) if sys.argv and sys.argv[0] else "-",
+        "command": command_line(),
     }
 
 
@@ -394,18 +387,9 @@ CSV_FIELDS = ["kind", "dtype", "batch", "seq_len", "impl", "pass", "ms", "launch
               "bytes", "gbps", "copy_gbps", "pct_copy", "loss_err", "max_err", "agrees", "note"]
 
 
-def fmt(x, digits=3):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
-    return str(x)
-
-
 def write_markdown(path, rows, env, args, impls):
     lines = [f"# bench_loss ({'SMOKE, CPU, Triton interpreter: timings say nothing about the GPU' if args.smoke else 'full'})", ""]
-    for k in ("device", "date", "torch", "triton", "cuda", "python", "triton_interpret", "command"):
-        lines.append(f"- {k}: `{env[k]}`")
+    lines += environment_lines(env, ("device", "date", "torch", "triton", "cuda", "python", "triton_interpret", "command"))
     lines.append(f"- loss: T={args.temperature}, alpha_ce={args.alpha_ce}, alpha_kd={args.alpha_kd}; "
                  "times in ms (median), each followed by the impl's device launches in brackets "
                  "(CUDA kernels, copies and memsets seen by the profiler; on the CPU, launching aten ops + "
@@ -610,11 +594,7 @@ def main(argv=None):
                       + " ".join(f"{p}={times[p]:.3f}ms ({launches[p]} launches)" for p in args.passes if p in times)
                       + (f"  err={grad_err:.1e}" if grad_err is not None else "") + (f" {note}" if note else ""))
     csv_path = os.path.join(args.out, "bench_loss.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS})
+    write_csv(csv_path, rows, CSV_FIELDS)
     md_path = os.path.join(args.out, "bench_loss.md")
     write_markdown(md_path, rows, env, args, impls)
     png_path = os.path.join(args.out, "bench_loss.png")

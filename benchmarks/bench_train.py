@@ -64,8 +64,6 @@ Quick check on the CPU: python benchmarks/bench_train.py --smoke --out /tmp/benc
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import gc
 import math
 import os
@@ -77,6 +75,10 @@ import time
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this script, also under runpy
+from common import command_line, device_name, environment_lines, parser, utc_date, write_csv  # noqa: E402
+from common import fmt as _fmt  # noqa: E402
 
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -613,14 +615,6 @@ CSV_FIELDS = ["variant", "description", "precision", "loss", "padding", "teacher
               "rounds", "features_per_s_rounds"]
 
 
-def fmt(x, digits=3):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
-    return str(x)
-
-
 def three_epoch_estimate(rows, features):
     by = {r["variant"]: r for r in rows}
     usual, best = by.get("usual"), by.get("all")
@@ -633,11 +627,15 @@ def three_epoch_estimate(rows, features):
             "speedup": usual_s / (build_s + train_s)}
 
 
+def fmt(x, digits=3):
+    """bench_train's cells: whole numbers from 1000 up with thousands separators."""
+    return _fmt(x, digits, thousands=True)
+
+
 def write_markdown(path, rows, env, args, estimate):
     title = "SMOKE, CPU, tiny models: timings say nothing about the GPU" if args.smoke else "full"
     lines = [f"# bench_train ({title})", ""]
-    for k in ("device", "date", "torch", "transformers", "triton", "cuda", "python", "command"):
-        lines.append(f"- {k}: `{env[k]}`")
+    lines += environment_lines(env, ("device", "date", "torch", "transformers", "triton", "cuda", "python", "command"))
     lines.append(f"- models: teacher {env['teacher']}, student {env['student']}; "
                  f"student non-embedding parameters: {env['student_params']:,}")
     lines.append(f"- features: {env['features_source']}; pool {env['pool_size']} features, mean length "
@@ -688,9 +686,7 @@ def write_markdown(path, rows, env, args, estimate):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for bench_train.csv / .md")
+    p = parser(__doc__, out_help="folder for bench_train.csv / .md")
     p.add_argument("--smoke", action="store_true",
                    help="CPU check in seconds: 2-layer hidden-64 models, batch 4, 1 warm-up + 2 timed steps, "
                         "24 train examples, every variant but +compile, and `all` without compile (unless --smoke_compile)")
@@ -808,24 +804,23 @@ def main(argv=None):
         return 2
     lengths = np.array([len(ids) for ids in pool["input_ids"]])
 
-    device_name = (torch.cuda.get_device_name() if args.device == "cuda"
-                   else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    device = device_name(args.device)
     if args.device == "cuda":
-        peak, peak_source = peak_tflops(device_name, args.peak_tflops)
+        peak, peak_source = peak_tflops(device, args.peak_tflops)
     else:
         peak, peak_source = args.peak_tflops, ("--peak_tflops" if args.peak_tflops else "CPU: no MFU")
     teacher_name, student_name, student_params = models.describe()
     env = {
-        "device": device_name,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device,
+        "date": utc_date(),
         "torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda or "-", "python": platform.python_version(),
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]) if sys.argv and sys.argv[0] else "-",
+        "command": command_line(),
         "teacher": teacher_name, "student": student_name, "student_params": student_params,
         "features_source": source, "pool_size": len(pool), "mean_len": float(lengths.mean()), "max_len": int(lengths.max()),
         "peak_tflops": peak, "peak_source": peak_source,
     }
-    print(f"bench_train on {device_name}: {source}; mean length {lengths.mean():.1f}")
+    print(f"bench_train on {device}: {source}; mean length {lengths.mean():.1f}")
 
     missing = hf_trainer_missing() if HF_TRAINER in args.variants else None
     if missing:
@@ -849,11 +844,7 @@ def main(argv=None):
     estimate = three_epoch_estimate(rows, args.epoch_features)
 
     csv_path = os.path.join(args.out, "bench_train.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS})
+    write_csv(csv_path, rows, CSV_FIELDS)
     md_path = os.path.join(args.out, "bench_train.md")
     write_markdown(md_path, rows, env, args, estimate)
     if estimate:

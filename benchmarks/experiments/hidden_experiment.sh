@@ -4,8 +4,8 @@
 # fine-tuned; logits KD; logits + hidden MSE at two weights; logits + hidden cosine.
 # Same data, steps, seed and initial weights (layers 0,2,4 of the teacher's base model) for every student.
 #
-#   bash benchmarks/hidden_experiment.sh OUT [N_TRAIN] [STUDENT_EPOCHS]
-#   python benchmarks/hidden_experiment_table.py OUT
+#   bash benchmarks/experiments/hidden_experiment.sh OUT [N_TRAIN] [STUDENT_EPOCHS]
+#   python benchmarks/experiments/hidden_experiment_table.py OUT
 #
 # On a 2-core CPU the students run in two lanes of one thread each (lane a: MSE at the first
 # weight, then fine-tuned, then logits KD; lane b: MSE at the second weight, then cosine at

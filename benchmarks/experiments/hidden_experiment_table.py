@@ -1,6 +1,6 @@
-"""Issue 15's table from the runs of benchmarks/hidden_experiment.sh: EM, F1, gap closed, time per epoch.
+"""Issue 15's table from the runs of benchmarks/experiments/hidden_experiment.sh: EM, F1, gap closed, time per epoch.
 
-    python benchmarks/hidden_experiment_table.py runs/hidden-experiment   # writes hidden_experiment.md/.png there
+    python benchmarks/experiments/hidden_experiment_table.py runs/hidden-experiment   # writes hidden_experiment.md/.png there
 
 Reads each run's metrics.jsonl (evaluations per epoch, training loss terms) and the driver's
 start/done times (driver*.log). Time per epoch = (wall time - evaluations - time paused) / epochs,

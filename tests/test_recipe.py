@@ -242,7 +242,7 @@ def test_the_estimate_counts_four_trainings_export_and_speed_test():
     seconds = recipe.stage_seconds(args)
     assert set(seconds) == {name for name, _ in recipe.STAGES} | {"export", "speed test"}
     assert seconds[recipe.HIDDEN_STAGE] > seconds["student"]  # the online teacher runs every step
-    assert 12 * 60 <= recipe.estimate_seconds(args) <= 17 * 60  # the preset's promise: about 15 minutes
+    assert 18 * 60 <= recipe.estimate_seconds(args) <= 24 * 60  # the preset's promise: about 22 minutes
 
 
 def test_online_hidden_row_uses_the_uniform_map_with_projections(tmp_path):

@@ -881,7 +881,7 @@ def _check_hidden_flags(args: argparse.Namespace) -> None:
             parse_layer_map(args.hidden_layer_map, 10**6, 10**6)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    if args.alpha_hidden == 0:
+    if args.alpha_hidden == 0 and args.command != "recipe":  # the recipe's default is its hidden row's 10
         given = [f"--{k}" for k, default in (("hidden_layer_map", None), ("hidden_loss", "mse"))
                  if getattr(args, k) != default]  # set to something other than the parser's default
         if given:

@@ -169,13 +169,23 @@ def test_offline_recipe_end_to_end_interrupted_and_resumed(offline, checkout, tm
     for d in ("teacher", "student"):
         assert (out / d / "model.safetensors").read_bytes() == finished[d]
         assert (out / d / "model.safetensors").stat().st_mtime_ns == stamps[d]
-    assert set(results) == {"teacher", "student", "distilled student"}
+    assert set(results) == {"teacher", "student", "distilled student", "distilled student + hidden states"}
 
     captured = capsys.readouterr()
     _assert_no_progress_bars(captured.err)  # --disable_tqdm: ours, datasets' and transformers' own
     table = captured.out
     assert "| teacher (all-MiniLM-L6-v2, 1 epoch) |" in table
     assert "| distilled student (layers 0,2,4 of all-MiniLM-L6-v2, distilled 1 epoch) |" in table
+    assert ("| distilled student + hidden states (layers 0,2,4 of all-MiniLM-L6-v2, distilled 1 epoch, + 10 x cosine "
+            "on hidden states, student:teacher layers 1:1,2:3,3:5) |") in table
+    hidden_args = json.loads((out / "distilled_hidden" / "training_args.json").read_text())
+    assert (hidden_args["alpha_hidden"], hidden_args["hidden_loss"], hidden_args["teacher_logits_cache"]) == (
+        10.0, "cosine", None)
+    logits_args = json.loads((out / "distilled" / "training_args.json").read_text())
+    assert logits_args["alpha_hidden"] == 0 and logits_args["teacher_logits_cache"]
+    card = json.loads((out / "report.json").read_text())["models"]["distilled student + hidden states"]
+    assert "gap_closed" in card and card["agreement_with_teacher"]["same_answer"] is not None
+    assert [t["weight"] for t in card["objective"]["terms"] if t["name"] == "hidden"] == [10.0]
     assert str(tmp_path) not in table  # short names, no install paths
     assert (out / "recipe_results.md").read_text().strip() == table.strip()
     saved = json.loads((out / "recipe_results.json").read_text())
@@ -238,7 +248,7 @@ def test_recipe_runs_teacher_student_and_distilled_student_and_prints_the_table(
                        "--per_device_train_batch_size", "8", "--disable_tqdm"])
     assert args.command == "recipe"
     results = run_recipe(args)
-    assert set(results) == {"teacher", "student", "distilled student"}
+    assert set(results) == {"teacher", "student", "distilled student", recipe.HIDDEN_STAGE}
     table = capsys.readouterr().out
     assert "| teacher (" in table and "| student (layers 0,2 of base" in table and "| distilled student (" in table
     out = tmp_path / "recipe"
@@ -261,3 +271,76 @@ def test_recipe_runs_teacher_student_and_distilled_student_and_prints_the_table(
     assert "gap to the teacher closed" in (out / "report.md").read_text()
     for run_dir in ("teacher", "student", "distilled"):
         assert (out / run_dir / "README.md").read_text().startswith("---\n")
+
+
+# --------------------------------------------------------------------------- the hidden-state row (issue 21)
+
+def _stages(argv):
+    args = parse_args(["--output_dir", "/nonexistent/recipe"] + argv)
+    recipe.choose_hidden_term(args, set(args.__dict__.pop("given_flags")))
+    return recipe.stage_arguments(args)
+
+
+def test_the_hidden_row_has_the_term_and_the_logits_row_never_does():
+    stages = _stages(["--student_layers", "0,2,4"])
+    hidden, logits = stages[recipe.HIDDEN_STAGE], stages["distilled student"]
+    assert (hidden.alpha_hidden, hidden.hidden_loss, hidden.teacher_logits_cache) == (10.0, "cosine", None)
+    assert hidden.mode == "distill" and hidden.teacher_model_name_or_path == stages["teacher"].output_dir
+    assert (logits.alpha_hidden, logits.alpha_attention) == (0.0, 0.0) and logits.teacher_logits_cache
+    assert all(stages[name].alpha_hidden == 0 for name in ("teacher", "student"))
+
+    stages = _stages(["--student_layers", "0,2,4", "--alpha_hidden", "3", "--hidden_loss", "mse",
+                      "--hidden_layer_map", "1:2,2:4,3:6", "--alpha_attention", "1"])
+    hidden, logits = stages[recipe.HIDDEN_STAGE], stages["distilled student"]
+    assert (hidden.alpha_hidden, hidden.hidden_loss, hidden.hidden_layer_map, hidden.alpha_attention) == (
+        3.0, "mse", "1:2,2:4,3:6", 1.0)
+    assert (logits.alpha_hidden, logits.hidden_layer_map, logits.alpha_attention) == (0.0, None, 0.0)
+    assert logits.teacher_logits_cache  # the logits-only row keeps its cache whatever the hidden flags say
+
+
+def test_the_recipe_refuses_a_hidden_row_without_weight():
+    with pytest.raises(ValueError, match=r"--alpha_hidden 0: the recipe's --alpha_hidden is the weight of its "
+                                         r"hidden-state row and must be > 0 \(default 10\)"):
+        _stages(["--alpha_hidden", "0"])
+
+
+def test_the_estimate_counts_four_trainings_export_and_speed_test():
+    args = parse_args(["--output_dir", "/nonexistent/recipe"])
+    for key, value in recipe.CPU_PRESET.items():
+        setattr(args, key, value)
+    seconds = recipe.stage_seconds(args)
+    assert set(seconds) == {name for name, _ in recipe.STAGES} | {"export", "speed test"}
+    assert seconds[recipe.HIDDEN_STAGE] > seconds["student"]  # the online teacher runs every step
+    assert 18 * 60 <= recipe.estimate_seconds(args) <= 24 * 60  # the preset's promise: about 22 minutes
+
+
+def test_online_hidden_row_uses_the_uniform_map_with_projections(tmp_path):
+    """bert-base -> distilbert-base in small: a 4-layer BERT teacher (width 32), a 2-layer DistilBERT
+    student (width 16) given by --model_name_or_path: uniform map 1:2,2:4, a projection per layer,
+    and the hidden stage trains (online teacher, no cache)."""
+    from transformers import DistilBertConfig
+
+    from kdqa.modeling import load_qa_model
+    from kdqa.trainer import train
+
+    teacher = make_model_folder(str(tmp_path / "teacher"), tiny_bert_config(layers=4), seed=1)
+    student = make_model_folder(str(tmp_path / "student"), DistilBertConfig(
+        vocab_size=tiny_bert_config().vocab_size, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
+        max_position_embeddings=128), seed=2, kind="distilbert")
+    data = _squad_folder(tmp_path / "data", n_train=16, n_dev=4)
+    stages = _stages(["--model_name_or_path", student, "--teacher_model_name_or_path", teacher,
+                      "--train_file", os.path.join(data, "train-v1.1.json"),
+                      "--validation_file", os.path.join(data, "dev-v1.1.json.gz")] + TINY)
+    hidden = stages[recipe.HIDDEN_STAGE]
+    assert hidden.model_name_or_path == student and hidden.student_layers is None
+    term = recipe.objective.hidden_term(hidden, load_qa_model(student), load_qa_model(teacher))
+    assert term.layer_map == [(1, 2), (2, 4)] and term.projections is not None
+
+    hidden.teacher_model_name_or_path = teacher  # the teacher as given (the recipe's own would be fine-tuned first)
+    hidden.output_dir, hidden.overwrite_output_dir, hidden.max_steps = str(tmp_path / "hidden"), True, 2
+    results = train(hidden)
+    assert "f1" in results
+    report = json.loads((tmp_path / "hidden" / "report.json").read_text())
+    term_run = [t for t in report["objective"]["terms"] if t["name"] == "hidden"][0]
+    assert term_run["weight"] == 10.0 and term_run["layer_map (student:teacher)"] == "1:2,2:4"
+    assert hidden.teacher_logits_cache is None

@@ -808,11 +808,18 @@ def _add_inference_commands(sub) -> None:
     p = sub.add_parser("export", formatter_class=_HelpFormatter, help="export a model folder to ONNX (+ int8)",
                        description="Write model.onnx (dynamic batch and sequence axes) and the tokenizer into "
                                    "--output_dir, after checking that ONNX Runtime gives PyTorch's logits; "
-                                   "--quantize int8 adds model_int8.onnx (ONNX Runtime dynamic quantisation).")
+                                   "--quantize int8 adds model_int8.onnx (ONNX Runtime static int8, calibrated on "
+                                   "--train_file).")
     _add_config_arg(p)
     p.add_argument("--model_name_or_path", default=None, help="the model folder to export")
     p.add_argument("--output_dir", default=None, help="where model.onnx and the tokenizer go (may be the model folder)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: also write model_int8.onnx")
+    p.add_argument("--quantize", choices=["none", "int8", "int8-dynamic"], default="none",
+                   help="int8: also write model_int8.onnx, static int8 calibrated on --train_file (answers do not "
+                        "depend on the batch); int8-dynamic: dynamic int8, no calibration, batch-dependent answers")
+    p.add_argument("--train_file", default=None, help="SQuAD v1.1 JSON whose first questions calibrate --quantize int8")
+    p.add_argument("--calibration_questions", type=int, default=DEFAULT_CALIBRATION_QUESTIONS, help="training questions --quantize int8 calibrates on")
+    p.add_argument("--max_seq_length", type=int, default=384, help="tokens per window of the calibration questions")
+    p.add_argument("--doc_stride", type=int, default=128, help="overlap in tokens between calibration windows")
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="largest allowed |ONNX Runtime - PyTorch| difference of a start/end logit")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset version")
@@ -827,6 +834,7 @@ def validate_inference_args(args: argparse.Namespace) -> None:
             raise ConfigError("export needs --output_dir (where model.onnx goes)")
         if not args.tolerance > 0:
             raise ConfigError(f"--tolerance must be > 0, got {args.tolerance}")
+        _check_calibration_flags(args)
         check_output_dir(args.output_dir)
         return check_opset(args.opset)
     for flag in ("question", "context"):
@@ -847,6 +855,24 @@ def validate_inference_args(args: argparse.Namespace) -> None:
         raise ConfigError("--max_seq_length must be positive and --doc_stride between 1 and --max_seq_length - 1")
     if args.per_device_eval_batch_size < 1:
         raise ConfigError("--per_device_eval_batch_size must be at least 1")
+
+
+DEFAULT_CALIBRATION_QUESTIONS = 100  # static int8's calibration set (see benchmarks/RESULTS.md, int8)
+CALIBRATION_HELP = ("export --quantize int8 calibrates its activation scales on training questions: give "
+                    "--train_file FILE (SQuAD v1.1 JSON), or --quantize int8-dynamic (no calibration, but a "
+                    "question's answer then depends on the other questions of its batch)")
+
+
+def _check_calibration_flags(args: argparse.Namespace) -> None:
+    """export --quantize int8 calibrates on training questions: they must be given and counted sanely."""
+    if args.calibration_questions < 1:
+        raise ConfigError(f"--calibration_questions must be at least 1, got {args.calibration_questions}")
+    if args.max_seq_length <= 0 or not 0 < args.doc_stride < args.max_seq_length:
+        raise ConfigError("--max_seq_length must be positive and --doc_stride between 1 and --max_seq_length - 1")
+    if args.quantize == "int8" and not args.train_file:
+        raise ConfigError(CALIBRATION_HELP)
+    if args.train_file and not os.path.isfile(args.train_file):
+        raise ConfigError(f"--train_file {args.train_file}: no such file")
 
 
 MIN_OPSET = 18  # torch.onnx.export(dynamo=True) writes opset 18 at least; below it fails or quietly writes 18

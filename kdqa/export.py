@@ -94,8 +94,13 @@ def sample_inputs(tokenizer, with_token_types: bool, long: bool = False) -> dict
     return {name: enc[name] for name in names if name in enc}
 
 
+def missing_onnx_libraries() -> list[str]:
+    """The libraries of the `onnx` extra that are not installed (export needs all three)."""
+    return [m for m in ("onnx", "onnxruntime", "onnxscript") if not _importable(m)]
+
+
 def _require_onnx() -> None:
-    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if not _importable(m)]
+    missing = missing_onnx_libraries()
     if missing:
         raise ExportError(f"export needs {', '.join(missing)}: pip install 'kdqa[onnx]'")
 

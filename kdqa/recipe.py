@@ -27,9 +27,13 @@ import torch
 
 from kdqa import objective, run_dir
 from kdqa.checkpoint import list_checkpoints
+from kdqa.config import DEFAULT_CALIBRATION_QUESTIONS
 from kdqa.data import datasets_cache_dir, hub_dataset_cached, load_squad
+from kdqa.export import calibration_from_rows, export_model, missing_onnx_libraries
+from kdqa.features import Window
+from kdqa.inference import QAPredictor, predict_and_score, write_prediction_outputs
 from kdqa.modeling import ModelLoadError, OFFLINE_HELP, hub_reachable, short_model_name
-from kdqa.report_card import recipe_report, write_recipe_report
+from kdqa.report_card import recipe_report, write_recipe_report, write_served_report_and_card
 from kdqa.reporting import write_json
 
 logger = logging.getLogger("kdqa")
@@ -436,6 +440,59 @@ def run_speed_test(args, stages: dict) -> dict:
                       n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
                       progress=not args.disable_tqdm) | {"parameters": {
                           name: sum(p.numel() for p in model.parameters()) for name, (model, _) in models.items()}}
+
+
+# ----------------------------------------------------------------------------- the served student (issue 21 §2)
+
+SERVED = "served student"
+SERVED_DIR = "served"
+ONNX_EXTRA_HELP = "recipe: served student skipped: the ONNX export needs onnx, onnxruntime and onnxscript: pip install 'kdqa[onnx]'"
+
+
+def export_served_student(args, results: dict, stages: dict) -> dict | None:
+    """The best student (highest dev F1) exported with static int8 (`train.py export --quantize int8`,
+    calibrated on the first training questions) into OUTPUT_DIR/served, scored by ONNX Runtime on
+    the same dev questions as the stages; its eval_* files, report and model card are written
+    there. None, with one line naming the extra to install, where the ONNX libraries are absent."""
+    if missing_onnx_libraries():
+        logger.info(ONNX_EXTRA_HELP)
+        return None
+    students = [name for name in results if name != "teacher" and results[name].get("f1") is not None]
+    best = max(students, key=lambda name: results[name]["f1"])
+    window = Window.from_args(args)
+    splits = load_squad(train_file=args.train_file, validation_file=args.validation_file,
+                        dataset_name=args.dataset_name)
+    out = os.path.join(args.output_dir, SERVED_DIR)
+    export_model(stages[best].output_dir, out, quantize="int8",
+                 calibration=calibration_from_rows(splits["train"], DEFAULT_CALIBRATION_QUESTIONS, window))
+    dev = splits["validation"]
+    dev = dev.select(range(min(args.max_eval_samples or len(dev), len(dev))))
+    predictor = QAPredictor.load(out, quantize="int8", n_best_size=args.n_best_size,
+                                 max_answer_length=args.max_answer_length, batch_size=args.per_device_eval_batch_size,
+                                 **vars(window))
+    metrics, predictions, nbest = predict_and_score(predictor.model, dev, predictor.features(dev), predictor.collate,
+                                                    batch_size=predictor.batch_size, **predictor.decoding)
+    write_prediction_outputs(out, "eval", predictions, nbest, metrics)
+    write_served_report_and_card(out, stages[best].output_dir, runtime="ONNX Runtime static int8")
+    logger.info("recipe: served student: %s exported to %s (ONNX Runtime int8): exact_match %.2f f1 %.2f on %d "
+                "dev questions", best, out, metrics["exact_match"], metrics["f1"], metrics["total"])
+    return {"source": best, "output_dir": out, "exact_match": metrics["exact_match"], "f1": metrics["f1"]}
+
+
+def served_predictor(args, served: dict):
+    """The served student as the speed test runs it: model_int8.onnx in ONNX Runtime."""
+    return QAPredictor.load(served["output_dir"], quantize="int8", max_seq_length=args.max_seq_length,
+                            doc_stride=args.doc_stride, max_query_length=args.max_query_length,
+                            n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
+                            description=SERVED)
+
+
+def served_row(served: dict, speed: dict, args) -> dict:
+    """The table's row of the served student: its own F1 and speed, the parameters of its source."""
+    return {"label": f"served student (ONNX Runtime int8, from the {served['source']})",
+            "exact_match": served["exact_match"], "f1": served["f1"],
+            "parameters": speed["parameters"][served["source"]], "ms_per_question": speed[SERVED]["ms_per_question"],
+            "speedup": speed["teacher"]["ms_per_question"] / speed[SERVED]["ms_per_question"]}
 
 
 # ----------------------------------------------------------------------------- the table and the plot

@@ -404,10 +404,14 @@ def run_recipe(args: argparse.Namespace) -> dict:
             _forget_stages_after(index, stages)  # this stage trains now: it and the later ones are not finished
         results[name] = run_stage(name, stages[name], resume)
 
+    logger.info("recipe: after the students: export of the best one, ONNX Runtime int8%s", minutes.get("export", ""))
+    served = export_served_student(args, results, stages)  # None (one line) without the onnx extra
     logger.info("recipe: stage %d/%d: speed test on %d dev questions, one at a time on the CPU%s",
                 len(STAGES) + 1, len(STAGES) + 1, args.speed_test_questions, minutes.get("speed test", ""))
-    speed = run_speed_test(args, stages)
+    speed = run_speed_test(args, stages, served)
     rows = table_rows(results, speed, stages, args)
+    if served:
+        rows[SERVED] = served_row(served, speed, args)
     table = format_table(rows, args)
     print(table)
     elapsed = time.perf_counter() - started
@@ -419,7 +423,8 @@ def run_recipe(args: argparse.Namespace) -> dict:
         "settings": banner, "elapsed_s": round(elapsed, 1),
         "estimate_s": None if estimate is None else round(estimate, 1)})
     plot_results(rows, os.path.join(out, "recipe_results.png"))
-    write_recipe_report(out, recipe_report(rows, {name: stages[name].output_dir for name, _ in STAGES},
+    stage_dirs = {name: stages[name].output_dir for name, _ in STAGES} | ({SERVED: served["output_dir"]} if served else {})
+    write_recipe_report(out, recipe_report(rows, stage_dirs,
                                            threads=torch.get_num_threads(), speed_questions=args.speed_test_questions,
                                            elapsed_s=elapsed))
     logger.info("recipe: done in %.1f minutes%s; results in %s", elapsed / 60,
@@ -427,7 +432,7 @@ def run_recipe(args: argparse.Namespace) -> dict:
     return results
 
 
-def run_speed_test(args, stages: dict) -> dict:
+def run_speed_test(args, stages: dict, served: dict | None = None) -> dict:
     from kdqa.modeling import load_qa_model, load_tokenizer
     from kdqa.speedtest import speed_test
 
@@ -438,7 +443,8 @@ def run_speed_test(args, stages: dict) -> dict:
     return speed_test(models, dev, args.speed_test_questions, max_seq_length=args.max_seq_length,
                       doc_stride=args.doc_stride, max_query_length=args.max_query_length,
                       n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
-                      progress=not args.disable_tqdm) | {"parameters": {
+                      progress=not args.disable_tqdm,
+                      ready={SERVED: served_predictor(args, served)} if served else None) | {"parameters": {
                           name: sum(p.numel() for p in model.parameters()) for name, (model, _) in models.items()}}
 
 

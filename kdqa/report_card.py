@@ -308,9 +308,10 @@ def render_recipe_report(report: dict) -> str:
                  "" if not agreement else f"{agreement['answer_f1']:.2f}",
                  f"{entry['ms_per_question']:.1f}", f"{entry['speedup']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [f"- int8 drop of the {entry['label']}: {entry['int8']['f1_drop']:+.2f} F1, "
-              f"{entry['int8']['exact_match_drop']:+.2f} EM against its PyTorch model"
-              for entry in report["models"].values() if entry.get("int8")]
+    drops = [f"- int8 drop of the {entry['label']}: {entry['int8']['f1_drop']:+.2f} F1, "
+             f"{entry['int8']['exact_match_drop']:+.2f} EM against its PyTorch model"
+             for entry in report["models"].values() if entry.get("int8")]
+    lines += [""] + drops if drops else []
     lines += ["", f"Speed: {sp['questions']} dev questions answered one at a time on the CPU with {sp['threads']} "
               f"threads. Whole recipe: {report['elapsed_s'] / 60:.1f} minutes.", ""]
     for entry in report["models"].values():

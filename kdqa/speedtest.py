@@ -21,6 +21,9 @@ import torch
 from kdqa.inference import QAPredictor, TorchQAModel, answer_texts, decode_answers, logits_over_features
 
 
+CROSS_RUNTIME_TURN = 20  # turns when ONNX Runtime and PyTorch models take turns (see the docstring)
+
+
 def _fresh_stats() -> dict:
     return {"wall_s": 0.0, "features_s": 0.0, "predict_s": 0.0, "decode_s": 0.0, "features": 0, "answers": {}}
 
@@ -72,11 +75,12 @@ def answer_in_turns(predictors: dict[str, QAPredictor], rows: list[dict], *, war
 
 def speed_test(models: dict, examples, num_questions: int, *, max_seq_length: int = 384, doc_stride: int = 128,
                max_query_length: int = 64, n_best_size: int = 20, max_answer_length: int = 30, warmup: int = 2,
-               device: str = "cpu", progress: bool = True) -> dict:
+               device: str = "cpu", progress: bool = True, ready: dict[str, QAPredictor] | None = None) -> dict:
     """{name: {"ms_per_question", "questions", "wall_s"}} for models = {name: (model, tokenizer)}.
 
     `examples` are flat SQuAD rows (a datasets.Dataset or a list of dicts); the first
-    `num_questions` of them are answered, one at a time.
+    `num_questions` of them are answered, one at a time. `ready`: predictors timed beside
+    them (the recipe's ONNX Runtime int8 student); with them, turns of 20 questions (another runtime).
     """
     rows = [examples[i] for i in range(min(num_questions, len(examples)))]
     predictors = {
@@ -84,7 +88,8 @@ def speed_test(models: dict, examples, num_questions: int, *, max_seq_length: in
                           doc_stride=doc_stride, max_query_length=max_query_length, n_best_size=n_best_size,
                           max_answer_length=max_answer_length, description=name)
         for name, (model, tokenizer) in models.items()
-    }
-    stats = answer_in_turns(predictors, rows, warmup=warmup, progress_every=100 if progress else 0)
+    } | (ready or {})
+    stats = answer_in_turns(predictors, rows, warmup=warmup, progress_every=100 if progress else 0,
+                            turn_size=CROSS_RUNTIME_TURN if ready else 1)
     return {name: {"ms_per_question": 1000.0 * s["wall_s"] / len(rows), "questions": len(rows),
                    "wall_s": s["wall_s"]} for name, s in stats.items()}

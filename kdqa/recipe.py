@@ -489,8 +489,7 @@ def served_predictor(args, served: dict):
     """The served student as the speed test runs it: model_int8.onnx in ONNX Runtime."""
     return QAPredictor.load(served["output_dir"], quantize="int8", max_seq_length=args.max_seq_length,
                             doc_stride=args.doc_stride, max_query_length=args.max_query_length,
-                            n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
-                            description=SERVED)
+                            n_best_size=args.n_best_size, max_answer_length=args.max_answer_length)
 
 
 def served_row(served: dict, speed: dict, args) -> dict:

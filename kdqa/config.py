@@ -399,8 +399,8 @@ COMMANDS = {
     "export": ("export a model folder to ONNX (+ int8)",
                "Write model.onnx (dynamic batch and sequence axes) and the tokenizer into --output_dir, after "
                "checking that ONNX Runtime gives PyTorch's logits; --quantize int8 adds model_int8.onnx (ONNX "
-               "Runtime dynamic quantisation).",
-               ("model", "export")),
+               "Runtime static int8, calibrated on --train_file's first questions cut into these windows).",
+               ("model", "windows", "export")),
     "recipe": ("the seed recipe end to end (also what `python train.py` with no sub-command runs)",
                "Fine-tune the teacher, fine-tune the student (baseline), distil the student from the teacher, "
                "and print the table teacher / student / distilled student in EM/F1.",
@@ -908,10 +908,14 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: PyTorch dynamic int8 Linear layers, or the folder's model_int8.onnx in ONNX Runtime")
 
-
 def _add_export_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("export")
-    g.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: also write model_int8.onnx")
+    g.add_argument("--quantize", choices=["none", "int8", "int8-dynamic"], default="none",
+                   help="int8: also write model_int8.onnx, static int8 calibrated on --train_file (answers do not "
+                        "depend on the batch); int8-dynamic: dynamic int8, no calibration, batch-dependent answers")
+    g.add_argument("--train_file", default=None, help="SQuAD v1.1 JSON whose first questions calibrate --quantize int8")
+    g.add_argument("--calibration_questions", type=int, default=DEFAULT_CALIBRATION_QUESTIONS,
+                   help="training questions --quantize int8 calibrates on (cut into --max_seq_length windows)")
     g.add_argument("--tolerance", type=float, default=1e-3,
                    help="largest allowed |ONNX Runtime - PyTorch| difference of a start/end logit")
     g.add_argument("--opset", type=int, default=18, help="ONNX opset version")
@@ -926,6 +930,7 @@ def validate_inference_args(args: argparse.Namespace) -> None:
             raise ConfigError("export needs --output_dir (where model.onnx goes)")
         if not args.tolerance > 0:
             raise ConfigError(f"--tolerance must be > 0, got {args.tolerance}")
+        _check_calibration_flags(args)
         check_output_dir(args.output_dir)
         return check_opset(args.opset)
     for flag in ("question", "context"):
@@ -942,6 +947,24 @@ def validate_inference_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--test_file {args.test_file} is a folder; give the file")
     if args.output_dir:
         check_output_dir(args.output_dir)
+
+
+DEFAULT_CALIBRATION_QUESTIONS = 100  # static int8's calibration set (see benchmarks/RESULTS.md, int8)
+CALIBRATION_HELP = ("export --quantize int8 calibrates its activation scales on training questions: give "
+                    "--train_file FILE (SQuAD v1.1 JSON), or --quantize int8-dynamic (no calibration, but a "
+                    "question's answer then depends on the other questions of its batch)")
+
+
+def _check_calibration_flags(args: argparse.Namespace) -> None:
+    """export --quantize int8 calibrates on training questions: they must be given and counted sanely."""
+    if args.calibration_questions < 1:
+        raise ConfigError(f"--calibration_questions must be at least 1, got {args.calibration_questions}")
+    if args.max_seq_length <= 0 or not 0 < args.doc_stride < args.max_seq_length:
+        raise ConfigError("--max_seq_length must be positive and --doc_stride between 1 and --max_seq_length - 1")
+    if args.quantize == "int8" and not args.train_file:
+        raise ConfigError(CALIBRATION_HELP)
+    if args.train_file and not os.path.isfile(args.train_file):
+        raise ConfigError(f"--train_file {args.train_file}: no such file")
 
 
 MIN_OPSET = 18  # torch.onnx.export(dynamo=True) writes opset 18 at least; below it fails or quietly writes 18

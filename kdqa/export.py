@@ -30,11 +30,13 @@ import shutil
 import socket
 import tempfile
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .config import MIN_OPSET, check_opset
+from .config import CALIBRATION_HELP, MIN_OPSET, check_opset
+from .features import QACollator, Window, prepare_eval_features
 from .inference import ONNX_FILE, ONNX_INT8_FILE, OnnxRunner
 from .modeling import ModelLoadError, load_qa_model, load_tokenizer, takes_token_type_ids
 
@@ -45,6 +47,24 @@ DEFAULT_TOLERANCE = 1e-3  # fp32 through another runtime: differences are ~1e-6 
 
 class ExportError(ValueError):
     """The exported model is missing a dependency or disagrees with PyTorch: nothing was kept."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The questions static int8 calibrates on ({"id", "question", "context"} columns) and their window."""
+
+    examples: dict
+    window: Window = Window()
+
+
+def calibration_from_rows(rows, questions: int, window: Window = Window()) -> Calibration:
+    """The first `questions` SQuAD rows (a Dataset or a list of dicts) as a Calibration."""
+    if questions < 1:
+        raise ExportError(f"--calibration_questions must be at least 1, got {questions}")
+    picked = [rows[i] for i in range(min(questions, len(rows)))]
+    if not picked:
+        raise ExportError("the calibration data holds no questions; give a --train_file with SQuAD questions")
+    return Calibration({key: [row[key] for row in picked] for key in ("id", "question", "context")}, window)
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -74,8 +94,13 @@ def sample_inputs(tokenizer, with_token_types: bool, long: bool = False) -> dict
     return {name: enc[name] for name in names if name in enc}
 
 
+def missing_onnx_libraries() -> list[str]:
+    """The libraries of the `onnx` extra that are not installed (export needs all three)."""
+    return [m for m in ("onnx", "onnxruntime", "onnxscript") if not _importable(m)]
+
+
 def _require_onnx() -> None:
-    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if not _importable(m)]
+    missing = missing_onnx_libraries()
     if missing:
         raise ExportError(f"export needs {', '.join(missing)}: pip install 'kdqa[onnx]'")
 
@@ -109,22 +134,61 @@ def max_logit_difference(onnx_path: str, model, inputs: dict) -> float:
     return max(float(np.max(np.abs(g - e.numpy())[real])) for g, e in zip(got, expected))
 
 
-def quantize_onnx_int8(onnx_path: str, int8_path: str) -> None:
-    """ONNX Runtime dynamic quantisation: int8 weights (MatMul/Gemm), activations quantised at run time.
+QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
+
+
+def _quiet_quantizer(run) -> None:
+    """ONNX Runtime's quantiser logs one INFO line per tensor left in float, and advice to pre-process."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run()
+    finally:
+        root.setLevel(level)
+
+
+def quantize_onnx_int8_dynamic(onnx_path: str, int8_path: str) -> None:
+    """ONNX Runtime dynamic quantisation: int8 weights (MatMul/Gemm), activations quantised at run time
+    with one scale over the whole batch, padding included: an answer depends on its batch neighbours.
 
     Per-channel weight scales: on MiniLM's layers they cut the logits' error against fp32 by 2-3x
     over one scale per matrix, at the same speed."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # one INFO line per tensor left in float, and advice to pre-process
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(onnx_path, int8_path, weight_type=QuantType.QInt8, per_channel=True)
-    finally:
-        root.setLevel(level)
+    _quiet_quantizer(lambda: quantize_dynamic(onnx_path, int8_path, weight_type=QuantType.QInt8, per_channel=True))
+
+
+def calibration_batches(examples, tokenizer, input_names: list[str], window: Window) -> list[dict]:
+    """The windows of the calibration questions, one unpadded feature per batch (numpy), so the
+    activation ranges are those of real tokens, never of padding."""
+    features = prepare_eval_features(examples, tokenizer, window, as_dataset=False)
+    collate = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=None)
+    rows = [{name: features[name][i] for name in input_names} for i in range(len(features["input_ids"]))]
+    return [{name: value.numpy() for name, value in collate([row]).items() if name in input_names} for row in rows]
+
+
+def quantize_onnx_int8_static(onnx_path: str, int8_path: str, batches: list[dict]) -> None:
+    """ONNX Runtime static quantisation in QDQ form: int8 weights with per-channel scales, and uint8
+    activations of the MatMul/Gemm inputs with scales fixed by a MinMax calibration over `batches`.
+    Fixed scales: a question's logits do not depend on the other questions of its batch; and ONNX
+    Runtime runs the quantised MatMuls without computing scales at run time."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.left = iter(batches)
+
+        def get_next(self):
+            return next(self.left, None)
+
+    _quiet_quantizer(lambda: quantize_static(
+        onnx_path, int8_path, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
+        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax))
 
 
 def optimize_for_onnxruntime(onnx_path: str, optimized_path: str) -> bool:
@@ -154,6 +218,32 @@ def optimize_for_onnxruntime(onnx_path: str, optimized_path: str) -> bool:
     finally:
         root.setLevel(level)
     return True
+
+
+def _write_int8(quantize: str, onnx_path: str, model, check: dict, tolerance: float, calibration, tokenizer) -> float:
+    """model_int8.onnx beside onnx_path, quantised from ONNX Runtime's fused graph (optimise, then
+    quantise: the fusions match float patterns only); returns its largest logit difference to PyTorch."""
+    staging = os.path.dirname(onnx_path)
+    fused_path = os.path.join(staging, "fused.onnx")
+    int8_path = os.path.join(staging, ONNX_INT8_FILE)
+    fused = optimize_for_onnxruntime(onnx_path, fused_path)
+    if fused and not max_logit_difference(fused_path, model, check) <= tolerance:
+        logger.warning("ONNX Runtime's fused graph disagrees with PyTorch; int8 is quantised from the plain graph")
+        fused = False
+    source = fused_path if fused else onnx_path
+    if quantize == "int8":
+        batches = calibration_batches(calibration.examples, tokenizer, list(check), calibration.window)
+        logger.info("int8: calibrating activation scales on %d training questions (%d windows)",
+                    len(calibration.examples["id"]), len(batches))
+        quantize_onnx_int8_static(source, int8_path, batches)
+    else:
+        quantize_onnx_int8_dynamic(source, int8_path)
+    if os.path.exists(fused_path):
+        os.remove(fused_path)  # an intermediate: only model.onnx and model_int8.onnx are kept
+    int8_diff = max_logit_difference(int8_path, model, check)
+    if not np.isfinite(int8_diff):
+        raise ExportError("the int8 model gives non-finite logits; nothing was written")
+    return int8_diff
 
 
 STAGING_PREFIX = ".export-"  # + host-pid-random: a folder whose export died (kill -9) is found and removed
@@ -202,10 +292,16 @@ def _default_opset(onnx_path: str) -> int | None:
 
 
 def export_model(model_dir: str, output_dir: str, quantize: str = "none", tolerance: float = DEFAULT_TOLERANCE,
-                 opset: int = 18) -> dict:
-    """Export and check; returns {"files": [...], "max_abs_diff": float, "int8_max_abs_diff": float | None}."""
+                 opset: int = 18, calibration: Calibration | None = None) -> dict:
+    """Export and check; returns {"files": [...], "max_abs_diff": float, "int8_max_abs_diff": float | None}.
+
+    quantize "int8": static int8 calibrated on `calibration` (required); "int8-dynamic": dynamic int8."""
     _require_onnx()
     check_opset(opset)
+    if quantize not in QUANTIZE_CHOICES:
+        raise ExportError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    if quantize == "int8" and calibration is None:
+        raise ExportError(CALIBRATION_HELP)
     tokenizer = load_tokenizer(model_dir)
     network = load_qa_model(model_dir, trained_head=True).float().cpu().eval()
     # token_type_ids become an input only when the model uses them and the tokenizer gives them, as
@@ -229,18 +325,8 @@ def export_model(model_dir: str, output_dir: str, quantize: str = "none", tolera
             )
         files = [ONNX_FILE]
         int8_diff = None
-        if quantize == "int8":
-            fused_path = os.path.join(staging, "fused.onnx")
-            fused = optimize_for_onnxruntime(onnx_path, fused_path)
-            if fused and not max_logit_difference(fused_path, model, check) <= tolerance:
-                logger.warning("ONNX Runtime's fused graph disagrees with PyTorch; int8 is quantised from the plain graph")
-                fused = False
-            quantize_onnx_int8(fused_path if fused else onnx_path, os.path.join(staging, ONNX_INT8_FILE))
-            if os.path.exists(fused_path):
-                os.remove(fused_path)  # an intermediate: only model.onnx and model_int8.onnx are kept
-            int8_diff = max_logit_difference(os.path.join(staging, ONNX_INT8_FILE), model, check)
-            if not np.isfinite(int8_diff):
-                raise ExportError(f"the int8 model gives non-finite logits; nothing was written to {output_dir}")
+        if quantize != "none":
+            int8_diff = _write_int8(quantize, onnx_path, model, check, tolerance, calibration, tokenizer)
             files.append(ONNX_INT8_FILE)
         network.config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -276,12 +362,21 @@ class _OtherLibrariesAtDebug(logging.Filter):
 
 def export_command(args) -> dict:
     """`train.py export`: one log line of ours, the libraries' progress at debug level."""
+    calibration = None
+    if args.quantize == "int8":
+        if not args.train_file:
+            raise ExportError(CALIBRATION_HELP)
+        from .data import load_squad
+
+        rows = load_squad(train_file=args.train_file, splits=("train",))["train"]
+        calibration = calibration_from_rows(rows, args.calibration_questions, 
+                                            Window.from_args(args))
     handlers, quiet = list(logging.getLogger().handlers), _OtherLibrariesAtDebug()
     for handler in handlers:
         handler.addFilter(quiet)
     try:
         result = export_model(args.model_name_or_path, args.output_dir, quantize=args.quantize,
-                              tolerance=args.tolerance, opset=args.opset)
+                              tolerance=args.tolerance, opset=args.opset, calibration=calibration)
     finally:
         for handler in handlers:
             handler.removeFilter(quiet)

@@ -36,9 +36,14 @@ import torch
 
 from kdqa import objective, run_dir
 from kdqa.checkpoint import list_checkpoints
+from kdqa.config import DEFAULT_CALIBRATION_QUESTIONS
 from kdqa.data import datasets_cache_dir, hub_dataset_cached, load_squad
+from kdqa.export import calibration_from_rows, export_model, missing_onnx_libraries
+from kdqa.features import Window
+from kdqa.inference import QAPredictor, write_prediction_outputs
+from kdqa.postprocess import Decoding
 from kdqa.modeling import ModelLoadError, OFFLINE_HELP, hub_reachable, short_model_name
-from kdqa.report_card import read_json_if_present, recipe_report, write_recipe_report
+from kdqa.report_card import read_json_if_present, recipe_report, write_recipe_report, write_served_report_and_card
 from kdqa.reporting import quiet_progress_bars
 from kdqa.atomic_io import write_json_atomic
 
@@ -444,10 +449,14 @@ def run_recipe(args: argparse.Namespace) -> dict:
             _forget_stages_after(index, stages)  # this stage trains now: it and the later ones are not finished
         results[name] = run_stage(name, stages[name], resume)
 
+    logger.info("recipe: after the students: export of the best one, ONNX Runtime int8%s", minutes.get("export", ""))
+    served = export_served_student(args, results, stages)  # None (one line) without the onnx extra
     logger.info("recipe: stage %d/%d: speed test on %d dev questions, one at a time on the CPU%s",
                 len(STAGES) + 1, len(STAGES) + 1, args.speed_test_questions, minutes.get("speed test", ""))
-    speed = run_speed_test(args, stages)
+    speed = run_speed_test(args, stages, served)
     rows = table_rows(results, speed, stages, args)
+    if served:
+        rows[SERVED] = served_row(served, speed, args)
     table = format_table(rows, args)
     print(table)
     elapsed = time.perf_counter() - started
@@ -459,7 +468,8 @@ def run_recipe(args: argparse.Namespace) -> dict:
         "settings": banner, "elapsed_s": round(elapsed, 1),
         "estimate_s": None if estimate is None else round(estimate, 1)})
     plot_results(rows, os.path.join(out, "recipe_results.png"))
-    write_recipe_report(out, recipe_report(rows, {name: stages[name].output_dir for name, _ in STAGES},
+    stage_dirs = {name: stages[name].output_dir for name, _ in STAGES} | ({SERVED: served["output_dir"]} if served else {})
+    write_recipe_report(out, recipe_report(rows, stage_dirs,
                                            threads=torch.get_num_threads(), speed_questions=args.speed_test_questions,
                                            elapsed_s=elapsed))
     logger.info("recipe: done in %.1f minutes%s; results in %s", elapsed / 60,
@@ -467,10 +477,8 @@ def run_recipe(args: argparse.Namespace) -> dict:
     return results
 
 
-def run_speed_test(args, stages: dict) -> dict:
-    from kdqa.features import Window
+def run_speed_test(args, stages: dict, served: dict | None = None) -> dict:
     from kdqa.modeling import load_qa_model, load_tokenizer
-    from kdqa.postprocess import Decoding
     from kdqa.speedtest import speed_test
 
     dev = load_squad(validation_file=args.validation_file, splits=("validation",))["validation"] \
@@ -478,8 +486,58 @@ def run_speed_test(args, stages: dict) -> dict:
     models = {name: (load_qa_model(stages[name].output_dir, attn_implementation=args.attn_implementation),
                      load_tokenizer(stages[name].output_dir)) for name, _ in STAGES}
     return speed_test(models, dev, args.speed_test_questions, window=Window.from_args(args),
-                      decoding=Decoding.from_args(args), progress=not args.disable_tqdm) | {"parameters": {
+                      decoding=Decoding.from_args(args), progress=not args.disable_tqdm,
+                      ready={SERVED: served_predictor(args, served)} if served else None) | {"parameters": {
                           name: sum(p.numel() for p in model.parameters()) for name, (model, _) in models.items()}}
+
+
+# ----------------------------------------------------------------------------- the served student (issue 21 §2)
+
+SERVED = "served student"
+SERVED_DIR = "served"
+ONNX_EXTRA_HELP = "recipe: served student skipped: the ONNX export needs onnx, onnxruntime and onnxscript: pip install 'kdqa[onnx]'"
+
+
+def export_served_student(args, results: dict, stages: dict) -> dict | None:
+    """The best student (highest dev F1) exported with static int8 (`train.py export --quantize int8`,
+    calibrated on the first training questions) into OUTPUT_DIR/served, scored by ONNX Runtime on
+    the same dev questions as the stages; its eval_* files, report and model card are written
+    there. None, with one line naming the extra to install, where the ONNX libraries are absent."""
+    if missing_onnx_libraries():
+        logger.info(ONNX_EXTRA_HELP)
+        return None
+    students = [name for name in results if name != "teacher" and results[name].get("f1") is not None]
+    best = max(students, key=lambda name: results[name]["f1"])
+    window = Window.from_args(args)
+    splits = load_squad(train_file=args.train_file, validation_file=args.validation_file,
+                        dataset_name=args.dataset_name)
+    out = os.path.join(args.output_dir, SERVED_DIR)
+    export_model(stages[best].output_dir, out, quantize="int8",
+                 calibration=calibration_from_rows(splits["train"], DEFAULT_CALIBRATION_QUESTIONS, window))
+    dev = splits["validation"]
+    dev = dev.select(range(min(args.max_eval_samples or len(dev), len(dev))))
+    predictor = QAPredictor.load(out, quantize="int8", window=window, decoding=Decoding.from_args(args),
+                                 batch_size=args.per_device_eval_batch_size)
+    metrics, predictions, nbest = predictor.evaluate(dev)
+    write_prediction_outputs(out, "eval", predictions, nbest, metrics)
+    write_served_report_and_card(out, stages[best].output_dir, runtime="ONNX Runtime static int8")
+    logger.info("recipe: served student: %s exported to %s (ONNX Runtime int8): exact_match %.2f f1 %.2f on %d "
+                "dev questions", best, out, metrics["exact_match"], metrics["f1"], metrics["total"])
+    return {"source": best, "output_dir": out, "exact_match": metrics["exact_match"], "f1": metrics["f1"]}
+
+
+def served_predictor(args, served: dict):
+    """The served student as the speed test runs it: model_int8.onnx in ONNX Runtime."""
+    return QAPredictor.load(served["output_dir"], quantize="int8", window=Window.from_args(args),
+                            decoding=Decoding.from_args(args))
+
+
+def served_row(served: dict, speed: dict, args) -> dict:
+    """The table's row of the served student: its own F1 and speed, the parameters of its source."""
+    return {"label": f"served student (ONNX Runtime int8, from the {served['source']})",
+            "exact_match": served["exact_match"], "f1": served["f1"],
+            "parameters": speed["parameters"][served["source"]], "ms_per_question": speed[SERVED]["ms_per_question"],
+            "speedup": speed["teacher"]["ms_per_question"] / speed[SERVED]["ms_per_question"]}
 
 
 # ----------------------------------------------------------------------------- the table and the plot

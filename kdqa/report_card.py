@@ -148,7 +148,8 @@ def render_report(report: dict) -> str:
                      f"{agreement['same_answer']:.2f} %, F1 between the answers {agreement['answer_f1']:.2f}")
     if report.get("int8"):
         i8 = report["int8"]
-        lines.append(f"- served int8 ({i8['runtime']}): F1 {_score(i8.get('f1'))}, drop {i8.get('f1_drop', 0):+.2f} F1")
+        lines.append(f"- served int8 ({i8['runtime']}): F1 {_score(i8.get('f1'))}, int8 drop {i8.get('f1_drop', 0):+.2f} F1 "
+                     "against the PyTorch model")
     if report.get("speed"):
         sp = report["speed"]
         lines.append(f"- CPU ms/question: {sp['ms_per_question']:.1f} ({sp['threads']} threads, one at a time)")
@@ -226,6 +227,36 @@ def write_run_report_and_card(args, **facts) -> dict:
     return report
 
 
+# ----------------------------------------------------------------------------- the served (int8) model
+
+def int8_drop(int8_results: dict, model_results: dict, runtime: str) -> dict:
+    """The int8 export's scores and what int8 cost: its EM/F1 minus the PyTorch model's, on the same questions."""
+    return {"runtime": runtime, "exact_match": int8_results.get("exact_match"), "f1": int8_results.get("f1"),
+            "f1_drop": round(int8_results["f1"] - model_results["f1"], 2),
+            "exact_match_drop": round(int8_results["exact_match"] - model_results["exact_match"], 2)}
+
+
+def write_served_report_and_card(served_dir: str, source_dir: str, runtime: str) -> dict:
+    """An exported folder scored on the dev questions (its eval_results.json): its report and model card,
+    the source run's report (objective, data, training) with the int8 scores and the int8 drop."""
+    served = read_json_if_present(os.path.join(served_dir, "eval_results.json"))
+    source = read_json_if_present(os.path.join(source_dir, "eval_results.json"))
+    report = dict(read_json_if_present(os.path.join(source_dir, "report.json")) or {})
+    report.setdefault("objective", {"terms": [], "formula": "n/a (no report.json in the source folder)"})
+    report.setdefault("model", source_dir)
+    report.update(command="export --quantize int8", output_dir=os.path.abspath(served_dir),
+                  scores={"exact_match": served.get("exact_match"), "f1": served.get("f1")},
+                  int8=int8_drop(served, source, runtime),
+                  extra_rows=[{"label": f"PyTorch fp32 ({os.path.basename(os.path.normpath(source_dir))})",
+                               "exact_match": source.get("exact_match"), "f1": source.get("f1")}])
+    report.setdefault("data", {})
+    report.setdefault("training", {})
+    write_report(served_dir, report)
+    write_model_card(served_dir, report, model_name=os.path.basename(os.path.normpath(os.path.abspath(served_dir))),
+                     base_model=report["model"])
+    return report
+
+
 # ----------------------------------------------------------------------------- the recipe's report
 
 def recipe_report(rows: dict, stage_dirs: dict[str, str], *, threads: int, speed_questions: int,
@@ -248,6 +279,8 @@ def recipe_report(rows: dict, stage_dirs: dict[str, str], *, threads: int, speed
             stage_report = read_json_if_present(os.path.join(stage_dir, "report.json")) or {}
             entry["objective"] = stage_report.get("objective")
             entry["data"], entry["training"] = stage_report.get("data"), stage_report.get("training")
+            if stage_report.get("int8"):
+                entry["int8"] = stage_report["int8"]
         models[name] = entry
     return {"models": models, "speed_test": {"questions": speed_questions, "threads": threads, "device": "cpu"},
             "elapsed_s": round(elapsed_s, 1)}
@@ -268,6 +301,10 @@ def render_recipe_report(report: dict) -> str:
                  "" if not agreement else f"{agreement['answer_f1']:.2f}",
                  f"{entry['ms_per_question']:.1f}", f"{entry['speedup']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
+    drops = [f"- int8 drop of the {entry['label']}: {entry['int8']['f1_drop']:+.2f} F1, "
+             f"{entry['int8']['exact_match_drop']:+.2f} EM against its PyTorch model"
+             for entry in report["models"].values() if entry.get("int8")]
+    lines += [""] + drops if drops else []
     lines += ["", f"Speed: {sp['questions']} dev questions answered one at a time on the CPU with {sp['threads']} "
               f"threads. Whole recipe: {report['elapsed_s'] / 60:.1f} minutes.", ""]
     for entry in report["models"].values():

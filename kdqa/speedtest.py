@@ -23,6 +23,9 @@ from kdqa.inference import QAPredictor, TorchRunner
 from kdqa.postprocess import Decoding, answer_texts
 
 
+CROSS_RUNTIME_TURN = 20  # turns when ONNX Runtime and PyTorch models take turns (see the docstring)
+
+
 def _fresh_stats() -> dict:
     return {"wall_s": 0.0, "features_s": 0.0, "predict_s": 0.0, "decode_s": 0.0, "features": 0, "answers": {}}
 
@@ -74,17 +77,20 @@ def answer_in_turns(predictors: dict[str, QAPredictor], rows: list[dict], *, war
 
 
 def speed_test(models: dict, examples, num_questions: int, *, window: Window = Window(),
-               decoding: Decoding = Decoding(), warmup: int = 2, device: str = "cpu", progress: bool = True) -> dict:
+               decoding: Decoding = Decoding(), warmup: int = 2, device: str = "cpu", progress: bool = True,
+               ready: dict[str, QAPredictor] | None = None) -> dict:
     """{name: {"ms_per_question", "questions", "wall_s"}} for models = {name: (model, tokenizer)}.
 
     `examples` are flat SQuAD rows (a datasets.Dataset or a list of dicts); the first
-    `num_questions` of them are answered, one at a time.
+    `num_questions` of them are answered, one at a time. `ready`: predictors timed beside
+    them (the recipe's ONNX Runtime int8 student); with them, turns of 20 questions (another runtime).
     """
     rows = [examples[i] for i in range(min(num_questions, len(examples)))]
     predictors = {
         name: QAPredictor(TorchRunner(model.to(device).eval(), device), tokenizer, window, decoding, description=name)
         for name, (model, tokenizer) in models.items()
-    }
-    stats = answer_in_turns(predictors, rows, warmup=warmup, progress_every=100 if progress else 0)
+    } | (ready or {})
+    stats = answer_in_turns(predictors, rows, warmup=warmup, progress_every=100 if progress else 0,
+                            turn_size=CROSS_RUNTIME_TURN if ready else 1)
     return {name: {"ms_per_question": 1000.0 * s["wall_s"] / len(rows), "questions": len(rows),
                    "wall_s": s["wall_s"]} for name, s in stats.items()}

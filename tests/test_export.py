@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import train as train_py
-from kdqa.export import ExportError, _LogitsOnly, export_model, max_logit_difference, sample_inputs
+from kdqa.export import ExportError, _LogitsOnly, calibration_from_rows, export_model, max_logit_difference, sample_inputs
 from kdqa.features import Window
 from kdqa.inference import ONNX_FILE, ONNX_INT8_FILE, OnnxRunner, QAPredictor, TorchRunner
 from kdqa.modeling import load_qa_model, load_tokenizer
-from tiny_models import make_model_folder, make_name_task, tiny_bert_config
+from tiny_models import FILLER, make_model_folder, make_name_task, tiny_bert_config, write_squad
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +24,20 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(model_dir, tmp_path_factory):
+def train_file(tmp_path_factory):
+    return write_squad(str(tmp_path_factory.mktemp("calibration") / "train.json"), make_name_task(40, seed=5))
+
+
+@pytest.fixture(scope="module")
+def exported(model_dir, train_file, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("onnx") / "exported")
-    assert train_py.main(["export", "--model_name_or_path", model_dir, "--output_dir", out, "--quantize", "int8"]) == 0
+    assert train_py.main(["export", "--model_name_or_path", model_dir, "--output_dir", out, "--quantize", "int8",
+                          "--train_file", train_file, "--calibration_questions", "30", "--max_seq_length", "64", "--doc_stride", "32"]) == 0
     return out
+
+
+def _calibration(n=30):
+    return calibration_from_rows(make_name_task(40, seed=5), n, Window(max_seq_length=64, doc_stride=32))
 
 
 def test_export_writes_models_and_tokenizer(exported):
@@ -134,7 +144,8 @@ def test_int8_is_quantised_from_onnx_runtimes_fused_graph(exported):
     """model.onnx stays plain ONNX; model_int8.onnx carries ONNX Runtime's fusions; no intermediate is kept."""
     plain, int8 = _op_types(os.path.join(exported, ONNX_FILE)), _op_types(os.path.join(exported, ONNX_INT8_FILE))
     assert "SkipLayerNormalization" not in plain and "LayerNormalization" in plain
-    assert "SkipLayerNormalization" in int8 and "MatMulInteger" in int8
+    assert "SkipLayerNormalization" in int8 and "QuantizeLinear" in int8 and "DequantizeLinear" in int8
+    assert "DynamicQuantizeLinear" not in int8, "static int8: activation scales are constants, not computed per batch"
     assert set(os.listdir(exported)) >= {ONNX_FILE, ONNX_INT8_FILE}
     assert not [n for n in os.listdir(exported) if n.endswith(".onnx") and n not in (ONNX_FILE, ONNX_INT8_FILE)]
 
@@ -148,16 +159,16 @@ def test_int8_falls_back_to_the_plain_graph_when_the_optimizer_fails(model_dir, 
     monkeypatch.setattr(ort_optimizer, "optimize_model", broken)
     out = tmp_path / "fallback"
     with caplog.at_level("WARNING", logger="kdqa"):
-        result = export_model(model_dir, str(out), quantize="int8")
+        result = export_model(model_dir, str(out), quantize="int8", calibration=_calibration())
     assert "optimizer failed (unsupported pattern)" in caplog.text
     int8 = _op_types(os.path.join(out, ONNX_INT8_FILE))
-    assert "MatMulInteger" in int8 and "SkipLayerNormalization" not in int8
+    assert "QuantizeLinear" in int8 and "SkipLayerNormalization" not in int8
     assert np.isfinite(result["int8_max_abs_diff"])
 
 
 def test_reexport_without_int8_removes_the_previous_int8_model(model_dir, tmp_path):
     out = tmp_path / "reexport"
-    export_model(model_dir, str(out), quantize="int8")
+    export_model(model_dir, str(out), quantize="int8-dynamic")
     assert (out / ONNX_INT8_FILE).exists()
     export_model(model_dir, str(out), quantize="none")
     assert (out / ONNX_FILE).exists() and not (out / ONNX_INT8_FILE).exists(), "no stale int8 model beside the new one"
@@ -169,8 +180,6 @@ def test_serve_onnx_example_answers_the_export_like_train_py_predict(exported, t
     import importlib.util
     import json
     import pathlib
-
-    from tiny_models import FILLER, write_squad
 
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "serve_onnx_example.py"
     spec = importlib.util.spec_from_file_location("serve_onnx_example", path)
@@ -185,3 +194,62 @@ def test_serve_onnx_example_answers_the_export_like_train_py_predict(exported, t
                           "--output_dir", str(tmp_path / "predict"), *window]) == 0
     expected = json.loads((tmp_path / "predict" / "predict_predictions.json").read_text())
     assert json.loads((tmp_path / "answers.json").read_text()) == expected
+
+
+def _padded_questions(n=64, seed=11):
+    """Questions whose contexts differ much in length: in one batch of 64 most rows are padding-heavy."""
+    examples = make_name_task(n, seed=seed)
+    for i in range(0, n, 4):
+        examples[i] = dict(examples[i], context=" ".join(FILLER[: 10 + i % 40]) + " " + examples[i]["context"])
+    return examples
+
+
+def _batch_64_and_batch_1_answers(folder):
+    examples = _padded_questions()
+    batched = QAPredictor.load(folder, quantize="int8", window=Window(64, 32), batch_size=64)
+    single = QAPredictor.load(folder, quantize="int8", window=Window(64, 32), batch_size=1)
+    together = {q: (a.text, a.start) for q, a in batched.predict(examples)[0].items()}
+    alone = {q: (a.text, a.start) for q, a in single.predict(examples)[0].items()}
+    return together, alone
+
+
+def test_int8_answers_do_not_depend_on_the_batch(exported):
+    """Static int8 (calibrated scales): a question's answer in a padded batch of 64 is its answer alone.
+    Dynamic int8 fails this: its activation scale is taken over the whole padded batch."""
+    together, alone = _batch_64_and_batch_1_answers(exported)
+    assert together == alone
+
+
+def test_dynamic_int8_is_kept_and_named_batch_dependent(model_dir, tmp_path):
+    out = tmp_path / "dynamic"
+    export_model(model_dir, str(out), quantize="int8-dynamic")
+    assert "DynamicQuantizeLinear" in _op_types(os.path.join(out, ONNX_INT8_FILE))
+
+
+def test_int8_without_calibration_data_names_the_flag(model_dir, tmp_path, capsys):
+    out = tmp_path / "nocal"
+    assert train_py.main(["export", "--model_name_or_path", model_dir, "--output_dir", str(out), "--quantize", "int8"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--train_file" in err[0] and "int8-dynamic" in err[0]
+    assert not out.exists()
+    with pytest.raises(ExportError, match="--train_file"):
+        export_model(model_dir, str(out), quantize="int8")
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_bad_calibration_questions_are_refused_in_one_line(model_dir, train_file, tmp_path, capsys, value):
+    out = tmp_path / "bad"
+    assert train_py.main(["export", "--model_name_or_path", model_dir, "--output_dir", str(out), "--quantize", "int8",
+                          "--train_file", train_file, "--calibration_questions", value]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--calibration_questions must be at least 1, got {value}" in err[0]
+    assert not out.exists()
+
+
+def test_calibration_questions_not_a_number_and_a_missing_train_file(model_dir, tmp_path, capsys):
+    assert train_py.main(["export", "--model_name_or_path", model_dir, "--output_dir", str(tmp_path / "x"),
+                          "--quantize", "int8", "--train_file", "t.json", "--calibration_questions", "many"]) == 2
+    assert "--calibration_questions: invalid int value: 'many'" in capsys.readouterr().err
+    assert train_py.main(["export", "--model_name_or_path", model_dir, "--output_dir", str(tmp_path / "x"),
+                          "--quantize", "int8", "--train_file", str(tmp_path / "absent.json")]) != 0
+    assert "absent.json: no such file" in capsys.readouterr().err

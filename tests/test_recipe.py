@@ -195,6 +195,13 @@ def test_offline_recipe_end_to_end_interrupted_and_resumed(offline, checkout, tm
     assert rows["student"]["parameters"] < rows["teacher"]["parameters"]
     assert all(row["ms_per_question"] > 0 for row in rows.values()) and saved["speed_test"]["questions"] == 4
     assert (out / "recipe_results.png").stat().st_size > 0
+    # The served student: the best student exported with static int8, its own F1, its int8 drop in the cards.
+    served = json.loads((out / "served" / "eval_results.json").read_text())
+    assert rows["served student"]["f1"] == served["f1"] and "served student (ONNX Runtime int8" in table
+    source = max(("student", "distilled student"), key=lambda n: results[n]["f1"])
+    report = json.loads((out / "served" / "report.json").read_text())
+    assert report["int8"]["f1_drop"] == round(served["f1"] - results[source]["f1"], 2)
+    assert "int8 drop" in (out / "served" / "README.md").read_text() and "int8 drop" in (out / "report.md").read_text()
     # The preset applied where no flag was given, and kept the flags that were.
     student_args = json.loads((out / "student" / "training_args.json").read_text())
     assert student_args["learning_rate"] == recipe.CPU_PRESET["learning_rate"]

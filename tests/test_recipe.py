@@ -213,14 +213,6 @@ def test_offline_recipe_end_to_end_interrupted_and_resumed(offline, checkout, tm
 
 # --------------------------------------------------------------------------- moved from test_trainer.py (issue 23)
 
-@pytest.fixture(scope="module")
-def name_task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task")
-    train = write_squad(str(root / "train.json"), make_name_task(400, seed=1, prefix="t"))
-    dev = write_squad(str(root / "dev.json.gz"), make_name_task(60, seed=2, prefix="d"))
-    return {"root": root, "train": train, "dev": dev}
-
-
 def _loss_records(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if "loss" in r]

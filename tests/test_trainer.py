@@ -11,15 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdqa.config import parse_args
-from tiny_models import make_model_folder, make_name_task, make_tokenizer, tiny_bert_config, write_squad
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task")
-    train = write_squad(str(root / "train.json"), make_name_task(400, seed=1, prefix="t"))
-    dev = write_squad(str(root / "dev.json.gz"), make_name_task(60, seed=2, prefix="d"))
-    return {"root": root, "train": train, "dev": dev}
+from tiny_models import make_model_folder, make_name_task, make_tokenizer, tiny_bert_config
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +24,12 @@ def model_dir_nodrop(tmp_path_factory):
     return make_model_folder(str(tmp_path_factory.mktemp("bert0")), tiny_bert_config(dropout=0.0))
 
 
-def run(command, task, out, *extra, interrupt=None):
+def run(command, name_task, out, *extra, interrupt=None):
     """Parse flags exactly as train.py does, then train in-process; `interrupt` stops the run right
     after its first checkpoint at or after that step, as a crash would."""
     import kdqa.trainer as trainer
 
-    argv = [command, "--train_file", task["train"], "--validation_file", task["dev"], "--output_dir", str(out),
+    argv = [command, "--train_file", name_task["train"], "--validation_file", name_task["dev"], "--output_dir", str(out),
             "--max_seq_length", "64", "--doc_stride", "32", "--loss_impl", "torch", "--disable_tqdm",
             "--per_device_eval_batch_size", "32", *map(str, extra)]
     trainer.INTERRUPT_AFTER_STEP = interrupt
@@ -57,9 +49,9 @@ def final_params(out):
     return load_file(os.path.join(out, "model.safetensors"))
 
 
-def test_finetune_learns_the_synthetic_task_and_writes_outputs(task, model_dir, tmp_path):
+def test_finetune_learns_the_synthetic_task_and_writes_outputs(name_task, model_dir, tmp_path):
     out = tmp_path / "ft"
-    results = run("finetune", task, out, "--model_name_or_path", model_dir, "--learning_rate", "2e-3",
+    results = run("finetune", name_task, out, "--model_name_or_path", model_dir, "--learning_rate", "2e-3",
                   "--per_device_train_batch_size", "16", "--num_train_epochs", "10", "--logging_steps", "5",
                   "--warmup_ratio", "0.1", "--save_steps", "0")
     train_log, eval_log = read_metrics(out)
@@ -101,7 +93,7 @@ def test_finetune_learns_the_synthetic_task_and_writes_outputs(task, model_dir, 
 trained_dirs = {}
 
 
-def test_saved_model_answers_through_the_transformers_pipeline(task, model_dir, tmp_path):
+def test_saved_model_answers_through_the_transformers_pipeline(name_task, model_dir, tmp_path):
     from transformers import pipeline
 
     out = trained_dirs.get("finetuned")
@@ -118,7 +110,7 @@ def test_saved_model_answers_through_the_transformers_pipeline(task, model_dir, 
     assert answer["answer"].strip() == example["answers"]["text"][0]
 
 
-def test_distill_calls_fused_loss_with_nonzero_kd(task, model_dir, tmp_path, monkeypatch):
+def test_distill_calls_fused_loss_with_nonzero_kd(name_task, model_dir, tmp_path, monkeypatch):
     import kdqa.objective as objective  # the span term of the trainer's loss
 
     calls = []
@@ -133,7 +125,7 @@ def test_distill_calls_fused_loss_with_nonzero_kd(task, model_dir, tmp_path, mon
     teacher = tmp_path / "teacher"
     make_model_folder(str(teacher), tiny_bert_config(), seed=3)
     out = tmp_path / "kd"
-    run("distill", task, out, "--teacher_model_name_or_path", teacher, "--model_name_or_path", model_dir,
+    run("distill", name_task, out, "--teacher_model_name_or_path", teacher, "--model_name_or_path", model_dir,
         "--max_steps", "4", "--max_train_samples", "64", "--loss_impl", "triton", "--logging_steps", "1",
         "--eval_strategy", "no")
     assert len(calls) == 4 and all(impl == "triton" and has_teacher for impl, has_teacher, _ in calls)
@@ -142,13 +134,13 @@ def test_distill_calls_fused_loss_with_nonzero_kd(task, model_dir, tmp_path, mon
     assert all(r["kd"] > 0 for r in train_log)
 
 
-def test_distill_with_alpha_kd_zero_matches_finetune_step_for_step(task, model_dir, tmp_path):
+def test_distill_with_alpha_kd_zero_matches_finetune_step_for_step(name_task, model_dir, tmp_path):
     teacher = tmp_path / "teacher"
     make_model_folder(str(teacher), tiny_bert_config(), seed=4)
     common = ["--model_name_or_path", model_dir, "--max_steps", "6", "--max_train_samples", "64",
               "--logging_steps", "1", "--eval_strategy", "no", "--per_device_train_batch_size", "8"]
-    run("finetune", task, tmp_path / "ft", *common)
-    run("distill", task, tmp_path / "kd", *common, "--teacher_model_name_or_path", teacher, "--alpha_ce", "1.0",
+    run("finetune", name_task, tmp_path / "ft", *common)
+    run("distill", name_task, tmp_path / "kd", *common, "--teacher_model_name_or_path", teacher, "--alpha_ce", "1.0",
         "--alpha_kd", "0.0")
     ft, _ = read_metrics(tmp_path / "ft")
     kd, _ = read_metrics(tmp_path / "kd")
@@ -157,14 +149,14 @@ def test_distill_with_alpha_kd_zero_matches_finetune_step_for_step(task, model_d
     assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
 
 
-def test_gradient_accumulation_4x8_matches_1x32(task, model_dir_nodrop, tmp_path):
+def test_gradient_accumulation_4x8_matches_1x32(name_task, model_dir_nodrop, tmp_path):
     # Adam turns float-rounding noise in near-zero gradients into full-size updates (m / sqrt(v) ~ 1);
     # a larger epsilon keeps the comparison about the gradients, which is what accumulation changes.
     common = ["--adam_epsilon", "1e-4", "--model_name_or_path", model_dir_nodrop, "--max_steps", "4", "--max_train_samples", "200",
               "--logging_steps", "1", "--eval_strategy", "no", "--learning_rate", "1e-3", "--save_steps", "0"]
-    run("finetune", task, tmp_path / "acc", *common, "--per_device_train_batch_size", "8",
+    run("finetune", name_task, tmp_path / "acc", *common, "--per_device_train_batch_size", "8",
         "--gradient_accumulation_steps", "4")
-    run("finetune", task, tmp_path / "big", *common, "--per_device_train_batch_size", "32")
+    run("finetune", name_task, tmp_path / "big", *common, "--per_device_train_batch_size", "32")
     acc, _ = read_metrics(tmp_path / "acc")
     big, _ = read_metrics(tmp_path / "big")
     assert [r["loss"] for r in acc] == pytest.approx([r["loss"] for r in big], rel=1e-5)
@@ -172,25 +164,25 @@ def test_gradient_accumulation_4x8_matches_1x32(task, model_dir_nodrop, tmp_path
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, worst
     # And it is not trivially equal: a different batch size gives different parameters.
-    run("finetune", task, tmp_path / "small", *common, "--per_device_train_batch_size", "8")
+    run("finetune", name_task, tmp_path / "small", *common, "--per_device_train_batch_size", "8")
     c = final_params(tmp_path / "small")
     assert max((c[k] - b[k]).abs().max().item() for k in c) > 1e-4
 
 
-def test_interrupted_and_resumed_run_ends_bit_for_bit_identical(task, model_dir, tmp_path):
+def test_interrupted_and_resumed_run_ends_bit_for_bit_identical(name_task, model_dir, tmp_path):
     # 40 examples, batch 8, accumulation 2: 3 optimizer steps an epoch (windows of 2, 2 and 1
     # micro-batches), so checkpoints land mid-epoch and at epoch ends; dropout is on.
     common = ["--model_name_or_path", model_dir, "--max_train_samples", "40", "--per_device_train_batch_size", "8",
               "--gradient_accumulation_steps", "2", "--num_train_epochs", "4", "--save_steps", "2",
               "--logging_steps", "1", "--eval_strategy", "no", "--learning_rate", "1e-3", "--warmup_ratio", "0.2"]
     full = tmp_path / "full"
-    run("finetune", task, full, *common)
+    run("finetune", name_task, full, *common)
     part = tmp_path / "part"
-    first = run("finetune", task, part, *common, interrupt=4)
+    first = run("finetune", name_task, part, *common, interrupt=4)
     assert first == {"interrupted_at_step": 4}
     assert "checkpoint-4" in os.listdir(part)
     assert not (part / "model.safetensors").exists()
-    run("finetune", task, part, *common, "--resume_from_checkpoint", "latest")
+    run("finetune", name_task, part, *common, "--resume_from_checkpoint", "latest")
     a, b = final_params(full), final_params(part)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     full_log, _ = read_metrics(full)
@@ -202,20 +194,20 @@ def test_interrupted_and_resumed_run_ends_bit_for_bit_identical(task, model_dir,
     assert names == ["checkpoint-10", "checkpoint-12"]
 
 
-def test_resume_refuses_a_checkpoint_of_another_run_shape(task, model_dir, tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_run_shape(name_task, model_dir, tmp_path):
     from kdqa.checkpoint import CheckpointError
 
     common = ["--model_name_or_path", model_dir, "--max_train_samples", "40", "--per_device_train_batch_size", "8",
               "--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no"]
-    run("finetune", task, tmp_path / "a", *common, interrupt=2)
+    run("finetune", name_task, tmp_path / "a", *common, interrupt=2)
     with pytest.raises(CheckpointError, match="--max_steps: now 6, in the checkpoint 4"):
-        run("finetune", task, tmp_path / "a", *common[:-6], "--max_steps", "6", "--save_steps", "2",
+        run("finetune", name_task, tmp_path / "a", *common[:-6], "--max_steps", "6", "--save_steps", "2",
             "--eval_strategy", "no", "--resume_from_checkpoint", "latest")
     with pytest.raises(FileExistsError, match="resume_from_checkpoint latest"):
-        run("finetune", task, tmp_path / "a", *common)
+        run("finetune", name_task, tmp_path / "a", *common)
 
 
-def test_non_finite_loss_stops_naming_the_step(task, model_dir, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_naming_the_step(name_task, model_dir, tmp_path, monkeypatch):
     import kdqa.objective as objective  # the span term of the trainer's loss
     import kdqa.trainer as trainer
     from kdqa.loss import QALoss
@@ -232,19 +224,19 @@ def test_non_finite_loss_stops_naming_the_step(task, model_dir, tmp_path, monkey
 
     monkeypatch.setattr(objective, "qa_distillation_loss", poisoned)
     with pytest.raises(trainer.NonFiniteLossError, match="at optimizer step 3"):
-        run("finetune", task, tmp_path / "nan", "--model_name_or_path", model_dir, "--max_train_samples", "64",
+        run("finetune", name_task, tmp_path / "nan", "--model_name_or_path", model_dir, "--max_train_samples", "64",
             "--per_device_train_batch_size", "8", "--max_steps", "6", "--logging_steps", "1",
             "--eval_strategy", "no")
     assert not (tmp_path / "nan" / "model.safetensors").exists()
 
 
-def test_student_layers_carry_the_teacher_weights(task, tmp_path):
+def test_student_layers_carry_the_teacher_weights(name_task, tmp_path):
     from kdqa.trainer import load_student_and_teacher
 
     teacher = make_model_folder(str(tmp_path / "t"), tiny_bert_config(layers=4), seed=5)
     args = parse_args(["distill", "--teacher_model_name_or_path", teacher, "--student_layers", "0,2,3",
-                       "--output_dir", str(tmp_path / "o"), "--train_file", task["train"],
-                       "--validation_file", task["dev"]])
+                       "--output_dir", str(tmp_path / "o"), "--train_file", name_task["train"],
+                       "--validation_file", name_task["dev"]])
     student, teacher_model, _ = load_student_and_teacher(args, None)
     assert student.config.num_hidden_layers == 3
     t_state, s_state = teacher_model.state_dict(), student.state_dict()
@@ -258,7 +250,7 @@ def test_student_layers_carry_the_teacher_weights(task, tmp_path):
     assert torch.equal(s_state["qa_outputs.weight"], t_state["qa_outputs.weight"])
 
 
-def test_teacher_and_student_must_share_a_vocabulary(task, model_dir, tmp_path):
+def test_teacher_and_student_must_share_a_vocabulary(name_task, model_dir, tmp_path):
     from transformers import BertConfig
 
     other = tmp_path / "other"
@@ -267,42 +259,42 @@ def test_teacher_and_student_must_share_a_vocabulary(task, model_dir, tmp_path):
     tok.add_tokens(["zzz"])
     tok.save_pretrained(str(other))
     with pytest.raises(ValueError, match="do not share a tokenizer vocabulary"):
-        run("distill", task, tmp_path / "o", "--teacher_model_name_or_path", other, "--model_name_or_path",
+        run("distill", name_task, tmp_path / "o", "--teacher_model_name_or_path", other, "--model_name_or_path",
             model_dir, "--max_steps", "1")
     assert BertConfig  # imported for the config class the folder uses
 
 
-def test_distill_from_teacher_cache_gives_the_online_losses(task, model_dir, tmp_path):
+def test_distill_from_teacher_cache_gives_the_online_losses(name_task, model_dir, tmp_path):
     teacher = tmp_path / "teacher"
     make_model_folder(str(teacher), tiny_bert_config(), seed=7)
     common = ["--teacher_model_name_or_path", teacher, "--model_name_or_path", model_dir, "--max_steps", "5",
               "--max_train_samples", "64", "--logging_steps", "1", "--eval_strategy", "no",
               "--per_device_train_batch_size", "8"]
-    run("distill", task, tmp_path / "online", *common)
+    run("distill", name_task, tmp_path / "online", *common)
     cache_dir = tmp_path / "cache"
-    run("distill", task, tmp_path / "cached", *common, "--teacher_logits_cache", cache_dir)
+    run("distill", name_task, tmp_path / "cached", *common, "--teacher_logits_cache", cache_dir)
     online, _ = read_metrics(tmp_path / "online")
     cached, _ = read_metrics(tmp_path / "cached")
     assert [r["kd"] for r in cached] == pytest.approx([r["kd"] for r in online], rel=2e-3, abs=1e-5)
     assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in online], rel=2e-3)
     assert len(os.listdir(cache_dir)) == 1
     # A second run reuses the cache (same fingerprint) and gives the same losses again.
-    run("distill", task, tmp_path / "cached2", *common, "--teacher_logits_cache", cache_dir)
+    run("distill", name_task, tmp_path / "cached2", *common, "--teacher_logits_cache", cache_dir)
     again, _ = read_metrics(tmp_path / "cached2")
     assert [r["loss"] for r in again] == [r["loss"] for r in cached]
     assert len(os.listdir(cache_dir)) == 1
 
 
-def test_group_by_length_trains(task, model_dir, tmp_path):
-    results = run("finetune", task, tmp_path / "g", "--model_name_or_path", model_dir, "--max_train_samples", "64",
+def test_group_by_length_trains(name_task, model_dir, tmp_path):
+    results = run("finetune", name_task, tmp_path / "g", "--model_name_or_path", model_dir, "--max_train_samples", "64",
                   "--per_device_train_batch_size", "8", "--num_train_epochs", "1", "--group_by_length")
     assert results["global_step"] == 8 and "f1" in results
 
 
-def test_evaluate_command_writes_results(task, model_dir, tmp_path, capsys):
+def test_evaluate_command_writes_results(name_task, model_dir, tmp_path, capsys):
     from kdqa.inference import evaluate_command as evaluate
 
-    args = parse_args(["evaluate", "--model_name_or_path", model_dir, "--validation_file", task["dev"],
+    args = parse_args(["evaluate", "--model_name_or_path", model_dir, "--validation_file", name_task["dev"],
                        "--output_dir", str(tmp_path / "ev"), "--max_seq_length", "64", "--doc_stride", "32",
                        "--disable_tqdm"])
     metrics = evaluate(args)
@@ -345,7 +337,7 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         return next((f"{f.filename}:{f.lineno}" for f in frames if f"{os.sep}torch{os.sep}" not in f.filename), "?")
 
 
-def test_distillation_step_from_the_cache_never_waits_for_the_device(task, model_dir, tmp_path):
+def test_distillation_step_from_the_cache_never_waits_for_the_device(name_task, model_dir, tmp_path):
     """Issue 13.3: with cached teacher logits, the collator hands them over with the batch, so the
     step (forward, loss, backward, optimizer step) copies nothing back to the host."""
     import kdqa.trainer as trainer
@@ -355,8 +347,8 @@ def test_distillation_step_from_the_cache_never_waits_for_the_device(task, model
     common = ["--teacher_model_name_or_path", teacher, "--model_name_or_path", model_dir, "--max_steps", "1",
               "--max_train_samples", "16", "--eval_strategy", "no", "--per_device_train_batch_size", "4",
               "--teacher_logits_cache", str(tmp_path / "cache")]
-    run("distill", task, tmp_path / "build", *common)  # builds the cache on the CPU
-    argv = ["distill", "--train_file", task["train"], "--validation_file", task["dev"], "--output_dir",
+    run("distill", name_task, tmp_path / "build", *common)  # builds the cache on the CPU
+    argv = ["distill", "--train_file", name_task["train"], "--validation_file", name_task["dev"], "--output_dir",
             str(tmp_path / "meta"), "--max_seq_length", "64", "--doc_stride", "32", "--loss_impl", "torch",
             "--disable_tqdm", *map(str, common)]
     args = parse_args(argv)
@@ -400,12 +392,12 @@ def test_loss_modules_are_trained_with_the_student(model_dir, tmp_path, monkeypa
     assert finetune.loss_weights == {"ce": 1.0, "kd": 0.0}  # finetune mode: no KD even with a teacher named
 
 
-def test_do_train_without_do_eval_needs_no_dev_set(task, model_dir, tmp_path):
+def test_do_train_without_do_eval_needs_no_dev_set(name_task, model_dir, tmp_path):
     """run_qa.py's --do_train alone: no --validation_file, no evaluation, the model is still saved."""
     import kdqa.trainer as trainer
 
     out = tmp_path / "train_only"
-    args = parse_args(["finetune", "--do_train", "--train_file", task["train"], "--model_name_or_path", model_dir,
+    args = parse_args(["finetune", "--do_train", "--train_file", name_task["train"], "--model_name_or_path", model_dir,
                        "--output_dir", str(out), "--max_seq_length", "64", "--doc_stride", "32", "--loss_impl",
                        "torch", "--disable_tqdm", "--max_steps", "2"])
     assert args.validation_file is None and args.eval_strategy == "no"
@@ -414,9 +406,9 @@ def test_do_train_without_do_eval_needs_no_dev_set(task, model_dir, tmp_path):
     assert os.path.exists(out / "model.safetensors") and not os.path.exists(out / "eval_predictions.json")
 
 
-def test_eval_strategy_end_scores_once_after_the_last_step(task, model_dir, tmp_path):
+def test_eval_strategy_end_scores_once_after_the_last_step(name_task, model_dir, tmp_path):
     out = tmp_path / "end"
-    results = run("finetune", task, out, "--model_name_or_path", model_dir, "--num_train_epochs", "2",
+    results = run("finetune", name_task, out, "--model_name_or_path", model_dir, "--num_train_epochs", "2",
                   "--eval_strategy", "end", "--logging_steps", "5")
     _, evals = read_metrics(out)
     assert [r["step"] for r in evals] == [results["global_step"]] and "f1" in results

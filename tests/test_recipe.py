@@ -4,6 +4,7 @@ defaults end to end, its outputs, and resuming an interrupted recipe. Tiny model
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -200,14 +201,17 @@ def test_offline_recipe_end_to_end_interrupted_and_resumed(offline, checkout, tm
     assert rows["served student"]["f1"] == served["f1"] and "served student (ONNX Runtime int8" in table
     source = max(("student", "distilled student"), key=lambda n: results[n]["f1"])
     report = json.loads((out / "served" / "report.json").read_text())
-    assert report["int8"]["f1_drop"] == round(served["f1"] - results[source]["f1"], 2)
-    assert "int8 drop" in (out / "served" / "README.md").read_text() and "int8 drop" in (out / "report.md").read_text()
+    assert report["int8"]["f1_drop"] == round(results[source]["f1"] - served["f1"], 2)  # PyTorch minus int8
+    drop = (f"int8 drop {results[source]['f1'] - served['f1']:.2f} F1 ({served['f1']:.2f} against "
+            f"{results[source]['f1']:.2f} in PyTorch)")
+    assert drop in (out / "served" / "README.md").read_text() and drop in (out / "report.md").read_text()
     # The preset applied where no flag was given, and kept the flags that were.
     student_args = json.loads((out / "student" / "training_args.json").read_text())
     assert student_args["learning_rate"] == recipe.CPU_PRESET["learning_rate"]
     assert student_args["max_seq_length"] == 64 and student_args["student_layers"] == "0,2,4"
 
-    with pytest.raises(ValueError, match=r"other settings \(--learning_rate 0\.0001 -> 0\.001\)"):
+    preset_lr = re.escape(repr(recipe.CPU_PRESET["learning_rate"]))
+    with pytest.raises(ValueError, match=rf"other settings \(--learning_rate {preset_lr} -> 0\.001\)"):
         recipe.run_recipe(parse_args(argv + ["--resume_from_checkpoint", "latest", "--learning_rate", "1e-3"]))
 
 
@@ -310,7 +314,7 @@ def test_the_estimate_counts_four_trainings_export_and_speed_test():
     seconds = recipe.stage_seconds(args)
     assert set(seconds) == {name for name, _ in recipe.STAGES} | {"export", "speed test"}
     assert seconds[recipe.HIDDEN_STAGE] > seconds["student"]  # the online teacher runs every step
-    assert 18 * 60 <= recipe.estimate_seconds(args) <= 24 * 60  # the preset's promise: about 22 minutes
+    assert 14 * 60 <= recipe.estimate_seconds(args) <= 18 * 60  # the preset's promise: about a quarter of an hour
 
 
 def test_online_hidden_row_uses_the_uniform_map_with_projections(tmp_path):

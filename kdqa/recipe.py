@@ -57,7 +57,7 @@ EMBEDDED_STUDENT_LAYERS = "0,2,4"
 # quality decides it: lr 2e-4 takes the 560-question teacher to 38-44 F1 (lr 1e-4: 27, 3e-4: 29;
 # seed 42 on these 500 dev questions), and the hidden-state student to 28-30 F1 against the
 # fine-tuned student's 12-13, over seeds 42-44 (benchmarks/RESULTS.md). Students train 2 epochs (3
-# would take about 16 minutes). 360 train questions left the teacher at 12-18 F1 and no row ahead.
+# would take about 16 minutes by the cost model below). 360 train questions left the teacher at 12-18 F1 and no row ahead.
 # Logits-only KD is level with fine-tuning at this size; it pays from a few thousand questions.
 # Each value applies only where its flag was left at its default.
 CPU_PRESET = {

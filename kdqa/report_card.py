@@ -233,17 +233,19 @@ def int8_drop(int8_results: dict, model_results: dict, runtime: str) -> dict:
     model's EM/F1 minus the int8 one's (negative where int8 scored higher)."""
     return {"runtime": runtime, "exact_match": int8_results.get("exact_match"), "f1": int8_results.get("f1"),
             "pytorch_exact_match": model_results["exact_match"], "pytorch_f1": model_results["f1"],
-            "f1_drop": round(model_results["f1"] - int8_results["f1"], 2) + 0.0,
-            "exact_match_drop": round(model_results["exact_match"] - int8_results["exact_match"], 2) + 0.0}
+            "f1_drop": _drop(model_results["f1"], int8_results["f1"]),
+            "exact_match_drop": _drop(model_results["exact_match"], int8_results["exact_match"])}
+
+
+def _drop(pytorch: float, int8: float) -> float:
+    return round(pytorch - int8, 2) or 0.0  # or 0.0: no "-0.00" when the two are equal
 
 
 def int8_drop_text(i8: dict) -> str:
     """"int8 drop 2.48 F1 (26.04 against 28.52 in PyTorch), 3.20 EM (...)": a drop is PyTorch minus
     int8 (a negative one is a gain); both scores are shown so the direction cannot be misread."""
     def side(key: str, name: str) -> str:
-        pytorch = i8.get(f"pytorch_{key}")
-        against = "" if pytorch is None else f" against {pytorch:.2f} in PyTorch"
-        return f"{i8[f'{key}_drop']:.2f} {name} ({i8[key]:.2f}{against})"
+        return f"{i8[f'{key}_drop']:.2f} {name} ({i8[key]:.2f} against {i8[f'pytorch_{key}']:.2f} in PyTorch)"
 
     return f"int8 drop {side('f1', 'F1')}, {side('exact_match', 'EM')}"
 

@@ -26,7 +26,9 @@ import sys
 
 import yaml
 
+from kdqa.dev_sample import DEFAULT_EVAL_SAMPLE, EVAL_SAMPLE_HELP, EVAL_SAMPLES
 from kdqa.postprocess import Decoding
+
 
 RECIPE_DEFAULTS = {
     "teacher_model_name_or_path": "bert-base-uncased",
@@ -127,7 +129,11 @@ def _add_data_args(p: argparse.ArgumentParser, training: bool = True) -> None:
     g.add_argument("--validation_file", default=None, help="local SQuAD v1.1 dev JSON (.json or .json.gz)")
     if training:
         g.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training questions")
-    g.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N evaluation questions")
+    g.add_argument("--max_eval_samples", type=int, default=None,
+                   help="score only N evaluation questions, chosen by --eval_sample")
+    g.add_argument("--eval_sample", choices=EVAL_SAMPLES, default=DEFAULT_EVAL_SAMPLE,
+                   help="which N questions --max_eval_samples (and the recipe's preset and speed test) takes: "
+                        + "; ".join(f"{k}: {v}" for k, v in EVAL_SAMPLE_HELP.items()))
     if training:
         g.add_argument("--preprocessing_num_workers", type=int, default=None, help="processes for tokenisation")
         g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes")
@@ -249,8 +255,9 @@ RUN_QA_DEFAULTS = {
 # Flags run_qa.py has too, with another meaning there (issue 24): kept as kdqa's, said in --help and README.
 RUN_QA_MEANINGS = {
     "max_train_samples": "kdqa cuts questions (all windows of the first N); run_qa.py cuts features (windows)",
-    "max_eval_samples": "kdqa cuts questions (all windows of the first N); run_qa.py cuts features (windows), "
-                        "which can leave questions without a window",
+    "max_eval_samples": "kdqa cuts questions (all windows of N questions spread over the file, or of the first N "
+                        "with --eval_sample first); run_qa.py cuts features (the first N windows), which can leave "
+                        "questions without a window",
     "do_eval": "with --do_train kdqa scores every epoch (--eval_strategy epoch); run_qa.py once at the end, "
                "which --eval_strategy end does",
 }
@@ -461,7 +468,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--full", action="store_true",
                    help="all of the data on the CPU too (without it, a CPU-only machine runs a ~15-minute preset)")
     g.add_argument("--speed_test_questions", type=int, default=None,
-                   help="dev questions of the speed test (default: 1000, or the CPU preset's 200)")
+                   help="dev questions of the speed test, chosen by --eval_sample (default: 1000, or the CPU preset's 100)")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

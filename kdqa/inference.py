@@ -33,6 +33,7 @@ import torch
 
 from .atomic_io import write_json_atomic
 from .data import load_squad, read_questions_file
+from .dev_sample import DEFAULT_EVAL_SAMPLE, take_sample
 from .features import QACollator, Window, prepare_eval_features
 from .metric import squad_v1_score
 from .modeling import ModelLoadError, forward_qa, load_qa_model, load_tokenizer, logits_over_features
@@ -365,7 +366,8 @@ def evaluate_command(args) -> dict:
     predictor = load_predictor(args)
     examples = load_squad(validation_file=args.validation_file, dataset_name=args.dataset_name,
                           splits=("validation",))["validation"]
-    examples = _first(examples, args.max_eval_samples)
+    examples, sample = take_sample(examples, args.max_eval_samples, getattr(args, "eval_sample", DEFAULT_EVAL_SAMPLE))
+    logger.info("dev set: %s", sample.text())
     metrics, predictions, nbest = predictor.evaluate(examples, progress=not args.disable_tqdm)
     write_prediction_outputs(args.output_dir, "eval", predictions, nbest, metrics)
     logger.info("%s: exact_match %.2f f1 %.2f on %d questions", predictor.description, metrics["exact_match"],

@@ -38,6 +38,7 @@ from kdqa import objective, run_dir
 from kdqa.checkpoint import list_checkpoints
 from kdqa.config import DEFAULT_CALIBRATION_QUESTIONS
 from kdqa.data import datasets_cache_dir, hub_dataset_cached, load_squad
+from kdqa.dev_sample import EVAL_SAMPLE_WORDS, take_sample
 from kdqa.export import calibration_from_rows, export_model, missing_onnx_libraries
 from kdqa.features import Window
 from kdqa.inference import QAPredictor, write_prediction_outputs
@@ -262,7 +263,8 @@ def apply_size(args, banner: list[str], defaults: dict) -> float | None:
             chosen.append(key)
     seconds = estimate_seconds(args)
     banner.append(
-        f"size: CPU preset ({args.max_train_samples} train / {args.max_eval_samples} dev questions, "
+        f"size: CPU preset ({args.max_train_samples} train / {args.max_eval_samples} dev questions "
+        f"({EVAL_SAMPLE_WORDS[args.eval_sample]}), "
         f"{args.max_seq_length} tokens, teacher {_epochs(args.teacher_num_train_epochs)}, students "
         f"{_epochs(args.num_train_epochs)}, lr {args.learning_rate:g}, speed test on {args.speed_test_questions} "
         f"questions): about {seconds / 60:.0f} minutes on 2 idle cores with the MiniLM models, because no CUDA "
@@ -440,7 +442,9 @@ def run_recipe(args: argparse.Namespace) -> dict:
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
     # Check both files before minutes of training, not after.
-    load_squad(train_file=args.train_file, validation_file=args.validation_file, dataset_name=args.dataset_name)
+    splits = load_squad(train_file=args.train_file, validation_file=args.validation_file, dataset_name=args.dataset_name)
+    dev_sample = take_sample(splits["validation"], args.max_eval_samples, args.eval_sample)[1]
+    logger.info("recipe: every model is scored on %s", dev_sample.text())
 
     stages = stage_arguments(args)
     resume = args.resume_from_checkpoint == "latest"
@@ -460,7 +464,7 @@ def run_recipe(args: argparse.Namespace) -> dict:
     rows = table_rows(results, speed, stages, args)
     if served:
         rows[SERVED] = served_row(served, speed, args)
-    table = format_table(rows, args)
+    table = format_table(rows, args, dev_sample)
     print(table)
     elapsed = time.perf_counter() - started
     with open(os.path.join(out, "recipe_results.md"), "w", encoding="utf-8") as f:
@@ -468,6 +472,7 @@ def run_recipe(args: argparse.Namespace) -> dict:
     write_json_atomic(os.path.join(out, "recipe_results.json"), {
         "models": rows, "speed_test": {"questions": args.speed_test_questions, "device": "cpu",
                                        "threads": torch.get_num_threads()},
+        "dev_sample": dev_sample.as_dict(),
         "settings": banner, "elapsed_s": round(elapsed, 1),
         "estimate_s": None if estimate is None else round(estimate, 1)})
     plot_results(rows, os.path.join(out, "recipe_results.png"))
@@ -488,7 +493,7 @@ def run_speed_test(args, stages: dict, served: dict | None = None) -> dict:
         if args.validation_file else load_squad(dataset_name=args.dataset_name, splits=("validation",))["validation"]
     models = {name: (load_qa_model(stages[name].output_dir, attn_implementation=args.attn_implementation),
                      load_tokenizer(stages[name].output_dir)) for name, _ in STAGES}
-    return speed_test(models, dev, args.speed_test_questions, window=Window.from_args(args),
+    return speed_test(models, dev, args.speed_test_questions, sample=args.eval_sample, window=Window.from_args(args),
                       decoding=Decoding.from_args(args), progress=not args.disable_tqdm,
                       ready={SERVED: served_predictor(args, served)} if served else None) | {"parameters": {
                           name: sum(p.numel() for p in model.parameters()) for name, (model, _) in models.items()}}
@@ -517,8 +522,7 @@ def export_served_student(args, results: dict, stages: dict) -> dict | None:
     out = os.path.join(args.output_dir, SERVED_DIR)
     export_model(stages[best].output_dir, out, quantize="int8",
                  calibration=calibration_from_rows(splits["train"], DEFAULT_CALIBRATION_QUESTIONS, window))
-    dev = splits["validation"]
-    dev = dev.select(range(min(args.max_eval_samples or len(dev), len(dev))))
+    dev = take_sample(splits["validation"], args.max_eval_samples, args.eval_sample)[0]
     predictor = QAPredictor.load(out, quantize="int8", window=window, decoding=Decoding.from_args(args),
                                  batch_size=args.per_device_eval_batch_size)
     metrics, predictions, nbest = predictor.evaluate(dev)
@@ -576,8 +580,9 @@ def _epochs(n: float) -> str:
     return f"{n:g} epoch" + ("" if n == 1 else "s")
 
 
-def format_table(rows: dict, args) -> str:
-    """The seed's table as Markdown: model, EM, F1, parameters, CPU ms per question, speed-up."""
+def format_table(rows: dict, args, dev_sample=None) -> str:
+    """The seed's table as Markdown: model, EM, F1, parameters, CPU ms per question, speed-up; under it,
+    which dev questions were scored and timed (kdqa.dev_sample)."""
     lines = [f"| model | EM | F1 | parameters | CPU ms/question ({args.speed_test_questions} questions, one at a "
              "time) | speed-up |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows.values():
@@ -585,6 +590,9 @@ def format_table(rows: dict, args) -> str:
         f1 = "n/a" if row["f1"] is None else f"{row['f1']:.2f}"
         lines.append(f"| {row['label']} | {em} | {f1} | {row['parameters'] / 1e6:.1f}M | "
                      f"{row['ms_per_question']:.1f} | {row['speedup']:.2f}x |")
+    if dev_sample is not None:
+        lines += ["", f"EM/F1 on {dev_sample.text()}; speed on {args.speed_test_questions} dev questions chosen "
+                        "the same way."]
     return "\n".join(lines)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 
+import yaml
+
 from .metric import f1_score, normalize_answer
 from .modeling import short_model_name
 from .atomic_io import write_json_atomic, write_text_atomic
@@ -142,10 +144,12 @@ def render_report(report: dict) -> str:
     lines.append("")
     if report.get("gap_closed") is not None:
         lines.append(f"- gap to the teacher closed against the fine-tuned student: {report['gap_closed']:.1f} %")
-    agreement = report.get("agreement_with_teacher")
-    if agreement:
-        lines.append(f"- agreement with the teacher on {agreement['questions']} dev questions: same answer "
-                     f"{agreement['same_answer']:.2f} %, F1 between the answers {agreement['answer_f1']:.2f}")
+    for key, whose in (("agreement_with_teacher", "this model's"),
+                       ("source_agreement_with_teacher", "the PyTorch fp32 model's it was exported from")):
+        agreement = report.get(key)
+        if agreement:
+            lines.append(f"- {whose} agreement with the teacher on {agreement['questions']} dev questions: same "
+                         f"answer {agreement['same_answer']:.2f} %, F1 between the answers {agreement['answer_f1']:.2f}")
     if report.get("int8"):
         i8 = report["int8"]
         lines.append(f"- served int8 ({i8['runtime']}): {int8_drop_text(i8)}")
@@ -166,9 +170,11 @@ def render_report(report: dict) -> str:
 
 
 def _facts(facts: dict) -> str:
-    """{"wall_time_s": 3.2, "epochs": 1} -> "wall time 3.2 s, epochs 1"."""
-    return ", ".join(f"{k[:-2].replace('_', ' ')} {v} s" if k.endswith("_s") else f"{k.replace('_', ' ')} {v}"
-                     for k, v in facts.items() if v is not None)
+    """{"wall_time_s": 3.2, "epochs": 1} -> "wall time 3.2 s, epochs 1"; a fact with a "text" (the dev
+    sample) by its text."""
+    return ", ".join(f"{k[:-2].replace('_', ' ')} {v} s" if k.endswith("_s")
+                     else f"{k.replace('_', ' ')}: {v['text']}" if isinstance(v, dict) and "text" in v
+                     else f"{k.replace('_', ' ')} {v}" for k, v in facts.items() if v is not None)
 
 
 def write_report(output_dir: str, report: dict, markdown: str | None = None) -> list[str]:
@@ -181,33 +187,50 @@ def write_report(output_dir: str, report: dict, markdown: str | None = None) -> 
 
 # ----------------------------------------------------------------------------- the model card
 
+def _card_metadata(report: dict, *, model_name: str, base_model: str | None, license_of_data: str) -> dict:
+    """The card's YAML front matter as data: dumped by yaml (any name, any character, stays valid
+    YAML and reads back as it was), with a model-index result only where there are scores."""
+    scores = report.get("scores") or {}
+    sample = (report.get("data") or {}).get("dev_sample") or {}
+    meta = {"library_name": "transformers", "pipeline_tag": "question-answering",
+            "tags": ["question-answering", "knowledge-distillation" if report.get("teacher") else "fine-tuned",
+                     "kdqa"],
+            "datasets": ["rajpurkar/squad"], "license": license_of_data}
+    if base_model and not os.path.isabs(base_model) and not os.path.exists(base_model):
+        meta["base_model"] = base_model
+    metrics = [{"type": key, "value": round(float(scores[key]), 2), "name": name}
+               for key, name in (("exact_match", "Exact match"), ("f1", "F1")) if scores.get(key) is not None]
+    if metrics:
+        dataset = {"type": "rajpurkar/squad", "name": "SQuAD v1.1", "split": sample.get("split", "validation")}
+        if sample.get("how") in ("spread", "first"):
+            dataset["name"] = f"SQuAD v1.1 ({sample['text']})"
+            dataset["args"] = {"questions": sample["questions"], "of": sample["of"], "sample": sample["how"]}
+        meta["model-index"] = [{"name": model_name, "results": [{
+            "task": {"type": "question-answering", "name": "Extractive question answering"},
+            "dataset": dataset, "metrics": metrics}]}]
+    return meta
+
+
 def model_card(report: dict, *, model_name: str, base_model: str | None, license_of_data: str = "cc-by-sa-4.0") -> str:
     """A Hugging Face hub model card (README.md): YAML front matter with model-index, then prose."""
+    meta = _card_metadata(report, model_name=model_name, base_model=base_model, license_of_data=license_of_data)
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1_000_000)
     scores = report.get("scores") or {}
-    front = ["---", "library_name: transformers", "pipeline_tag: question-answering", "tags:",
-             "- question-answering", "- knowledge-distillation" if report.get("teacher") else "- fine-tuned",
-             "- kdqa", "datasets:", "- rajpurkar/squad", f"license: {license_of_data}"]
-    if base_model and not os.path.isabs(base_model):
-        front.append(f"base_model: {base_model}")
-    front += ["model-index:", f"- name: {json.dumps(model_name)}", "  results:", "  - task:",
-              "      type: question-answering", "      name: Extractive question answering", "    dataset:",
-              "      type: rajpurkar/squad", "      name: SQuAD v1.1", "      split: validation", "    metrics:"]
-    for key, name in (("exact_match", "Exact match"), ("f1", "F1")):
-        if scores.get(key) is not None:
-            front += [f"    - type: {key}", f"      value: {scores[key]:.2f}", f"      name: {name}"]
-    front.append("---")
     teacher = report.get("teacher")
     how = f"distilled from the teacher `{short_model_name(teacher['model'])}`" if teacher else "fine-tuned"
     if base_model:
         how += f", starting from `{short_model_name(base_model)}`"
+    data = report.get("data") or {}
+    scored = (data.get("dev_sample") or {}).get("text") or f"{data.get('dev_questions', 'the')} dev questions"
     body = [f"# {model_name}", "",
             f"An extractive question-answering model (SQuAD v1.1), {how} with kdqa.", "",
             "## Scores", "",
-            f"SQuAD v1.1 dev, official metric, on {report['data'].get('dev_questions', 'the')} questions: "
-            f"EM {_score(scores.get('exact_match'))}, F1 {_score(scores.get('f1'))}.", "",
+            (f"SQuAD v1.1 dev, official metric, on {scored}: "
+             f"EM {_score(scores.get('exact_match'))}, F1 {_score(scores.get('f1'))}." if scores.get("f1") is not None
+             else "Not scored: the run evaluated no dev questions."), "",
             "## How it was trained", "", render_report(report).split("\n", 2)[2],
             "The data (SQuAD v1.1) is licensed CC BY-SA 4.0."]
-    return "\n".join(front) + "\n\n" + "\n".join(body) + "\n"
+    return "---\n" + front + "---\n\n" + "\n".join(body) + "\n"
 
 
 def write_model_card(model_dir: str, report: dict, *, model_name: str, base_model: str | None) -> str:
@@ -265,10 +288,24 @@ def write_served_report_and_card(served_dir: str, source_dir: str, runtime: str)
                                "exact_match": source.get("exact_match"), "f1": source.get("f1")}])
     report.setdefault("data", {})
     report.setdefault("training", {})
+    report["agreement_with_teacher"], report["source_agreement_with_teacher"] = _served_agreement(
+        served_dir, source_dir, report.get("teacher"))
     write_report(served_dir, report)
     write_model_card(served_dir, report, model_name=os.path.basename(os.path.normpath(os.path.abspath(served_dir))),
                      base_model=report["model"])
     return report
+
+
+def _served_agreement(served_dir: str, source_dir: str, teacher: dict | None) -> tuple[dict | None, dict | None]:
+    """(the served model's own agreement with the teacher, the fp32 source's): each model's figure is
+    computed from its own eval_predictions.json, never copied from the other's report."""
+    _, teacher_predictions = teacher_results((teacher or {}).get("model"))
+    if not teacher_predictions:
+        return None, None
+    ours = read_json_if_present(os.path.join(served_dir, "eval_predictions.json"))
+    source = read_json_if_present(os.path.join(source_dir, "eval_predictions.json"))
+    return (ours and answer_agreement(ours, teacher_predictions),
+            source and answer_agreement(source, teacher_predictions))
 
 
 # ----------------------------------------------------------------------------- the recipe's report

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from kdqa.dev_sample import DEFAULT_EVAL_SAMPLE, sample_indices
 from kdqa.features import Window
 from kdqa.inference import QAPredictor, TorchRunner
 from kdqa.postprocess import Decoding, answer_texts
@@ -76,16 +77,17 @@ def answer_in_turns(predictors: dict[str, QAPredictor], rows: list[dict], *, war
     return stats
 
 
-def speed_test(models: dict, examples, num_questions: int, *, window: Window = Window(),
+def speed_test(models: dict, examples, num_questions: int, *, sample: str = DEFAULT_EVAL_SAMPLE, window: Window = Window(),
                decoding: Decoding = Decoding(), warmup: int = 2, device: str = "cpu", progress: bool = True,
                ready: dict[str, QAPredictor] | None = None) -> dict:
     """{name: {"ms_per_question", "questions", "wall_s"}} for models = {name: (model, tokenizer)}.
 
-    `examples` are flat SQuAD rows (a datasets.Dataset or a list of dicts); the first
-    `num_questions` of them are answered, one at a time. `ready`: predictors timed beside
+    `examples` are flat SQuAD rows (a datasets.Dataset or a list of dicts); `num_questions` of them,
+    chosen by `sample` (kdqa.dev_sample: spread over the file, so their context lengths are the
+    file's, or the first ones), are answered one at a time. `ready`: predictors timed beside
     them (the recipe's ONNX Runtime int8 student); with them, turns of 20 questions (another runtime).
     """
-    rows = [examples[i] for i in range(min(num_questions, len(examples)))]
+    rows = [examples[i] for i in sample_indices(len(examples), num_questions, sample)]
     predictors = {
         name: QAPredictor(TorchRunner(model.to(device).eval(), device), tokenizer, window, decoding, description=name)
         for name, (model, tokenizer) in models.items()

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from kdqa import checkpoint as ckpt
 from kdqa import objective, run_dir
 from kdqa.data import fix_answer_starts, load_squad
+from kdqa.dev_sample import DEFAULT_EVAL_SAMPLE, take_sample
 from kdqa.distributed import (DistState, all_gather_object, all_reduce_mean, all_reduce_min, barrier,
                               check_ranks_in_sync, cleanup, init_distributed, max_over_ranks)
 from kdqa.features import QACollator, Window, prepare_eval_features, prepare_train_features
@@ -108,6 +109,7 @@ class TrainData:
     collator: QACollator
     sampler: TrainBatchSampler
     loader: DataLoader
+    eval_sample: dict | None = None  # which dev questions are scored (kdqa.dev_sample.DevSample.as_dict)
 
 
 @dataclass
@@ -227,8 +229,9 @@ def prepare_output_dir(args, dist: DistState) -> str | None:
 
 
 def load_datasets(args, tokenizer):
-    """Raw examples and their features: (train_examples, train_features, eval_examples, eval_features);
-    no dev set where nothing is evaluated (--eval_strategy no, e.g. --do_train without --do_eval)."""
+    """Raw examples and their features: (train_examples, train_features, eval_examples, eval_features,
+    eval_sample: which dev questions, kdqa.dev_sample); no dev set where nothing is evaluated
+    (--eval_strategy no, e.g. --do_train without --do_eval)."""
     evaluates = args.eval_strategy != "no"
     raw = load_squad(train_file=args.train_file, validation_file=args.validation_file,
                      dataset_name=args.dataset_name, splits=("train", "validation") if evaluates else ("train",))
@@ -240,12 +243,12 @@ def load_datasets(args, tokenizer):
                                             num_proc=args.preprocessing_num_workers)
     train_features = train_features.add_column("feature_index", list(range(len(train_features))))
     if not evaluates:
-        return train_examples, train_features, None, None
-    eval_examples = raw["validation"]
-    if args.max_eval_samples is not None:
-        eval_examples = eval_examples.select(range(min(args.max_eval_samples, len(eval_examples))))
+        return train_examples, train_features, None, None, None
+    eval_examples, sample = take_sample(raw["validation"], args.max_eval_samples,
+                                        getattr(args, "eval_sample", DEFAULT_EVAL_SAMPLE))
+    logger.info("dev set: %s", sample.text())
     eval_features = prepare_eval_features(eval_examples, tokenizer, args.window, num_proc=args.preprocessing_num_workers)
-    return train_examples, train_features, eval_examples, eval_features
+    return train_examples, train_features, eval_examples, eval_features, sample.as_dict()
 
 
 def load_student_and_teacher(args, dist: DistState):
@@ -366,7 +369,7 @@ def set_up(args, dist: DistState) -> Run:
     student, teacher, tokenizer = load_student_and_teacher(args, dist)
     if getattr(args, "gradient_checkpointing", False):
         enable_gradient_checkpointing(student)
-    train_examples, train_features, eval_examples, eval_features = load_datasets(args, tokenizer)
+    train_examples, train_features, eval_examples, eval_features, eval_sample = load_datasets(args, tokenizer)
     if len(train_features) == 0:
         raise ValueError("no training features: the training set is empty after filtering")
     pad_to_length = args.max_seq_length if args.pad_to_max_length else None
@@ -390,7 +393,8 @@ def set_up(args, dist: DistState) -> Run:
     schedule = plan_schedule(args, len(sampler))
     run = make_run(args, dist, student, teacher, autocast_dtype=autocast_dtype, use_scaler=use_scaler,
                    total_steps=schedule.total_steps, tokenizer=tokenizer)
-    run.data = TrainData(train_examples, train_features, eval_examples, eval_features, collator, sampler, loader)
+    run.data = TrainData(train_examples, train_features, eval_examples, eval_features, collator, sampler, loader,
+                         eval_sample)
     run.schedule = schedule
     run.run_id = run_id
     return run
@@ -777,6 +781,7 @@ def write_report_card(run: Run) -> None:
             else "online"} if args.mode == "distill" else {}),
         data={"train_questions": len(data.train_examples), "train_features": len(data.train_features),
               "dev_questions": None if data.eval_examples is None else len(data.eval_examples),
+              "dev_sample": data.eval_sample,
               "max_seq_length": args.max_seq_length},
         training={"epochs": run.schedule.num_epochs, "optimizer_steps": p.step,
                   "wall_time_s": round(time.perf_counter() - p.started, 1),

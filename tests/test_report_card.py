@@ -106,3 +106,86 @@ def test_agreement_and_gap_closed_by_hand():
     assert answer_agreement({"a": "x"}, {"b": "x"}) is None
     assert gap_closed(30.0, 20.0, 40.0) == 50.0
     assert gap_closed(30.0, 40.0, 40.0) is None
+
+
+# ----------------------------------------------------------------------------- cards that parse (issue 34 §18-19)
+
+def hub_parse(path):
+    """The card as the hub reads it: huggingface_hub's ModelCard, metadata_load and model-index reader."""
+    from huggingface_hub import ModelCard, metadata_load
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    card = ModelCard.load(path)
+    meta = metadata_load(path)
+    results = model_index_to_eval_results(meta["model-index"]) if "model-index" in meta else None
+    return card, meta, results
+
+
+def test_every_card_of_a_run_parses_with_the_hubs_reader(runs):
+    for name in ("teacher", "student"):
+        card, meta, (model_name, results) = hub_parse(os.path.join(runs[name], "README.md"))
+        scores = read(os.path.join(runs[name], "eval_results.json"))
+        assert model_name == name and card.data.pipeline_tag == "question-answering"
+        assert {r.metric_type: r.metric_value for r in results} == {
+            "exact_match": round(scores["exact_match"], 2), "f1": round(scores["f1"], 2)}
+
+
+def test_card_front_matter_stays_valid_for_any_name(tmp_path):
+    from kdqa.report_card import model_card
+
+    report = {"command": "distill", "output_dir": str(tmp_path), "model": "org/base: v2 🚀",
+              "scores": {"exact_match": 12.5, "f1": 20.25}, "teacher": {"model": "teachers/ünï: big", "f1": 1.0,
+                                                                       "exact_match": 1.0},
+              "objective": {"terms": [], "formula": "CE"}, "data": {}, "training": {}}
+    path = tmp_path / "README.md"
+    path.write_text(model_card(report, model_name="my model: 🚀 ünï", base_model="org/base: v2 🚀"),
+                    encoding="utf-8")
+    card, meta, (model_name, results) = hub_parse(str(path))
+    assert meta["base_model"] == "org/base: v2 🚀" and model_name == "my model: 🚀 ünï"
+    assert "🚀" in path.read_text(encoding="utf-8")  # kept as written, not escaped
+    assert {r.metric_type: r.metric_value for r in results} == {"exact_match": 12.5, "f1": 20.25}
+
+
+def test_a_run_without_scores_claims_no_result(tmp_path):
+    from kdqa.report_card import model_card
+
+    report = {"command": "finetune", "output_dir": str(tmp_path), "model": "m", "scores": None, "teacher": None,
+              "objective": {"terms": [], "formula": "CE"}, "data": {"dev_questions": None}, "training": {}}
+    path = tmp_path / "README.md"
+    path.write_text(model_card(report, model_name="m", base_model=None), encoding="utf-8")
+    card, meta, results = hub_parse(str(path))
+    assert "model-index" not in meta and results is None
+    assert "None" not in path.read_text(encoding="utf-8").split("---")[1]
+    assert "Not scored" in card.text
+
+
+def test_the_served_card_states_its_own_agreement_and_names_the_subset(tmp_path):
+    from kdqa.report_card import write_served_report_and_card
+
+    def folder(name, files):
+        path = tmp_path / name
+        path.mkdir()
+        for file, payload in files.items():
+            (path / file).write_text(json.dumps(payload), encoding="utf-8")
+        return str(path)
+
+    sample = {"questions": 4, "of": 40, "how": "spread", "articles": 4, "of_articles": 4, "split": "validation",
+              "text": "4 of 40 dev questions, spread evenly over the file (4 of 4 articles)"}
+    teacher = folder("teacher", {"eval_predictions.json": {"a": "x", "b": "y", "c": "z", "d": "w"}})
+    source = folder("student", {
+        "eval_predictions.json": {"a": "x", "b": "y", "c": "z", "d": "q"},
+        "eval_results.json": {"exact_match": 50.0, "f1": 60.0},
+        "report.json": {"command": "distill", "output_dir": "s", "model": "m", "scores": {}, "data": {
+            "dev_sample": sample}, "training": {}, "objective": {"terms": [], "formula": "CE"},
+            "teacher": {"model": teacher, "exact_match": 1.0, "f1": 2.0},
+            "agreement_with_teacher": {"questions": 4, "same_answer": 75.0, "answer_f1": 75.0}}})
+    served = folder("served", {"eval_predictions.json": {"a": "x", "b": "q", "c": "q", "d": "q"},
+                               "eval_results.json": {"exact_match": 40.0, "f1": 45.0}})
+    report = write_served_report_and_card(served, source, runtime="ONNX Runtime static int8")
+    assert report["agreement_with_teacher"]["same_answer"] == 25.0  # its own, not the fp32 model's 75
+    assert report["source_agreement_with_teacher"]["same_answer"] == 75.0
+    assert read(os.path.join(served, "report.json"))["agreement_with_teacher"]["same_answer"] == 25.0
+    card, meta, (_, results) = hub_parse(os.path.join(served, "README.md"))
+    assert results[0].dataset_name == "SQuAD v1.1 (4 of 40 dev questions, spread evenly over the file (4 of 4 articles))"
+    assert results[0].dataset_args == {"questions": 4, "of": 40, "sample": "spread"}
+    assert "this model's agreement with the teacher on 4 dev questions: same answer 25.00 %" in card.text

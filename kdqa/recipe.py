@@ -43,7 +43,7 @@ from kdqa.export import calibration_from_rows, export_model, missing_onnx_librar
 from kdqa.features import Window
 from kdqa.inference import QAPredictor, write_prediction_outputs
 from kdqa.postprocess import Decoding
-from kdqa.modeling import ModelLoadError, OFFLINE_HELP, hub_reachable, short_model_name
+from kdqa.modeling import ModelLoadError, OFFLINE_HELP, cached_snapshot, hub_reachable, short_model_name
 from kdqa.report_card import read_json_if_present, recipe_report, write_recipe_report, write_served_report_and_card
 from kdqa.reporting import quiet_progress_bars
 from kdqa.atomic_io import write_json_atomic
@@ -179,11 +179,6 @@ def choose_models_and_data(args, banner: list[str], defaults: dict, given=()) ->
     preflight(args, online=online)
 
 
-# The files a hub model needs besides config.json: one of these weight files.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-
-
 def hub_cache_dir() -> str:
     from huggingface_hub import constants
 
@@ -192,16 +187,8 @@ def hub_cache_dir() -> str:
 
 def hub_cache_holds(name: str) -> bool:
     """True when the local hub cache ($HF_HOME/hub) holds the model `name` (config and weights), which
-    transformers then loads with local_files_only, as kdqa.modeling does before asking the hub."""
-    from huggingface_hub import try_to_load_from_cache
-
-    def cached(filename: str) -> bool:
-        try:
-            return isinstance(try_to_load_from_cache(name, filename, cache_dir=hub_cache_dir()), str)
-        except ValueError:  # not a repository id (a path that is no folder, say): not in the cache
-            return False
-
-    return cached("config.json") and any(cached(f) for f in WEIGHT_FILES)
+    kdqa.modeling then loads from its snapshot folder before asking the hub."""
+    return cached_snapshot(name) is not None
 
 
 def _from_hub_cache(role: str, name: str, banner: list[str]) -> bool:

@@ -199,3 +199,52 @@ def test_hub_dataset_is_read_from_the_datasets_cache_without_asking_the_hub(hf_h
     assert (len(loaded["train"]), len(loaded["validation"])) == (6, 3)
     assert loaded["validation"][0]["id"] == "d0" and asked == []
     assert datasets.config.HF_HUB_OFFLINE is False  # offline mode was set for that load only
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_a_cached_model_without_tokenizer_files_is_refused_as_a_folder_is(hf_home, tmp_path, capsys, command):
+    """Issue 34 §5: a folder without tokenizer files was refused, the same model in the hub cache answered
+    (with transformers' 5-token [UNK] tokenizer). One rule: the cached name is checked as its snapshot folder."""
+    import train as train_py
+
+    snapshot = os.path.join(cache_hub_model(str(hf_home / "hub"), "org/tiny-qa", "bert"), "snapshots", REVISION)
+    argv = {"predict": ["predict", "--question", "who is here", "--context", "n1 w2 ."],
+            "export": ["export", "--output_dir", str(tmp_path / "onnx")]}[command]
+    argv = argv[:1] + ["--model_name_or_path", "org/tiny-qa", "--max_seq_length", "48", "--doc_stride", "16"] + argv[1:]
+    if command == "predict":
+        assert train_py.main(argv) == 0, capsys.readouterr().err  # the whole cached model answers
+        assert "answer:" in capsys.readouterr().out
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        os.remove(os.path.join(snapshot, name))
+    assert train_py.main(argv) == 1
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.strip() and not line.startswith("[kdqa]") and "%|" not in line]
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert "org/tiny-qa in the local hub cache" in err[0] and snapshot in err[0]
+    assert "holds only special tokens" in err[0] and "hf download org/tiny-qa" in err[0]
+    assert "answer:" not in captured.out and not (tmp_path / "onnx" / "model.onnx").exists()
+
+
+def test_a_cached_snapshot_is_named_by_its_hub_name(hf_home):
+    from kdqa.modeling import cached_snapshot, short_model_name
+
+    assert cached_snapshot("org/tiny-qa") is None
+    snapshot = os.path.join(cache_hub_model(str(hf_home / "hub"), "org/tiny-qa", "bert"), "snapshots", REVISION)
+    assert cached_snapshot("org/tiny-qa") == snapshot and short_model_name(snapshot) == "org/tiny-qa"
+    os.remove(os.path.join(snapshot, "model.safetensors"))  # a cache without the weights does not hold the model
+    assert cached_snapshot("org/tiny-qa") is None
+
+
+def test_a_truncated_cached_model_says_fetch_it_again(hf_home, tmp_path, capsys):
+    import train as train_py
+
+    snapshot = os.path.join(cache_hub_model(str(hf_home / "hub"), "org/tiny-qa", "bert"), "snapshots", REVISION)
+    weights = os.path.join(snapshot, "model.safetensors")
+    data = open(weights, "rb").read()
+    with open(weights, "wb") as f:
+        f.write(data[:len(data) // 2])
+    assert train_py.main(["predict", "--model_name_or_path", "org/tiny-qa", "--question", "who", "--context", "n1 ."]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.strip() and not line.startswith("[kdqa]") and "%|" not in line]
+    assert len(err) == 1 and f"{weights} is damaged or truncated" in err[0]
+    assert "hf download org/tiny-qa --force-download" in err[0]

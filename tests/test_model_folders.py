@@ -130,17 +130,79 @@ def test_pickle_weights_are_one_line_not_a_safe_model_file(files, tmp_path, caps
     assert "weights_only=False" not in message
 
 
-def test_a_checkpoint_folder_is_named_as_training_state(files, tmp_path, capsys):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_run(files):
+    """A finished one-step run: its output folder and its checkpoint-1."""
+    out = files["root"] / "run"
     assert train_py.main(["finetune", "--model_name_or_path", files["model"], "--train_file", files["train"],
                           "--output_dir", str(out), "--do_train", "--max_steps", "1", "--save_steps", "1",
                           "--loss_impl", "torch", "--disable_tqdm", *WINDOW]) == 0
+    assert os.path.isdir(out / "checkpoint-1")
+    return out
+
+
+def test_a_checkpoint_folder_is_named_as_training_state(files, trained_run, tmp_path, capsys):
+    out = trained_run
     checkpoint = str(out / "checkpoint-1")
-    assert os.path.isdir(checkpoint)
     for command in ("predict", "export"):
         message = one_error_line(commands(checkpoint, files, tmp_path)[command], capsys)
         assert "is a training checkpoint" in message and f"output folder {out} holds the model" in message
     assert train_py.main(commands(str(out), files, tmp_path)["predict"]) == 0  # the run's folder answers
+
+
+@pytest.mark.parametrize("form", ["no checksums.json", "checksums.json"])
+def test_an_older_kdqa_checkpoint_is_named_as_training_state(files, trained_run, tmp_path, capsys, form):
+    """Older kdqa named the state file trainer_state.json (issue 34 §17); the oldest wrote no checksums.json.
+    Such a folder was loaded as a model folder: transformers' five-line sentencepiece message."""
+    from kdqa.checkpoint import LEGACY_STATE_FILE, MANIFEST, STATE_FILE
+
+    out = tmp_path / "old-run"
+    checkpoint = out / "checkpoint-1"
+    shutil.copytree(trained_run / "checkpoint-1", checkpoint)
+    os.rename(checkpoint / STATE_FILE, checkpoint / LEGACY_STATE_FILE)
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    manifest["files"][LEGACY_STATE_FILE] = manifest["files"].pop(STATE_FILE)
+    if form == "no checksums.json":
+        os.remove(checkpoint / MANIFEST)
+    else:
+        (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+    for command in ("predict", "evaluate"):
+        message = one_error_line(commands(str(checkpoint), files, tmp_path)[command], capsys)
+        assert "is a training checkpoint" in message and f"output folder {out} holds the model" in message
+        assert "sentencepiece" not in message
+
+
+def truncated_copy(src: str, dst: str, keep) -> str:
+    """A copy of the model folder whose model.safetensors keeps `keep(size)` bytes (an interrupted copy)."""
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "model.safetensors")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:keep(len(data))])
+    return dst
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "export", "finetune", "distill"])
+def test_a_truncated_safetensors_file_is_one_line_naming_it(files, tmp_path, capsys, command):
+    """Issue 34 §15: safetensors' SafetensorError came out as a traceback; every command that loads a model
+    says which file is damaged and what to do (distill: the teacher's file)."""
+    folder = truncated_copy(files["model"], str(tmp_path / "truncated"), lambda size: size // 2)
+    if command == "distill":
+        argv = ["distill", "--teacher_model_name_or_path", folder, "--model_name_or_path", files["model"],
+                *commands(folder, files, tmp_path)["finetune"][3:]]
+    else:
+        argv = commands(folder, files, tmp_path)[command]
+    message = one_error_line(argv, capsys)
+    assert os.path.join(folder, "model.safetensors") in message and "truncated" in message
+    assert "save_pretrained" in message and "Copy the model folder again" in message
+    assert not (tmp_path / "ft" / "model.safetensors").exists() and not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("keep", [lambda size: 5, lambda size: 60, lambda size: size - 1], ids=["5 bytes", "header", "last byte"])
+def test_any_truncation_of_the_weights_is_named(files, tmp_path, capsys, keep):
+    folder = truncated_copy(files["model"], str(tmp_path / "truncated"), keep)
+    message = one_error_line(commands(folder, files, tmp_path)["predict"], capsys)
+    assert f"{folder}/model.safetensors is damaged or truncated" in message
 
 
 # ----------------------------------------------------------------------------- positions

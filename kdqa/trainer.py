@@ -428,7 +428,8 @@ def resume(run: Run) -> str | None:
     p.skipped_steps, p.start_step = state["skipped_steps"], state["step"]
     # Evaluations up to the checkpoint are in metrics.jsonl already; the log window goes on.
     p.last_eval_step = state["last_eval_step"]
-    p.running = {name: torch.tensor(value, device=run.device) for name, value in state["log_window"]["running"].items()}
+    p.running = {name: torch.tensor(value, device=run.device)
+                 for name, value in restored_log_window(state["log_window"], dist.rank).items()}
     p.steps_since_log = state["log_window"]["steps"]
     run.run_id = state["run_id"]
     if dist.is_main:
@@ -716,23 +717,40 @@ def save_checkpoint(run: Run, epoch: int, batch_in_epoch: int) -> None:
     check_finite(run)
     args, s, p = run.args, run.schedule, run.progress
     ckpt.check_parameters_finite(run.student, p.step, args.output_dir)  # every rank: same decision
+    # Each rank's own RNG states and unlogged sums: a resume restores them as they were, so the next
+    # log record's mean over ranks is the uninterrupted run's to the last bit (a mean saved here and
+    # summed into again would round differently).
     names = list(p.running)
-    sums = all_reduce_mean(torch.stack([p.running[n] for n in names]), run.dist).tolist() if names else []
-    rng_by_rank = all_gather_object(ckpt.rng_state(), run.dist)
+    window = dict(zip(names, torch.stack([p.running[n] for n in names]).tolist() if names else []))
+    rng_by_rank, window_by_rank = zip(*all_gather_object((ckpt.rng_state(), window), run.dist))
     if run.dist.is_main:
         ckpt.save_checkpoint(args.output_dir, p.step, model=checkpointed_model(run), optimizer=run.optimizer,
                              scheduler=run.scheduler, scaler=run.scaler, save_total_limit=args.save_total_limit,
-                             rng_by_rank=rng_by_rank,
+                             rng_by_rank=list(rng_by_rank),
                              trainer_state={"epoch": epoch, "batch_in_epoch": batch_in_epoch,
                                             "world_size": run.dist.world_size, "total_steps": s.total_steps,
                                             "batches_per_epoch": s.batches_per_epoch,
                                             "skipped_steps": p.skipped_steps, "run_id": run.run_id,
                                             "settings": run_settings(args, run.device.type),
                                             "last_eval_step": p.last_eval_step,
-                                            "log_window": {"running": dict(zip(names, sums)),
-                                                           "steps": p.steps_since_log}})
+                                            "log_window": log_window_state(window_by_rank, p.steps_since_log)})
     p.last_checkpoint_step = p.step
     barrier(run.dist)
+
+
+def log_window_state(window_by_rank, steps: int) -> dict:
+    """The checkpoint's log window: rank 0's unlogged sums, and under DDP every rank's (as with the RNGs)."""
+    state = {"running": window_by_rank[0], "steps": steps}
+    if len(window_by_rank) > 1:
+        state["running_by_rank"] = list(window_by_rank)
+    return state
+
+
+def restored_log_window(window: dict, rank: int) -> dict:
+    """This rank's unlogged sums of a checkpoint's log window (an older kdqa's DDP checkpoint holds
+    only their mean over ranks: every rank takes that)."""
+    by_rank = window.get("running_by_rank")
+    return by_rank[rank] if by_rank and rank < len(by_rank) else window["running"]
 
 
 # ----------------------------------------------------------------------------- phase 6: finish

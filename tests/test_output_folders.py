@@ -53,11 +53,21 @@ def recipe_argv(setup, out, *extra):
             "--disable_tqdm", "--speed_test_questions", "2", *extra]
 
 
-def command(argv, timeout=120):
+def start(argv):
     env = dict(os.environ)
     env.pop("KDQA_TRACEBACK", None)
-    return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *argv], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finished(proc, timeout=120):
+    """The ended process with its stderr as proc.stderr (a string), as subprocess.run gives it."""
+    _, proc.stderr = proc.communicate(timeout=timeout)
+    return proc
+
+
+def command(argv, timeout=120):
+    return finished(start(argv), timeout)
 
 
 def digest(folder):
@@ -93,10 +103,10 @@ def test_while_a_recipe_runs_a_second_recipe_or_a_run_into_its_stage_is_refused(
         teacher = digest(out / "teacher")
         assert "model.safetensors" in teacher and "recipe_stage.json" in teacher
 
-        second = command(recipe_argv(setup, out, "--overwrite_output_dir"))
-        one_line_refusal(second, out)
-        single = command(argv_for("finetune", setup, out / "teacher", "--overwrite_output_dir"))
-        one_line_refusal(single, out / "teacher")
+        second = start(recipe_argv(setup, out, "--overwrite_output_dir"))
+        single = start(argv_for("finetune", setup, out / "teacher", "--overwrite_output_dir"))
+        one_line_refusal(finished(second), out)
+        one_line_refusal(finished(single), out / "teacher")
         assert digest(out / "teacher") == teacher
     finally:
         recipe.kill()
@@ -168,9 +178,17 @@ def test_a_run_never_writes_through_a_symlink_in_its_output_folder(setup, tmp_pa
     names = [run_dir.LOCK_NAME, "metrics.jsonl", "metrics.jsonl.tmp", "run.json", ".kdqa-outputs.json",
              "train_results.json", "eval_results.json", "training_curves.png", "README.md", "model.safetensors"]
     targets = plant_links(out, names, outside)
+    for name in ("checkpoint-2", "checkpoint-2.tmp", run_dir.STAGING_NAME):  # folders kdqa writes into
+        (outside / name).mkdir()
+        (outside / name / "model.safetensors").write_text("precious folder")
+        os.symlink(outside / name, out / name)
     with caplog.at_level(logging.WARNING, logger="kdqa"):
         assert train.main(argv_for("finetune", setup, out, "--overwrite_output_dir", "--max_steps", "2")) == 0
     assert_targets_untouched(targets)
+    for name in ("checkpoint-2", "checkpoint-2.tmp", run_dir.STAGING_NAME):
+        assert os.listdir(outside / name) == ["model.safetensors"], name
+        assert (outside / name / "model.safetensors").read_text() == "precious folder"
+    assert (out / "checkpoint-2").is_dir() and not os.path.islink(out / "checkpoint-2")
     for name in names:
         if name != "metrics.jsonl.tmp":
             assert not os.path.islink(out / name) and (out / name).is_file(), name

@@ -167,8 +167,7 @@ def save_checkpoint(output_dir: str, step: int, *, model, optimizer, scheduler, 
         raise NonFiniteParametersError(_non_finite_message(bad, step, output_dir))
     tmp = final + ".tmp"
     try:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+        _remove_folder(tmp)
         os.makedirs(tmp)
         save_file(model_state, os.path.join(tmp, "model.safetensors"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
@@ -185,8 +184,7 @@ def save_checkpoint(output_dir: str, step: int, *, model, optimizer, scheduler, 
             files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
         _write_compact_json(os.path.join(tmp, MANIFEST), {"files": files})  # last: marks the folder complete
         fsync_path(tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        _remove_folder(final)
         os.replace(tmp, final)
         fsync_path(output_dir)
     except Exception as err:  # a kill (no exception) leaves checkpoint-N.tmp: removed on the next start
@@ -204,6 +202,15 @@ def save_checkpoint(output_dir: str, step: int, *, model, optimizer, scheduler, 
     for old in [p for p in list_checkpoints(output_dir) if is_our_checkpoint(p)][:-save_total_limit]:  # never a link
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _remove_folder(path: str) -> None:
+    """Clear the way for a checkpoint folder: a symlink there is removed as a link (what it points to is
+    never written into nor deleted), a folder with what it holds."""
+    if os.path.islink(path):
+        os.unlink(path)
+    elif os.path.exists(path):
+        shutil.rmtree(path)
 
 
 def checkpoint_step(path: str) -> int:
@@ -234,7 +241,8 @@ def remove_half_written(output_dir: str) -> list[str]:
     if os.path.isdir(output_dir):
         for name in sorted(os.listdir(output_dir)):
             if _TMP_RE.match(name):
-                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+                path = os.path.join(output_dir, name)
+                os.unlink(path) if os.path.islink(path) else shutil.rmtree(path, ignore_errors=True)
                 removed.append(name)
     return removed
 

@@ -18,8 +18,10 @@ a preset sized to show the hidden-state gain (about 12 minutes on 2 cores); --fu
 override it.
 A short banner says what was chosen, why, and how to choose otherwise.
 
-`--resume_from_checkpoint latest` keeps the stages that finished with the same settings and resumes
-the interrupted one from its newest checkpoint.
+`--resume_from_checkpoint latest` keeps the stages that finished with the same settings (those
+single runs may change on resume, kdqa.resume_settings, may differ) and whose model folder still
+loads, and resumes the interrupted one from its newest checkpoint. The recipe holds the lock of its
+folder and of every stage folder until it ends (kdqa.run_dir): a second command on them is refused.
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ from kdqa.inference import QAPredictor, write_prediction_outputs
 from kdqa.postprocess import Decoding
 from kdqa.modeling import ModelLoadError, OFFLINE_HELP, cached_snapshot, hub_reachable, short_model_name
 from kdqa.report_card import read_json_if_present, recipe_report, write_recipe_report, write_served_report_and_card
-from kdqa.reporting import quiet_progress_bars
-from kdqa.atomic_io import write_json_atomic
+from kdqa.reporting import quiet_progress_bars, save_figure
+from kdqa.resume_settings import run_settings
+from kdqa.atomic_io import write_json_atomic, write_text_atomic
+from kdqa.tensorboard_log import check_log_dir, reports_to_tensorboard
 
 logger = logging.getLogger("kdqa")
 
@@ -101,10 +105,6 @@ STAGES = (("teacher", "teacher"), ("student", "student"), ("distilled student", 
 HIDDEN_ROW_ALPHA = 10.0
 HIDDEN_ROW_LOSS = "cosine"
 STAGE_MARKER = "recipe_stage.json"
-# Settings that do not change what a stage produces; anything else must match to keep a finished stage.
-SAFE_TO_CHANGE = {"disable_tqdm", "logging_steps", "resume_from_checkpoint", "overwrite_output_dir",
-                  "dataloader_num_workers", "preprocessing_num_workers", "config", "save_steps",
-                  "save_total_limit", "per_device_eval_batch_size", "data_dir", "full", "speed_test_questions"}
 
 
 # ----------------------------------------------------------------------------- choosing what to run
@@ -324,7 +324,10 @@ def stage_arguments(args) -> dict[str, argparse.Namespace]:
     if distilled.teacher_logits_cache is None and not objective.needs_teacher_internals(distilled):
         distilled.teacher_logits_cache = os.path.join(out, "teacher_logits_cache")
     hidden.teacher_logits_cache = None  # the hidden states need the online teacher (objective.cache_conflict)
-    return {"teacher": teacher, "student": student, "distilled student": distilled, HIDDEN_STAGE: hidden}
+    stages = {"teacher": teacher, "student": student, "distilled student": distilled, HIDDEN_STAGE: hidden}
+    for run_args in stages.values():  # one TensorBoard run per stage in a shared $TENSORBOARD_LOGGING_DIR
+        run_args.tensorboard_run = os.path.basename(run_args.output_dir)
+    return stages
 
 
 def choose_hidden_term(args, given=()) -> None:
@@ -340,42 +343,73 @@ def choose_hidden_term(args, given=()) -> None:
 
 
 def stage_settings(run_args) -> dict:
-    """What shapes a stage's result, in JSON terms (to compare with a finished stage's)."""
-    values = {k: v for k, v in vars(run_args).items() if k not in SAFE_TO_CHANGE}
-    return json.loads(json.dumps(values, sort_keys=True, default=str))
+    """What shapes a stage's result, as a single run's checkpoint records it (kdqa.resume_settings: one list
+    of the flags that may change on resume, for single runs and the recipe's stages alike)."""
+    return run_settings(run_args, "cuda" if uses_cuda(run_args) else "cpu")
+
+
+def read_stage_marker(marker: str) -> dict:
+    """A stage marker's {"settings", "results"}; a damaged one is refused in one line naming it."""
+    try:
+        with open(marker, encoding="utf-8") as f:
+            stored = json.load(f)
+        if not (isinstance(stored.get("settings"), dict) and isinstance(stored.get("results"), dict)):
+            raise ValueError("no settings and results in it")
+    except (ValueError, AttributeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"cannot resume the recipe: the stage marker {marker} is damaged ({err}); delete it to train that "
+            "stage again, or start over with --overwrite_output_dir") from None
+    return stored
+
+
+def stage_model_problem(folder: str) -> str | None:
+    """Why a finished stage's model folder cannot serve as one (kdqa.modeling's loading checks), or None."""
+    from safetensors import SafetensorError
+
+    from kdqa.modeling import load_qa_model, load_tokenizer
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return "config.json is missing"
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
+        return f"its weights are missing (none of {', '.join(WEIGHT_FILES)})"
+    try:
+        load_tokenizer(folder)
+        load_qa_model(folder, trained_head=True)
+    except (ModelLoadError, OSError, ValueError, SafetensorError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
 
 
 def finished_stage(run_args) -> dict | None:
     """The stored results of a stage that finished with these settings, else None.
 
     A finished stage with other settings is refused: keeping it would mix two recipes in one table.
+    A finished stage whose model folder no longer loads (weights deleted or cut short) is trained again.
     """
     marker = os.path.join(run_args.output_dir, STAGE_MARKER)
     if not os.path.isfile(marker):
         return None
-    with open(marker, encoding="utf-8") as f:
-        stored = json.load(f)
-    settings = stage_settings(run_args)
-    changed = sorted(k for k in set(settings) | set(stored["settings"])
-                     if settings.get(k) != stored["settings"].get(k))
+    stored = read_stage_marker(marker)
+    settings, saved = stage_settings(run_args), stored["settings"]
+    changed = sorted(k for k in set(settings) & set(saved) if settings[k] != saved[k])
     if changed:
-        details = ", ".join(f"--{k} {stored['settings'].get(k)!r} -> {settings.get(k)!r}" for k in changed[:4])
+        details = ", ".join(f"--{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed[:4])
         raise ValueError(
             f"cannot resume the recipe: its finished stage {run_args.output_dir} was run with other settings "
             f"({details}); resume with the same flags, or start over with --overwrite_output_dir"
         )
-    if not os.path.isfile(os.path.join(run_args.output_dir, "config.json")):
-        return None  # the marker outlived its model: train the stage again
+    problem = stage_model_problem(run_args.output_dir)
+    if problem is not None:
+        logger.warning("recipe: the finished stage %s is trained again: its model folder fails its check (%s)",
+                       run_args.output_dir, problem)
+        return None
     return stored["results"]
 
 
 def run_stage(name: str, run_args, resume: bool) -> dict:
+    """Train one stage (from its newest checkpoint on resume) and write its marker; returns its results."""
     from kdqa.trainer import train
 
-    kept = finished_stage(run_args) if resume else None
-    if kept is not None:
-        logger.info("=== recipe: %s: kept, finished earlier with the same settings (%s)", name, run_args.output_dir)
-        return kept
     checkpoints = resume and os.path.isdir(run_args.output_dir) and list_checkpoints(run_args.output_dir)
     if checkpoints:
         run_args.resume_from_checkpoint = "latest"
@@ -402,7 +436,8 @@ def _forget_stages_after(index: int, stages: dict) -> None:
 
 def check_output_dir(args) -> None:
     out = args.output_dir
-    if os.path.isdir(out) and os.listdir(out) and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+    contents = [n for n in os.listdir(out) if n != run_dir.LOCK_NAME] if os.path.isdir(out) else []
+    if contents and not (args.resume_from_checkpoint or args.overwrite_output_dir):
         raise FileExistsError(
             f"--output_dir {out} already holds a recipe; continue it with --resume_from_checkpoint latest, start "
             "over there with --overwrite_output_dir, or choose another --output_dir"
@@ -415,9 +450,20 @@ def check_output_dir(args) -> None:
 # ----------------------------------------------------------------------------- the whole recipe
 
 def run_recipe(args: argparse.Namespace) -> dict:
+    """The recipe, holding the lock of its folder (taken first: a second recipe there is refused before it
+    reads or removes anything) and of each stage folder until it ends."""
     started = time.perf_counter()
     quiet_progress_bars(args.disable_tqdm)
-    check_output_dir(args)
+    with run_dir.HeldFolders() as held:
+        if int(os.environ.get("RANK", "0")) == 0:
+            held.add(args.output_dir)
+        check_output_dir(args)
+        if reports_to_tensorboard(args):
+            check_log_dir(args)
+        return _run_recipe(args, held, started)
+
+
+def _run_recipe(args: argparse.Namespace, held: run_dir.HeldFolders, started: float) -> dict:
     defaults = recipe_defaults()
     banner: list[str] = []
     given = set(args.__dict__.pop("given_flags", ()))  # config.parse_args' record; not a setting of any stage
@@ -426,22 +472,18 @@ def run_recipe(args: argparse.Namespace) -> dict:
     estimate = apply_size(args, banner, defaults)
     for line in banner:
         logger.info("recipe: %s", line)
-    out = args.output_dir
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(args.output_dir, exist_ok=True)
     # Check both files before minutes of training, not after.
     splits = load_squad(train_file=args.train_file, validation_file=args.validation_file, dataset_name=args.dataset_name)
     dev_sample = take_sample(splits["validation"], args.max_eval_samples, args.eval_sample)[1]
     logger.info("recipe: every model is scored on %s", dev_sample.text())
 
     stages = stage_arguments(args)
-    resume = args.resume_from_checkpoint == "latest"
-    results = {}
+    if int(os.environ.get("RANK", "0")) == 0:
+        for run_args in stages.values():
+            held.add(run_args.output_dir)  # before any stage is cleared: another command on one is refused
     minutes = {k: f" (about {v / 60:.0f} min)" for k, v in stage_seconds(args).items()} if estimate else {}
-    for index, (name, _) in enumerate(STAGES):
-        logger.info("recipe: stage %d/%d: %s%s", index + 1, len(STAGES) + 1, name, minutes.get(name, ""))
-        if not resume or finished_stage(stages[name]) is None:
-            _forget_stages_after(index, stages)  # this stage trains now: it and the later ones are not finished
-        results[name] = run_stage(name, stages[name], resume)
+    results = train_stages(stages, args.resume_from_checkpoint == "latest", minutes)
 
     logger.info("recipe: after the students: export of the best one, ONNX Runtime int8%s", minutes.get("export", ""))
     served = export_served_student(args, results, stages)  # None (one line) without the onnx extra
@@ -453,9 +495,32 @@ def run_recipe(args: argparse.Namespace) -> dict:
         rows[SERVED] = served_row(served, speed, args)
     table = format_table(rows, args, dev_sample)
     print(table)
-    elapsed = time.perf_counter() - started
-    with open(os.path.join(out, "recipe_results.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
+    write_results(args, rows, table, stages, served, banner=banner, estimate=estimate,
+                  elapsed=time.perf_counter() - started)
+    return results
+
+
+def train_stages(stages: dict, resume: bool, minutes: dict) -> dict:
+    """Each stage in order: kept where it finished with the same settings (on resume), else trained."""
+    results = {}
+    for index, (name, _) in enumerate(STAGES):
+        logger.info("recipe: stage %d/%d: %s%s", index + 1, len(STAGES) + 1, name, minutes.get(name, ""))
+        kept = finished_stage(stages[name]) if resume else None
+        if kept is not None:
+            logger.info("=== recipe: %s: kept, finished earlier with the same settings (%s)", name,
+                        stages[name].output_dir)
+            results[name] = kept
+            continue
+        _forget_stages_after(index, stages)  # this stage trains now: it and the later ones are not finished
+        results[name] = run_stage(name, stages[name], resume)
+    return results
+
+
+def write_results(args, rows: dict, table: str, stages: dict, served: dict | None, *, banner: list[str],
+                  estimate: float | None, elapsed: float) -> None:
+    """recipe_results.md/.json/.png and the recipe's report, in its folder."""
+    out = args.output_dir
+    write_text_atomic(os.path.join(out, "recipe_results.md"), table + "\n")
     write_json_atomic(os.path.join(out, "recipe_results.json"), {
         "models": rows, "speed_test": {"questions": args.speed_test_questions, "device": "cpu",
                                        "threads": torch.get_num_threads()},
@@ -469,7 +534,6 @@ def run_recipe(args: argparse.Namespace) -> dict:
                                            elapsed_s=elapsed))
     logger.info("recipe: done in %.1f minutes%s; results in %s", elapsed / 60,
                 "" if estimate is None else f" (estimated {estimate / 60:.0f})", out)
-    return results
 
 
 def run_speed_test(args, stages: dict, served: dict | None = None) -> dict:
@@ -608,5 +672,4 @@ def plot_results(rows: dict, path: str) -> None:
     right.set_ylabel("CPU ms per question (one at a time)")
     right.set_title("speed (speed-up against the teacher)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -3,6 +3,7 @@ which progress bars are on."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import resource
 
 import torch
 
-from kdqa.atomic_io import write_text_atomic
+from kdqa.atomic_io import open_own, write_bytes_atomic, write_text_atomic
 
 logger = logging.getLogger("kdqa")
 
@@ -20,7 +21,8 @@ class MetricsLog:
 
     A kill mid-write can leave a torn last line: on resume it is dropped (it belongs to a step after
     the checkpoint, which the resumed run logs again); a damaged line elsewhere is an error naming
-    the file and line. Rewrites go through a temporary file, so a kill never loses the log.
+    the file and line. Rewrites go through a temporary file, so a kill never loses the log. A symlink
+    named metrics.jsonl is replaced, never written through (atomic_io.open_own).
     """
 
     def __init__(self, path: str, enabled: bool = True, resume: bool = False):
@@ -31,7 +33,7 @@ class MetricsLog:
         if enabled and resume and os.path.isfile(path):
             self.records = read_metrics_records(path)
         elif enabled:
-            open(path, "w").close()
+            os.close(open_own(path, os.O_WRONLY | os.O_TRUNC))
 
     def truncate_after(self, step: int) -> None:
         """On resume, forget what an interrupted run logged after its checkpoint."""
@@ -44,7 +46,7 @@ class MetricsLog:
         if not self.enabled:
             return
         self.records.append(record)
-        with open(self.path, "a", encoding="utf-8") as f:
+        with os.fdopen(open_own(self.path, os.O_WRONLY | os.O_APPEND), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.sink is not None:
             self.sink(record)
@@ -134,9 +136,18 @@ def plot_curves(records: list[dict], path: str, title: str = "", loss_terms: lis
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path
+
+
+def save_figure(fig, path: str, dpi: int) -> None:
+    """A matplotlib figure as a PNG, written atomically (never through a symlink at path), then closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def quiet_progress_bars(quiet: bool) -> None:

@@ -20,6 +20,7 @@ SAFE_TO_CHANGE = {
     "save_strategy": "when checkpoints are written",
     "logging_strategy": "how often the loss is logged",
     "report_to": "where the logged records also go (TensorBoard)",
+    "tensorboard_run": "recipe: the stage's TensorBoard run under a shared log folder",
     "local_rank": "ignored (torchrun's LOCAL_RANK is read), and differs between ranks",
     "disable_tqdm": "progress bars",
     "dataloader_num_workers": "loader processes (the batches are the same)",
@@ -76,5 +77,5 @@ def check_resume_settings(saved: dict, args, device_type: str, checkpoint: str) 
             "continue differently from how it began. Resume with the checkpoint's values, or start over with "
             "--overwrite_output_dir. Only these may change on resume: "
             + ", ".join(f"--{k}" for k in SAFE_TO_CHANGE if k not in ("config", "overwrite_output_dir",
-                                                                   "resume_from_checkpoint"))
+                                                                   "resume_from_checkpoint", "tensorboard_run"))
         )

@@ -2,7 +2,9 @@
 
 - A lock (`.kdqa-run.lock`, an fcntl lock on a file holding the owner's pid): a second run into the
   same --output_dir is refused while the first is alive. The kernel drops the lock when its process
-  dies, even by kill -9, so a killed run never blocks the next one.
+  dies, even by kill -9, so a killed run never blocks the next one. A command made of several runs
+  (the recipe) holds its own folder's lock and each stage folder's for its whole life (HeldFolders),
+  so another command cannot clear a stage that finished while the recipe goes on.
 - A run id (`run.json`), new for every run that starts from scratch and stamped into each of its
   checkpoints: `--resume_from_checkpoint latest` only takes checkpoints of this id, never those of
   a previous run that shared the folder.
@@ -24,7 +26,7 @@ import socket
 import time
 import uuid
 
-from kdqa.atomic_io import fsync_path, write_json_atomic
+from kdqa.atomic_io import fsync_path, open_own, write_json_atomic
 from kdqa.checkpoint import CheckpointError, is_our_checkpoint, list_checkpoints, remove_half_written
 from kdqa.run_identity import RUN_FILE, read_run_id, write_run_file
 
@@ -40,6 +42,7 @@ OUTPUTS_FILE = ".kdqa-outputs.json"  # the names kdqa wrote at the top of the ou
 STAGING_NAME = ".kdqa-staging"       # the final model folder while it is written
 METRICS_FILE = "metrics.jsonl"
 _held: dict[str, "RunLock"] = {}
+_pinned: set[str] = set()  # held by a HeldFolders block: release() leaves them locked
 
 
 def result_files(*, evaluated: bool, predicts: bool) -> list[str]:
@@ -70,7 +73,7 @@ class RunLock:
     def acquire(self) -> None:
         if fcntl is None:
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_own(self.path, os.O_RDWR)  # a symlink here is replaced, its target never written
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -105,10 +108,41 @@ def lock(output_dir: str) -> None:
 
 
 def release(output_dir: str | None) -> None:
-    """Give output_dir's lock back; a no-op where this process holds none."""
-    held = _held.pop(_key(output_dir), None) if output_dir else None
+    """Give output_dir's lock back; a no-op where this process holds none, or a HeldFolders block holds it."""
+    if not output_dir or _key(output_dir) in _pinned:
+        return
+    held = _held.pop(_key(output_dir), None)
     if held is not None:
         held.release()
+
+
+class HeldFolders:
+    """Locks held for a whole block, across the runs inside it that lock and release the same folders.
+
+    Why: the recipe's stages are runs of their own, each releasing its folder when it ends; a finished
+    stage must stay locked while the recipe goes on, or another command could clear it meanwhile.
+    """
+
+    def __init__(self):
+        self._folders: list[str] = []
+
+    def add(self, folder: str) -> None:
+        """Create and lock folder until the block ends (OutputDirBusyError where another process holds it)."""
+        if _key(folder) in _pinned:
+            return
+        os.makedirs(folder, exist_ok=True)
+        lock(folder)
+        _pinned.add(_key(folder))
+        self._folders.append(folder)
+
+    def __enter__(self) -> "HeldFolders":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for folder in reversed(self._folders):
+            _pinned.discard(_key(folder))
+            release(folder)
+        self._folders.clear()
 
 
 def write_run_id(output_dir: str, run_id: str) -> None:
@@ -231,9 +265,13 @@ def clear_previous_run(output_dir: str, keep: list[str] = ()) -> list[str]:
 
 
 def remove_staging(output_dir: str) -> bool:
-    """Delete the staging folder of a final save that was killed (the next save writes it anew)."""
+    """Delete the staging folder of a final save that was killed (the next save writes it anew); a link
+    of that name is removed as a link (what it points to is not kdqa's: never written into)."""
     path = os.path.join(output_dir, STAGING_NAME)
-    if os.path.isdir(path) and not os.path.islink(path):
+    if os.path.islink(path):
+        os.unlink(path)
+        return True
+    if os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)
         return True
     return False

@@ -53,7 +53,7 @@ from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, quiet_progre
 from kdqa.resume_settings import check_resume_settings, run_settings
 from kdqa.samplers import TrainBatchSampler
 from kdqa.teacher_cache import teacher_logits_from_cache
-from kdqa.tensorboard_log import open_tensorboard
+from kdqa.tensorboard_log import check_log_dir, open_tensorboard, reports_to_tensorboard
 
 logger = logging.getLogger("kdqa")
 
@@ -222,6 +222,8 @@ def prepare_output_dir(args, dist: DistState) -> str | None:
     """Lock the output dir, refuse or clear a previous run's results (kdqa.run_dir); returns the run id."""
     run_id = None
     if dist.is_main:
+        if reports_to_tensorboard(args):
+            check_log_dir(args)  # one line, before anything is cleared or loaded
         run_id = run_dir.prepare(args.output_dir, resume=bool(args.resume_from_checkpoint),
                                  overwrite=args.overwrite_output_dir, keep=run_dir.input_paths(args))
     barrier(dist)

@@ -146,8 +146,9 @@ def test_offline_recipe_end_to_end_interrupted_and_resumed(offline, checkout, tm
             raise Interrupted(step)
 
     monkeypatch.setattr(kdqa.checkpoint, "save_checkpoint", save_then_die_in_distillation)
+    first = argv + ["--report_to", "none"]  # the resume below turns TensorBoard on: a logging-only change
     with caplog.at_level(logging.INFO, logger="kdqa"), pytest.raises(Interrupted):
-        recipe.run_recipe(parse_args(argv))
+        recipe.run_recipe(parse_args(first))
     banner = caplog.text
     assert "teacher: all-MiniLM-L6-v2" in banner and "hub is unreachable for bert-base-uncased" in banner
     assert "student: layers 0,2,4 of the teacher" in banner
@@ -159,11 +160,13 @@ def test_offline_recipe_end_to_end_interrupted_and_resumed(offline, checkout, tm
     assert not (out / "distilled" / "model.safetensors").exists()
 
     with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest"):
-        recipe.run_recipe(parse_args(argv))
+        recipe.run_recipe(parse_args(first))
     caplog.clear()
     _assert_no_progress_bars(capsys.readouterr().err)
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     with caplog.at_level(logging.INFO, logger="kdqa"):
-        results = recipe.run_recipe(parse_args(argv + ["--resume_from_checkpoint", "latest"]))
+        results = recipe.run_recipe(parse_args(argv + ["--resume_from_checkpoint", "latest", "--report_to",
+                                                       "tensorboard"]))
     assert "teacher: kept, finished earlier with the same settings" in caplog.text
     assert "student: kept, finished earlier with the same settings" in caplog.text
     assert f"distilled student: resuming from {out / 'distilled' / 'checkpoint-2'}" in caplog.text
@@ -171,6 +174,7 @@ def test_offline_recipe_end_to_end_interrupted_and_resumed(offline, checkout, tm
         assert (out / d / "model.safetensors").read_bytes() == finished[d]
         assert (out / d / "model.safetensors").stat().st_mtime_ns == stamps[d]
     assert set(results) == {"teacher", "student", "distilled student", "distilled student + hidden states"}
+    _assert_one_tensorboard_run_per_stage(tmp_path / "tb", out)
 
     captured = capsys.readouterr()
     _assert_no_progress_bars(captured.err)  # --disable_tqdm: ours, datasets' and transformers' own
@@ -213,6 +217,22 @@ def test_offline_recipe_end_to_end_interrupted_and_resumed(offline, checkout, tm
     preset_lr = re.escape(repr(recipe.CPU_PRESET["learning_rate"]))
     with pytest.raises(ValueError, match=rf"other settings \(--learning_rate {preset_lr} -> 0\.001\)"):
         recipe.run_recipe(parse_args(argv + ["--resume_from_checkpoint", "latest", "--learning_rate", "1e-3"]))
+
+
+def _assert_one_tensorboard_run_per_stage(log_dir, out):
+    """The two stages trained after the resume: one TensorBoard run each, holding that stage's steps alone."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    assert sorted(os.listdir(log_dir)) == ["distilled", "distilled_hidden"]
+    for stage in ("distilled", "distilled_hidden"):
+        acc = event_accumulator.EventAccumulator(str(log_dir / stage), size_guidance={event_accumulator.SCALARS: 0})
+        acc.Reload()
+        losses = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+        logged = {r["step"]: r["loss"] for r in _loss_records(out / stage)}
+        steps = [step for step, _ in losses]
+        assert steps and steps == sorted(set(steps)), (stage, steps)  # one value a step: no other stage's
+        assert [v for _, v in losses] == pytest.approx([logged[step] for step in steps], rel=1e-6), stage
+        assert "train/learning_rate" in acc.Tags()["scalars"] and "train/lr" not in acc.Tags()["scalars"]
 
 
 # --------------------------------------------------------------------------- moved from test_trainer.py (issue 23)
@@ -347,3 +367,68 @@ def test_online_hidden_row_uses_the_uniform_map_with_projections(tmp_path):
     term_run = [t for t in report["objective"]["terms"] if t["name"] == "hidden"][0]
     assert term_run["weight"] == 10.0 and term_run["layer_map (student:teacher)"] == "1:2,2:4"
     assert hidden.teacher_logits_cache is None
+
+
+# --------------------------------------------------------------------------- resume: what keeps a finished stage (issue 34)
+
+def _finished_teacher(tmp_path, *flags):
+    """The recipe's stages for these flags, its teacher stage finished: a model folder and its marker."""
+    stages = _stages(["--output_dir", str(tmp_path / "recipe"), "--student_layers", "0,2"] + list(flags))
+    teacher = stages["teacher"]
+    make_model_folder(teacher.output_dir, tiny_bert_config(layers=2), seed=4)
+    with open(os.path.join(teacher.output_dir, recipe.STAGE_MARKER), "w", encoding="utf-8") as f:
+        json.dump({"settings": recipe.stage_settings(teacher), "results": {"f1": 12.5}}, f)
+    return teacher
+
+
+def test_a_finished_stage_is_kept_when_only_flags_a_single_run_may_change_differ(tmp_path):
+    _finished_teacher(tmp_path, "--report_to", "none")
+    resumed = _stages(["--output_dir", str(tmp_path / "recipe"), "--student_layers", "0,2", "--report_to",
+                       "tensorboard", "--logging_strategy", "epoch", "--eval_steps", "7"])["teacher"]
+    assert recipe.finished_stage(resumed) == {"f1": 12.5}
+    changed = _stages(["--output_dir", str(tmp_path / "recipe"), "--student_layers", "0,2", "--seed", "7"])
+    with pytest.raises(ValueError, match=r"other settings \(--seed 42 -> 7\)"):
+        recipe.finished_stage(changed["teacher"])
+
+
+def test_a_damaged_stage_marker_is_named_in_one_line(tmp_path):
+    teacher = _finished_teacher(tmp_path)
+    marker = os.path.join(teacher.output_dir, recipe.STAGE_MARKER)
+    for damage in ('{"settings": {', "[1, 2]", '{"results": {}}'):
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write(damage)
+        with pytest.raises(ValueError) as caught:
+            recipe.finished_stage(teacher)
+        message = str(caught.value)
+        assert f"the stage marker {marker} is damaged" in message and "\n" not in message, message
+        assert "delete it to train that stage again" in message
+
+
+def test_a_finished_stage_whose_model_no_longer_loads_is_trained_again(tmp_path, caplog, monkeypatch):
+    teacher = _finished_teacher(tmp_path)
+    weights = os.path.join(teacher.output_dir, "model.safetensors")
+    assert recipe.finished_stage(teacher) == {"f1": 12.5}
+    with open(weights, "r+b") as f:  # cut short (a full disk, a copy that stopped)
+        f.truncate(os.path.getsize(weights) // 2)
+    with caplog.at_level(logging.WARNING, logger="kdqa"):
+        assert recipe.finished_stage(teacher) is None
+    assert f"the finished stage {teacher.output_dir} is trained again" in caplog.text
+    os.remove(weights)
+    assert recipe.finished_stage(teacher) is None
+
+    stages = _stages(["--output_dir", str(tmp_path / "recipe"), "--student_layers", "0,2"])
+    trained = []
+    monkeypatch.setattr(recipe, "run_stage", lambda name, run_args, resume: trained.append(name) or {"f1": 1.0})
+    recipe.train_stages(stages, resume=True, minutes={})
+    assert trained == [name for name, _ in recipe.STAGES]  # the teacher and every stage after it
+
+
+def test_each_stage_is_its_own_tensorboard_run_in_a_shared_folder(tmp_path, monkeypatch):
+    from kdqa.tensorboard_log import log_dir_for
+
+    stages = _stages(["--output_dir", str(tmp_path / "recipe"), "--student_layers", "0,2"])
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    folders = [log_dir_for(stages[name]) for name, _ in recipe.STAGES]
+    assert folders == [str(tmp_path / "tb" / d) for d in ("teacher", "student", "distilled", "distilled_hidden")]
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR")
+    assert log_dir_for(stages["teacher"]) == os.path.join(stages["teacher"].output_dir, "runs")

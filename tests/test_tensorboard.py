@@ -63,9 +63,10 @@ def test_tensorboard_holds_every_metrics_record_and_the_flags(setup, tmp_path):
     assert train.main(argv(setup, out)) == 0
     acc, got = scalars(out / "runs")
     expected = expected_scalars(out)
-    for tag in ("train/loss", "train/ce", "train/kd", "train/lr", "train/grad_norm", "train/features_per_second",
-                "train/peak_memory_mb", "eval/f1", "eval/exact_match"):
-        assert tag in expected
+    for tag in ("train/loss", "train/ce", "train/kd", "train/learning_rate", "train/epoch", "train/grad_norm",
+                "train/features_per_second", "train/peak_memory_mb", "eval/f1", "eval/exact_match"):
+        assert tag in expected and tag in got  # Trainer's names (HF TensorBoardCallback) where Trainer logs it
+    assert "train/lr" not in got
     assert [s for s, _ in expected["train/loss"]] == list(range(1, 9))
     assert [s for s, _ in expected["eval/f1"]] == [2, 4, 6, 8]
     assert_same(got, expected)
@@ -111,3 +112,17 @@ def test_report_to_none_writes_no_events_and_the_env_var_moves_them(setup, tmp_p
     assert train.main(argv(setup, out, "--max_steps", "2")) == 0
     assert not (out / "runs").exists()
     assert_same(scalars(tmp_path / "tb")[1], expected_scalars(out))
+
+
+def test_an_unusable_tensorboard_folder_is_one_line_before_the_run(setup, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(blocker / "tb"))
+    out = tmp_path / "run"
+    code = train.main(argv(setup, out))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert f"$TENSORBOARD_LOGGING_DIR ({blocker / 'tb'})" in lines[0] and f"{blocker} is a file" in lines[0]
+    assert "set $TENSORBOARD_LOGGING_DIR to a folder you can write" in lines[0]
+    assert not (out / "metrics.jsonl").exists()  # before the run began

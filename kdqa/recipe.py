@@ -45,7 +45,8 @@ from kdqa.export import calibration_from_rows, export_model, missing_onnx_librar
 from kdqa.features import Window
 from kdqa.inference import QAPredictor, write_prediction_outputs
 from kdqa.postprocess import Decoding
-from kdqa.modeling import ModelLoadError, OFFLINE_HELP, cached_snapshot, hub_reachable, short_model_name
+from kdqa.modeling import (ModelLoadError, OFFLINE_HELP, WEIGHT_FILES, cached_snapshot, hub_reachable,
+                           short_model_name)
 from kdqa.report_card import read_json_if_present, recipe_report, write_recipe_report, write_served_report_and_card
 from kdqa.reporting import quiet_progress_bars, save_figure
 from kdqa.resume_settings import run_settings
@@ -496,7 +497,7 @@ def _run_recipe(args: argparse.Namespace, held: run_dir.HeldFolders, started: fl
     table = format_table(rows, args, dev_sample)
     print(table)
     write_results(args, rows, table, stages, served, banner=banner, estimate=estimate,
-                  elapsed=time.perf_counter() - started)
+                  elapsed=time.perf_counter() - started, dev_sample=dev_sample.as_dict())
     return results
 
 
@@ -517,21 +518,21 @@ def train_stages(stages: dict, resume: bool, minutes: dict) -> dict:
 
 
 def write_results(args, rows: dict, table: str, stages: dict, served: dict | None, *, banner: list[str],
-                  estimate: float | None, elapsed: float) -> None:
+                  estimate: float | None, elapsed: float, dev_sample: dict) -> None:
     """recipe_results.md/.json/.png and the recipe's report, in its folder."""
     out = args.output_dir
     write_text_atomic(os.path.join(out, "recipe_results.md"), table + "\n")
     write_json_atomic(os.path.join(out, "recipe_results.json"), {
         "models": rows, "speed_test": {"questions": args.speed_test_questions, "device": "cpu",
                                        "threads": torch.get_num_threads()},
-        "dev_sample": dev_sample.as_dict(),
+        "dev_sample": dev_sample,
         "settings": banner, "elapsed_s": round(elapsed, 1),
         "estimate_s": None if estimate is None else round(estimate, 1)})
     plot_results(rows, os.path.join(out, "recipe_results.png"))
     stage_dirs = {name: stages[name].output_dir for name, _ in STAGES} | ({SERVED: served["output_dir"]} if served else {})
     write_recipe_report(out, recipe_report(rows, stage_dirs,
                                            threads=torch.get_num_threads(), speed_questions=args.speed_test_questions,
-                                           elapsed_s=elapsed))
+                                           elapsed_s=elapsed, dev_sample=dev_sample))
     logger.info("recipe: done in %.1f minutes%s; results in %s", elapsed / 60,
                 "" if estimate is None else f" (estimated {estimate / 60:.0f})", out)
 

@@ -311,7 +311,8 @@ def _served_agreement(served_dir: str, source_dir: str, teacher: dict | None) ->
 # ----------------------------------------------------------------------------- the recipe's report
 
 def recipe_report(rows: dict, stage_dirs: dict[str, str], *, threads: int, speed_questions: int,
-                  elapsed_s: float, baseline: str = "student", teacher: str = "teacher") -> dict:
+                  elapsed_s: float, baseline: str = "student", teacher: str = "teacher",
+                  dev_sample: dict | None = None) -> dict:
     """The recipe's report: each model's scores and speed (the table's rows), the gap to the teacher
     each distilled model closed against the fine-tuned `baseline`, each student's agreement with the
     teacher's answers, and each stage's own report (its objective as run)."""
@@ -334,7 +335,7 @@ def recipe_report(rows: dict, stage_dirs: dict[str, str], *, threads: int, speed
                 entry["int8"] = stage_report["int8"]
         models[name] = entry
     return {"models": models, "speed_test": {"questions": speed_questions, "threads": threads, "device": "cpu"},
-            "elapsed_s": round(elapsed_s, 1)}
+            "elapsed_s": round(elapsed_s, 1), "dev_sample": dev_sample}
 
 
 def render_recipe_report(report: dict) -> str:
@@ -355,6 +356,8 @@ def render_recipe_report(report: dict) -> str:
     drops = [f"- {entry['label']}: {int8_drop_text(entry['int8'])}"
              for entry in report["models"].values() if entry.get("int8")]
     lines += [""] + drops if drops else []
+    if report.get("dev_sample"):
+        lines += ["", f"EM/F1 on {report['dev_sample']['text']}."]
     lines += ["", f"Speed: {sp['questions']} dev questions answered one at a time on the CPU with {sp['threads']} "
               f"threads. Whole recipe: {report['elapsed_s'] / 60:.1f} minutes.", ""]
     for entry in report["models"].values():

@@ -274,6 +274,7 @@ def test_recipe_runs_teacher_student_and_distilled_student_and_prints_the_table(
     assert set(results) == {"teacher", "student", "distilled student", recipe.HIDDEN_STAGE}
     table = capsys.readouterr().out
     assert "| teacher (" in table and "| student (layers 0,2 of base" in table and "| distilled student (" in table
+    assert "EM/F1 on all 60 dev questions (1 of 1 articles)" in table  # which questions: said under the table
     out = tmp_path / "recipe"
     for run_dir in ("teacher", "student", "distilled"):
         assert (out / run_dir / "eval_results.json").is_file()
@@ -292,6 +293,8 @@ def test_recipe_runs_teacher_student_and_distilled_student_and_prints_the_table(
     kd_terms = {t["name"]: t for t in report["models"]["distilled student"]["objective"]["terms"]}
     assert kd_terms["kd"]["temperature"] == args.temperature and kd_terms["kd"]["weight"] == args.alpha_kd
     assert "gap to the teacher closed" in (out / "report.md").read_text()
+    assert json.loads((out / "recipe_results.json").read_text())["dev_sample"]["how"] == "all"
+    assert "EM/F1 on all 60 dev questions" in (out / "report.md").read_text()
     for run_dir in ("teacher", "student", "distilled"):
         assert (out / run_dir / "README.md").read_text().startswith("---\n")
 

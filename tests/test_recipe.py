@@ -347,3 +347,38 @@ def test_online_hidden_row_uses_the_uniform_map_with_projections(tmp_path):
     term_run = [t for t in report["objective"]["terms"] if t["name"] == "hidden"][0]
     assert term_run["weight"] == 10.0 and term_run["layer_map (student:teacher)"] == "1:2,2:4"
     assert hidden.teacher_logits_cache is None
+
+
+# --------------------------------------------------------------------------- the CPU preset (issue 34, item 4)
+
+def _preset_stages(argv):
+    """The stages' settings the recipe builds on a CPU-only machine (nothing trains)."""
+    args = parse_args(["--output_dir", "/nonexistent/recipe", "--device", "cpu", *argv])
+    given = set(args.__dict__.pop("given_flags"))
+    recipe.choose_hidden_term(args, given)
+    recipe.apply_size(args, [], given)
+    return recipe.stage_arguments(args)
+
+
+def test_the_cpu_preset_fills_only_flags_not_given_even_at_their_default_value():
+    stages = _preset_stages([])
+    assert stages["student"].learning_rate == recipe.CPU_PRESET["learning_rate"] != 2e-5
+    assert stages["student"].num_train_epochs == recipe.CPU_PRESET["num_train_epochs"] != 3.0
+    assert stages["student"].warmup_ratio == recipe.CPU_PRESET["warmup_ratio"] > 0
+
+    stages = _preset_stages(["--learning_rate", "2e-5", "--num_train_epochs", "3"])  # both the parser's defaults
+    for name, stage in stages.items():
+        assert stage.learning_rate == 2e-5, name
+        assert stage.max_train_samples == recipe.CPU_PRESET["max_train_samples"]  # the rest of the preset holds
+    assert all(stages[name].num_train_epochs == 3.0 for name in ("student", "distilled student", recipe.HIDDEN_STAGE))
+
+
+@pytest.mark.parametrize("flags", [["--lr_scheduler_type", "constant"], ["--lr_scheduler_type", "linear"],
+                                   ["--warmup_steps", "5"], ["--warmup_ratio", "0"]])
+def test_a_chosen_schedule_gets_no_warm_up_from_the_preset(flags):
+    stages = _preset_stages(flags)
+    given = dict(zip(flags[::2], flags[1::2]))
+    for stage in stages.values():
+        assert stage.warmup_ratio == 0.0 and stage.warmup_steps == float(given.get("--warmup_steps", 0))
+        assert stage.lr_scheduler_type == given.get("--lr_scheduler_type", "linear")
+        assert stage.learning_rate == recipe.CPU_PRESET["learning_rate"]

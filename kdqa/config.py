@@ -780,6 +780,7 @@ def validate_args(args: argparse.Namespace) -> None:
         _check_cuda_device(device)
     if getattr(args, "precision", None) == "fp16" and device == "cpu":
         raise ConfigError("--precision fp16 needs a CUDA GPU; on the CPU choose --precision auto, fp32 or bf16")
+    _check_model_paths(args)
     if args.command in INFERENCE_COMMANDS:
         return validate_inference_args(args)
     _check_models_and_files(args)
@@ -798,6 +799,27 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 TRAINING_COMMANDS = ("finetune", "distill", "recipe")
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # NAME or ORG/NAME, as the hub spells repository ids
+
+
+def is_missing_path(name: str) -> bool:
+    """A model name that can only be a local path (./, ../, ~, /, a backslash, two or more '/', a form no
+    hub name has, or ORG/NAME whose ORG is a local folder) and that does not exist: a missing folder,
+    which the hub must not be asked for (it would suggest `hf download /path/...`)."""
+    if os.path.exists(name):
+        return False
+    head = name.split("/", 1)[0]
+    return (name.startswith((".", "~", "/")) or "\\" in name or name.count("/") > 1 or ".." in name or "--" in name
+            or HUB_NAME.fullmatch(name) is None or ("/" in name and os.path.isdir(head)))
+
+
+def _check_model_paths(args: argparse.Namespace) -> None:
+    """Every model flag that names a local path names one that exists."""
+    for flag in ("model_name_or_path", "teacher_model_name_or_path"):
+        name = getattr(args, flag, None)
+        if name and is_missing_path(name):
+            raise ConfigError(f"--{flag} {name}: no such folder (a path, not a hub name, which reads NAME or "
+                              "ORG/NAME); check the path, or train or copy the model there first")
 
 
 def _check_ranges(args: argparse.Namespace) -> None:

@@ -441,3 +441,22 @@ def test_evaluate_keeps_refusing_fp16_on_the_cpu(out, capsys):
     err = main_error(["evaluate", "--model_name_or_path", "m", "--output_dir", out, "--fp16", "--device", "cpu"],
                      capsys)
     assert "--precision fp16 needs a CUDA GPU" in err
+
+
+# --------------------------------------------------------------------------- a model folder that is gone (issue 34, 16)
+
+@pytest.mark.parametrize("command, flag", [("finetune", "--model_name_or_path"), ("recipe", "--teacher_model_name_or_path"),
+                                           ("predict", "--model_name_or_path"), ("export", "--model_name_or_path"),
+                                           ("evaluate", "--model_name_or_path")])
+def test_a_missing_model_folder_is_named_as_such_never_as_a_hub_name(tmp_path, capsys, monkeypatch, command, flag):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    extra = {"predict": ["--question", "q", "--context", "c"]}.get(command, [])
+    for gone in (str(tmp_path / "gone" / "model"), "./no_such_run/teacher", "~/no_such_model_here",
+                 "runs/teacher"):  # ORG/NAME whose ORG is a local folder: a path
+        argv = [command, flag, gone, "--output_dir", str(tmp_path / "o"), *extra]
+        line = main_error(argv, capsys)
+        assert f"{flag} {gone}: no such folder" in line and "hf download" not in line, line
+    args = parse_args([command, flag, "google/bert_uncased_L-2_H-128_A-2", "--output_dir", str(tmp_path / "o"),
+                       *extra])  # a hub name is still one
+    assert getattr(args, flag[2:]) == "google/bert_uncased_L-2_H-128_A-2"

@@ -61,6 +61,6 @@ def open_tensorboard(args, *, start_step: int, resumed: bool, is_main: bool) -> 
     """The writer when --report_to resolved to tensorboard, on the main process; else None."""
     if not is_main or "tensorboard" not in (getattr(args, "report_to", None) or []):
         return None
-    log_dir = log_dir_for(args.output_dir)
+    log_dir = getattr(args, "logging_dir", None) or log_dir_for(args.output_dir)  # --logging_dir first
     return TensorBoardLog(log_dir, start_step=start_step, resumed=resumed, flags=vars(args),
                           clear_old=log_dir == os.path.join(args.output_dir, "runs"))

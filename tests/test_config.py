@@ -460,3 +460,22 @@ def test_a_missing_model_folder_is_named_as_such_never_as_a_hub_name(tmp_path, c
     args = parse_args([command, flag, "google/bert_uncased_L-2_H-128_A-2", "--output_dir", str(tmp_path / "o"),
                        *extra])  # a hub name is still one
     assert getattr(args, flag[2:]) == "google/bert_uncased_L-2_H-128_A-2"
+
+
+def test_export_takes_disable_tqdm_and_silences_the_bars(tmp_path, monkeypatch):
+    """kdqa's own flag on every command with progress bars: export loads a model and tokenises."""
+    import datasets
+    import transformers
+
+    import kdqa.export
+
+    args = parse_args(["export", "--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "onnx"),
+                       "--disable_tqdm"])
+    monkeypatch.setattr(kdqa.export, "export_model", lambda *a, **k: {"files": []})
+    try:
+        kdqa.export.export_command(args)
+        assert not datasets.is_progress_bar_enabled()
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+    finally:
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()

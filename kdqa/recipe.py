@@ -260,7 +260,7 @@ def apply_size(args, banner: list[str], given=()) -> float | None:
         return None
     chosen = []
     for key, value in CPU_PRESET.items():
-        if key not in given and not (key == "warmup_ratio" and SCHEDULE_FLAGS & set(given)):
+        if _preset_applies(key, args, set(given)):
             setattr(args, key, value)
             chosen.append(key)
     seconds = estimate_seconds(args)
@@ -273,6 +273,18 @@ def apply_size(args, banner: list[str], given=()) -> float | None:
         + ("" if len(chosen) == len(CPU_PRESET) else f" (flags you gave kept: {sorted(set(CPU_PRESET) - set(chosen))})")
     )
     return seconds
+
+
+def _preset_applies(key: str, args, given: set) -> bool:
+    """A preset value fills a flag not given, unless it would undo what the user chose: a schedule of their
+    own (no preset warm-up), or the best checkpoint by dev score (which needs a score per epoch, not one at the end)."""
+    if key in given:
+        return False
+    if key == "warmup_ratio":
+        return not SCHEDULE_FLAGS & given
+    if key == "eval_strategy":
+        return not (args.load_best_model_at_end or args.save_strategy == "best")
+    return True
 
 
 def stage_seconds(args) -> dict[str, float]:

@@ -382,3 +382,9 @@ def test_a_chosen_schedule_gets_no_warm_up_from_the_preset(flags):
         assert stage.warmup_ratio == 0.0 and stage.warmup_steps == float(given.get("--warmup_steps", 0))
         assert stage.lr_scheduler_type == given.get("--lr_scheduler_type", "linear")
         assert stage.learning_rate == recipe.CPU_PRESET["learning_rate"]
+
+
+def test_the_preset_keeps_per_epoch_scores_for_the_best_checkpoint():
+    stages = _preset_stages(["--load_best_model_at_end", "--save_strategy", "epoch"])
+    assert all(stage.eval_strategy == "epoch" and stage.load_best_model_at_end for stage in stages.values())
+    assert _preset_stages([])["student"].eval_strategy == recipe.CPU_PRESET["eval_strategy"]

@@ -292,17 +292,17 @@ def _add_training_arguments_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                    help="accepted for torch.distributed.launch and ignored: kdqa reads LOCAL_RANK from torchrun")
     g.add_argument("--logging_dir", default=None,
-                   help="the TensorBoard folder (default: OUTPUT_DIR/runs, or $TENSORBOARD_LOGGING_DIR)")
-    g.add_argument("--optim", type=_optimizer, default=None,
-                   help="adamw_torch (torch.optim.AdamW) or adamw_torch_fused (its fused kernel: faster, its updates "
-                        "differ in the last bits) (default: the fused kernel on CUDA, adamw_torch on the CPU)")
+                   help="the TensorBoard folder; None: OUTPUT_DIR/runs, or $TENSORBOARD_LOGGING_DIR")
+    g.add_argument("--optim", type=_optimizer, default=None, metavar="{adamw_torch,adamw_torch_fused}",
+                   help="torch.optim.AdamW, or its fused kernel (faster, its updates differ in the last bits); "
+                        "None: the fused kernel on CUDA, adamw_torch on the CPU")
     g.add_argument("--load_best_model_at_end", action="store_true",
                    help="the final model (OUTPUT_DIR) is the checkpoint with the best --metric_for_best_model; needs "
                         "--save_strategy epoch, steps (with --eval_strategy the same and --save_steps a multiple of "
                         "--eval_steps) or best")
     g.add_argument("--metric_for_best_model", choices=["f1", "exact_match", "eval_f1", "eval_exact_match"],
-                   default=None, help="the dev score that picks the best checkpoint (default with "
-                                      "--load_best_model_at_end or --save_strategy best: f1)")
+                   default=None, help="the dev score that picks the best checkpoint; None: f1 (with "
+                                      "--load_best_model_at_end or --save_strategy best)")
     for name, (kind, why) in IGNORED_FLAGS.items():
         g.add_argument(f"--{name}", action=_IgnoredFlag, kind=kind, help=f"accepted, no effect: {why}")
 

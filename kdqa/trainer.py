@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 

@@ -924,9 +924,11 @@ def is_missing_path(name: str) -> bool:
 
 
 def _check_model_paths(args: argparse.Namespace) -> None:
-    """Every model flag that names a local path names one that exists."""
+    """Every model flag the command reads that names a local path names one that exists (only training
+    with distill or the recipe reads the teacher: one config file may serve both modes before it is trained)."""
+    reads_teacher = args.command == "recipe" or (args.command == "distill" and args.do_train)
     for flag in ("model_name_or_path", "teacher_model_name_or_path"):
-        name = getattr(args, flag, None)
+        name = getattr(args, flag, None) if flag == "model_name_or_path" or reads_teacher else None
         if name and is_missing_path(name):
             raise ConfigError(f"--{flag} {name}: no such folder (a path, not a hub name, which reads NAME or "
                               "ORG/NAME); check the path, or train or copy the model there first")

@@ -88,6 +88,24 @@ def report_stop(args, stop: BaseException, argv) -> int:
 
 
 def main(argv=None) -> int:
+    """Run train.py's command line; SIGTERM is taken from the first line on, before the imports of torch
+    and transformers (seconds), so a scheduler's pre-emption right after start is one line and 143."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    try:
+        return _main(argv)
+    except (KeyboardInterrupt, Terminated) as stop:  # while parsing and importing, before the command ran
+        if os.environ.get("KDQA_TRACEBACK"):
+            raise
+        name, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
+        print(f"train.py: interrupted ({name}) while starting", file=sys.stderr)
+        return code
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _main(argv) -> int:
     from kdqa.config import ConfigError, parse_args
 
     try:
@@ -106,8 +124,6 @@ def main(argv=None) -> int:
 
     user_errors = (ConfigError, SquadDataError, ModelLoadError, CheckpointError, NonFiniteLossError,
                    FileExistsError, FileNotFoundError, ValueError)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         run_command(args)
     except (TrainingInterrupted, KeyboardInterrupt, Terminated) as stop:
@@ -121,9 +137,6 @@ def main(argv=None) -> int:
             raise
         print(f"train.py {args.command}: error: {err}", file=sys.stderr)
         return 1
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
 
 

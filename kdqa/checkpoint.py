@@ -152,7 +152,8 @@ def _json_in(folder: str, name: str):
 
 
 def save_checkpoint(output_dir: str, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict,
-                    save_total_limit: int = 2, rng_by_rank: list[dict] | None = None) -> str:
+                    save_total_limit: int = 2, rng_by_rank: list[dict] | None = None,
+                    keep_step: int | None = None) -> str:
     """Write checkpoint-{step} atomically and durably, then delete the oldest beyond save_total_limit.
 
     Raises NonFiniteParametersError (nothing written) if a parameter is NaN/inf, and CheckpointError
@@ -199,7 +200,9 @@ def save_checkpoint(output_dir: str, step: int, *, model, optimizer, scheduler, 
                 "--resume_from_checkpoint latest"
             ) from err
         raise
-    for old in [p for p in list_checkpoints(output_dir) if is_our_checkpoint(p)][:-save_total_limit]:  # never a link
+    # Never a link; never checkpoint-{keep_step} (the best one, --load_best_model_at_end): the limit counts the others.
+    kept = [p for p in list_checkpoints(output_dir) if is_our_checkpoint(p) and checkpoint_step(p) != keep_step]
+    for old in kept[:-save_total_limit]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

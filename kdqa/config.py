@@ -87,6 +87,12 @@ class _BoolFlag(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def steps_or_ratio(text) -> int | float:
+    """TrainingArguments' *_steps: a whole number of steps, or a float below 1, a fraction of all steps."""
+    value = float(text)
+    return int(value) if math.isfinite(value) and value >= 1 and value == int(value) else value
+
+
 def _add_config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
                    help="YAML or JSON file of flag values, parsed and checked as the flags are (flags given on the "
@@ -165,6 +171,8 @@ def _add_runtime_args(p: argparse.ArgumentParser, with_precision: bool = True) -
                        help="attention kernel of the models (sdpa: torch scaled_dot_product_attention)")
     g.add_argument("--per_device_eval_batch_size", type=int, default=64, help="features per evaluation batch")
     g.add_argument("--disable_tqdm", action="store_true", help="no progress bars")
+    g.add_argument("--use_cpu", "--no_cuda", action="store_true", default=argparse.SUPPRESS,
+                   help="same as --device cpu (TrainingArguments' names)")
 
 
 # What --loss_impl picks (kdqa.loss.resolve_loss_impl); said here so --help needs no torch.
@@ -201,8 +209,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     """A training run's logging, evaluation and checkpoints."""
     g = p.add_argument_group("logging, evaluation, checkpoints")
     g.add_argument("--overwrite_output_dir", action="store_true", help="allow a non-empty output dir without resuming")
-    g.add_argument("--logging_steps", type=int, default=50, help="log to metrics.jsonl every N optimizer steps")
-    g.add_argument("--eval_strategy", choices=["epoch", "steps", "end", "no"], default="epoch",
+    g.add_argument("--logging_steps", type=steps_or_ratio, default=50,
+                   help="log to metrics.jsonl every N optimizer steps (a value below 1: that fraction of all steps, "
+                        "rounded up, as transformers)")
+    g.add_argument("--eval_strategy", "--evaluation_strategy", choices=["epoch", "steps", "end", "no"], default="epoch",
                    help="when to score the dev set: every epoch, every --eval_steps, once after the last step (end), "
                         "or never; epoch and steps also score after the last step")
     g.add_argument("--eval_steps", type=int, default=None, help="evaluate every N steps (eval_strategy steps)")
@@ -275,9 +285,10 @@ def _add_training_arguments_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--logging_strategy", choices=["steps", "epoch", "no"], default="steps",
                    help="steps: a metrics.jsonl record every --logging_steps; epoch: at each epoch's end; no: only "
                         "one at the last step (the mean over the whole run); every strategy logs the last step")
-    g.add_argument("--save_strategy", choices=["steps", "epoch", "no"], default="steps",
+    g.add_argument("--save_strategy", choices=["steps", "epoch", "best", "no"], default="steps",
                    help="steps: a checkpoint every --save_steps and at each epoch's end and the last step; epoch: "
-                        "at epoch ends and the last step; no: no checkpoints (the run cannot be resumed)")
+                        "at epoch ends and the last step; best: where the dev score beats the best so far (and at "
+                        "the last step, to resume from); no: no checkpoints (the run cannot be resumed)")
     g.add_argument("--warmup_steps", type=float, default=0,
                    help="optimizer steps of warm-up (a value below 1: that fraction of all steps, as transformers 5); "
                         "give it or --warmup_ratio, not both")
@@ -287,11 +298,73 @@ def _add_training_arguments_args(p: argparse.ArgumentParser) -> None:
                    help="recompute the student's activations in the backward pass: less memory, slower steps")
     g.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                    help="accepted for torch.distributed.launch and ignored: kdqa reads LOCAL_RANK from torchrun")
+    g.add_argument("--logging_dir", default=None,
+                   help="the TensorBoard folder; None: OUTPUT_DIR/runs, or $TENSORBOARD_LOGGING_DIR")
+    g.add_argument("--optim", type=_optimizer, default=None, metavar="{adamw_torch,adamw_torch_fused}",
+                   help="torch.optim.AdamW, or its fused kernel (faster, its updates differ in the last bits); "
+                        "None: the fused kernel on CUDA, adamw_torch on the CPU")
+    g.add_argument("--load_best_model_at_end", action="store_true",
+                   help="the final model (OUTPUT_DIR) is the checkpoint with the best --metric_for_best_model; needs "
+                        "--save_strategy epoch, steps (with --eval_strategy the same and --save_steps a multiple of "
+                        "--eval_steps) or best")
+    g.add_argument("--metric_for_best_model", choices=["f1", "exact_match", "eval_f1", "eval_exact_match"],
+                   default=None, help="the dev score that picks the best checkpoint; None: f1 (with "
+                                      "--load_best_model_at_end or --save_strategy best)")
+    for name, (kind, why) in IGNORED_FLAGS.items():
+        g.add_argument(f"--{name}", action=_IgnoredFlag, kind=kind, help=f"accepted, no effect: {why}")
+
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+
+
+def _optimizer(name: str) -> str:
+    if name not in OPTIMIZERS:
+        raise argparse.ArgumentTypeError(f"{name!r}: kdqa trains with AdamW; choose adamw_torch or adamw_torch_fused")
+    return name
+
+
+# run_qa.py / TrainingArguments flags accepted where they have nothing to do in kdqa: (value kind, why).
+# A value that would ask for something kdqa does not do is refused (`save_safetensors False`).
+IGNORED_FLAGS = {
+    "run_name": ("text", "the TensorBoard folder is --logging_dir"),
+    "log_level": ("text", "kdqa logs its own lines at INFO on the main process"),
+    "overwrite_cache": ("bool", "kdqa tokenises each run afresh (only the teacher's logits are cached, and "
+                                "checked against their settings)"),
+    "cache_dir": ("text", "models come from the hub cache of $HF_HOME (or $HF_HUB_CACHE)"),
+    "dataloader_pin_memory": ("bool", "kdqa pins loader memory on CUDA"),
+    "skip_memory_metrics": ("bool", "kdqa writes no memory metrics"),
+    "save_safetensors": ("bool", "kdqa writes model.safetensors only (False is refused)"),
+}
+
+
+class _IgnoredFlag(argparse.Action):
+    """A flag of IGNORED_FLAGS: its value is checked (true/false for a bool) and nothing is stored."""
+
+    def __init__(self, option_strings, dest, kind: str, **kwargs):
+        boolean = kind == "bool"
+        super().__init__(option_strings, dest, nargs="?" if boolean else None, const=True if boolean else None,
+                         type=str_to_bool if boolean else str, default=argparse.SUPPRESS,
+                         metavar="BOOL" if boolean else "VALUE", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "--save_safetensors" and values is False:
+            raise argparse.ArgumentError(self, "kdqa writes model.safetensors only (no pytorch_model.bin); "
+                                               "leave it out")
 
 
 # run_qa.py's own (non-TrainingArguments) flags that kdqa does not have.
-RUN_QA_ONLY_FLAGS = ("config_name", "tokenizer_name", "cache_dir", "model_revision", "token", "trust_remote_code",
-                     "dataset_config_name", "overwrite_cache", "max_predict_samples", "null_score_diff_threshold")
+RUN_QA_ONLY_FLAGS = ("config_name", "tokenizer_name", "model_revision", "token", "trust_remote_code",
+                     "dataset_config_name", "null_score_diff_threshold")
+# TrainingArguments fields of transformers 4.x that 5.x dropped (run_qa.py command lines still carry them).
+TRAINING_ARGUMENTS_4X = ("per_gpu_train_batch_size", "per_gpu_eval_batch_size", "evaluation_strategy",
+                         "logging_dir", "save_safetensors", "no_cuda", "use_mps_device", "jit_mode_eval", "use_ipex",
+                         "fp16_opt_level", "fp16_backend", "half_precision_backend", "tpu_num_cores",
+                         "tpu_metrics_debug", "past_index", "fsdp_min_num_params", "fsdp_transformer_layer_cls_to_wrap",
+                         "mp_parameters", "adafactor", "group_by_length", "length_column_name",
+                         "use_legacy_prediction_loop", "push_to_hub_model_id", "push_to_hub_organization",
+                         "push_to_hub_token", "include_inputs_for_metrics", "include_tokens_per_second", "ray_scope",
+                         "torchdynamo", "dispatch_batches", "split_batches", "warmup_ratio", "overwrite_output_dir",
+                         "hub_private_repo", "save_on_each_node")
 # TrainingArguments fields, where transformers cannot be imported (it is a dependency, so rarely used).
 _TRAINING_ARGUMENTS_FALLBACK = ("push_to_hub", "hub_model_id", "deepspeed", "fsdp", "optim", "tf32", "eval_on_start",
                                 "load_best_model_at_end", "metric_for_best_model", "label_smoothing_factor",
@@ -314,7 +387,7 @@ def unsupported_hf_flags(names) -> list[str]:
     names = [n.replace("-", "_") for n in names]
     if not names:
         return []
-    known = _training_arguments_fields() | set(RUN_QA_ONLY_FLAGS)
+    known = _training_arguments_fields() | set(RUN_QA_ONLY_FLAGS) | set(TRAINING_ARGUMENTS_4X)
     return [n for n in names if n in known]
 
 
@@ -363,6 +436,8 @@ def _add_run_qa_args(p: argparse.ArgumentParser, fixed_phases: dict | None = Non
                        help="after the other phases, answer --test_file with the final model "
                             "(predict_predictions.json in --output_dir)")
         g.add_argument("--test_file", default=None, help="SQuAD JSON answered by --do_predict")
+        g.add_argument("--max_predict_samples", type=int, default=None,
+                       help="--do_predict answers only the first N questions of --test_file")
     else:
         p.set_defaults(**fixed_phases, do_predict=False, test_file=None)
 
@@ -555,12 +630,16 @@ def config_tokens(values: dict, parser: argparse.ArgumentParser, path: str) -> l
             unknown.append(str(key))
             continue
         where = f"--config {path}: {key}"
-        if action.nargs == 0 or isinstance(action, (_BoolFlag, _RefuseFlag)):
+        boolean = action.nargs == 0 or isinstance(action, (_BoolFlag, _RefuseFlag)) or action.type is str_to_bool
+        if boolean:
             if isinstance(value, str) and value.lower() in ("true", "false"):
                 value = value.lower() == "true"
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: expected true or false, got {value!r}")
-            tokens += [f"--{key}"] if value else []
+            if isinstance(action, _IgnoredFlag):
+                tokens.append(f"--{key}={value}")  # checked as on the command line (save_safetensors false)
+            else:
+                tokens += [f"--{key}"] if value else []
             continue
         if value is None:
             continue
@@ -647,7 +726,11 @@ def given_flags(argv: list[str]) -> set[str]:
 
 
 def _resolve_run_qa_flags(args: argparse.Namespace) -> None:
-    """Fold --fp16/--bf16 into --precision and turn --do_* into the phases to run."""
+    """Fold --fp16/--bf16 into --precision and --use_cpu/--no_cuda into --device; turn --do_* into the phases."""
+    if args.__dict__.pop("use_cpu", False):
+        if args.device not in ("auto", "cpu"):
+            raise ConfigError(f"--use_cpu (--no_cuda) contradicts --device {args.device}; give one of them")
+        args.device = "cpu"
     aliases = [name for name in ("fp16", "bf16") if getattr(args, name, False)]
     for name in ("fp16", "bf16"):
         args.__dict__.pop(name, None)
@@ -694,6 +777,31 @@ def _resolve_training_arguments_flags(args: argparse.Namespace) -> None:
     if args.lr_scheduler_type == "constant" and (steps > 0 or args.warmup_ratio > 0):
         raise ConfigError("--lr_scheduler_type constant has no warm-up; use constant_with_warmup, or drop the "
                           "warm-up flag")
+    _resolve_best_model_flags(args)
+
+
+def _resolve_best_model_flags(args: argparse.Namespace) -> None:
+    """--load_best_model_at_end / --save_strategy best: the metric named without eval_ (f1 by default),
+    and checkpoints that each have a dev score to compare (TrainingArguments' rules, in kdqa's strategies)."""
+    if args.metric_for_best_model is not None:
+        args.metric_for_best_model = args.metric_for_best_model.removeprefix("eval_")
+    if not (args.load_best_model_at_end or args.save_strategy == "best"):
+        return
+    args.metric_for_best_model = args.metric_for_best_model or "f1"
+    wanted = "--load_best_model_at_end" if args.load_best_model_at_end else "--save_strategy best"
+    if args.eval_strategy not in ("epoch", "steps"):
+        raise ConfigError(f"{wanted} compares dev scores during training: give --do_eval with --eval_strategy epoch "
+                          f"or steps (now {args.eval_strategy})")
+    if args.save_strategy == "no":
+        raise ConfigError("--load_best_model_at_end needs checkpoints to choose from: --save_strategy epoch, steps "
+                          "or best, not no")
+    if args.save_strategy == "epoch" and args.eval_strategy != "epoch":
+        raise ConfigError("--load_best_model_at_end with --save_strategy epoch needs --eval_strategy epoch (each "
+                          "checkpoint scored)")
+    if args.save_strategy == "steps" and (args.eval_strategy != "steps" or not args.save_steps
+                                          or args.save_steps % args.eval_steps):
+        raise ConfigError("--load_best_model_at_end with --save_strategy steps needs --eval_strategy steps and "
+                          "--save_steps a multiple of --eval_steps (each checkpoint scored); or --save_strategy epoch or best")
 
 
 def check_output_dir(path: str, flag: str = "--output_dir") -> None:
@@ -763,7 +871,9 @@ RANGES = {
     "adam_beta1": _UNIT, "adam_beta2": _UNIT, "adam_epsilon": _POSITIVE, "warmup_ratio": _UNIT,
     "teacher_num_train_epochs": _POSITIVE, "max_grad_norm": _NON_NEGATIVE,
     "seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
-    "logging_steps": _at_least(1), "eval_steps": _at_least(1),
+    "logging_steps": ((lambda v: isinstance(v, int) and v >= 1 or 0 < v < 1),
+                      "a whole number at least 1, or a fraction of all steps in (0, 1)"),
+    "eval_steps": _at_least(1), "max_predict_samples": _at_least(1),
     "save_steps": ((lambda v: v >= 0), "at least 0 (0: checkpoints at epoch ends only)"),
     "save_total_limit": _at_least(1),
     "temperature": _POSITIVE, "alpha_ce": _NON_NEGATIVE, "alpha_kd": _NON_NEGATIVE, "alpha_hidden": _NON_NEGATIVE,
@@ -787,6 +897,7 @@ def validate_args(args: argparse.Namespace) -> None:
         _check_cuda_device(device)
     if getattr(args, "precision", None) == "fp16" and device == "cpu":
         raise ConfigError("--precision fp16 needs a CUDA GPU; on the CPU choose --precision auto, fp32 or bf16")
+    _check_model_paths(args)
     if args.command in INFERENCE_COMMANDS:
         return validate_inference_args(args)
     _check_models_and_files(args)
@@ -805,6 +916,29 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 TRAINING_COMMANDS = ("finetune", "distill", "recipe")
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # NAME or ORG/NAME, as the hub spells repository ids
+
+
+def is_missing_path(name: str) -> bool:
+    """A model name that can only be a local path (./, ../, ~, /, a backslash, two or more '/', a form no
+    hub name has, or ORG/NAME whose ORG is a local folder) and that does not exist: a missing folder,
+    which the hub must not be asked for (it would suggest `hf download /path/...`)."""
+    if os.path.exists(name):
+        return False
+    head = name.split("/", 1)[0]
+    return (name.startswith((".", "~", "/")) or "\\" in name or name.count("/") > 1 or ".." in name or "--" in name
+            or HUB_NAME.fullmatch(name) is None or ("/" in name and os.path.isdir(head)))
+
+
+def _check_model_paths(args: argparse.Namespace) -> None:
+    """Every model flag the command reads that names a local path names one that exists (only training
+    with distill or the recipe reads the teacher: one config file may serve both modes before it is trained)."""
+    reads_teacher = args.command == "recipe" or (args.command == "distill" and args.do_train)
+    for flag in ("model_name_or_path", "teacher_model_name_or_path"):
+        name = getattr(args, flag, None) if flag == "model_name_or_path" or reads_teacher else None
+        if name and is_missing_path(name):
+            raise ConfigError(f"--{flag} {name}: no such folder (a path, not a hub name, which reads NAME or "
+                              "ORG/NAME); check the path, or train or copy the model there first")
 
 
 def _check_ranges(args: argparse.Namespace) -> None:
@@ -926,6 +1060,7 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tolerance", type=float, default=1e-3,
                    help="largest allowed |ONNX Runtime - PyTorch| difference of a start/end logit")
     g.add_argument("--opset", type=int, default=18, help="ONNX opset version")
+    g.add_argument("--disable_tqdm", action="store_true", help="no progress bars (loading, calibration)")
 
 
 def validate_inference_args(args: argparse.Namespace) -> None:

@@ -14,11 +14,16 @@ import json
 import os
 import sys
 
-from .data import SquadDataError, load_squad_json
-from .metric import missing_ids, squad_v1_score
+PROG = "kdqa-evaluate"
+if __name__ == "__main__":  # before datasets and pyarrow import (a second): a SIGTERM meanwhile is one line, 143
+    from .interrupt import exit_on_stop_signals
+
+    exit_on_stop_signals(PROG)
+
+from .data import SquadDataError, load_squad_json  # noqa: E402
+from .metric import missing_ids, squad_v1_score  # noqa: E402
 
 MAX_LISTED_MISSING = 10
-PROG = "kdqa-evaluate"
 
 
 def _fail(message: str):

@@ -39,6 +39,7 @@ from .config import CALIBRATION_HELP, MIN_OPSET, check_opset
 from .features import QACollator, Window, prepare_eval_features
 from .inference import ONNX_FILE, ONNX_INT8_FILE, OnnxRunner
 from .modeling import ModelLoadError, load_qa_model, load_tokenizer, takes_token_type_ids
+from .reporting import quiet_progress_bars
 
 logger = logging.getLogger("kdqa")
 
@@ -362,6 +363,7 @@ class _OtherLibrariesAtDebug(logging.Filter):
 
 def export_command(args) -> dict:
     """`train.py export`: one log line of ours, the libraries' progress at debug level."""
+    quiet_progress_bars(args.disable_tqdm)  # the bars of loading the model and tokenising the calibration set
     calibration = None
     if args.quantize == "int8":
         if not args.train_file:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shlex
 import signal
+import sys
 import threading
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -61,6 +62,19 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     still end with the main process."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def exit_on_stop_signals(prog: str) -> None:
+    """For a short command with nothing to save (python -m kdqa.evaluate), installed before its heavy
+    imports: SIGINT / SIGTERM end it with one line and 130 / 143, not silently (-15) or with a traceback."""
+    def stop(signum, frame):
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"{prog}: interrupted ({name})", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, stop)
 
 
 def continue_command(argv: list[str], script: str = "train.py", world_size: int = 1) -> str:

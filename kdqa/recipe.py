@@ -65,7 +65,7 @@ EMBEDDED_STUDENT_LAYERS = "0,2,4"
 # fine-tuned student's 12-13, over seeds 42-44 (benchmarks/RESULTS.md). Students train 2 epochs (3
 # would take about 16 minutes by the cost model below). 360 train questions left the teacher at 12-18 F1 and no row ahead.
 # Logits-only KD is level with fine-tuning at this size; it pays from a few thousand questions.
-# Each value applies only where its flag was left at its default.
+# Each value applies only where its flag was not given (a flag given at its default value is given).
 CPU_PRESET = {
     "max_train_samples": 560,
     "max_eval_samples": 500,
@@ -80,6 +80,8 @@ CPU_PRESET = {
     "speed_test_questions": 100,
 }
 SPEED_TEST_QUESTIONS_FULL = 1000
+# The preset's warm-up is part of the schedule: a scheduler or a warm-up flag the user chose replaces it.
+SCHEDULE_FLAGS = {"warmup_ratio", "warmup_steps", "lr_scheduler_type"}
 
 # The estimate's cost model: seconds per feature at 256 tokens on 2 idle cores, measured on
 # 2026-12-02 by the whole recipe at the preset from a fresh clone (the 2-core AMD EPYC VM, 12.4
@@ -237,8 +239,9 @@ def preflight(args: argparse.Namespace, data: bool = True, online: bool = False)
         )
 
 
-def apply_size(args, banner: list[str], defaults: dict) -> float | None:
-    """All of the data on a GPU (or with --full); on the CPU the preset, flag by flag. Returns the estimate (s)."""
+def apply_size(args, banner: list[str], given=()) -> float | None:
+    """All of the data on a GPU (or with --full); on the CPU the preset, flag by flag, for the flags not
+    in `given` (config.given_flags: a flag given at its default value is kept too). Returns the estimate (s)."""
     if uses_cuda(args) or args.full:
         if args.speed_test_questions is None:
             args.speed_test_questions = SPEED_TEST_QUESTIONS_FULL
@@ -246,7 +249,7 @@ def apply_size(args, banner: list[str], defaults: dict) -> float | None:
         return None
     chosen = []
     for key, value in CPU_PRESET.items():
-        if getattr(args, key) == defaults[key]:
+        if _preset_applies(key, args, set(given)):
             setattr(args, key, value)
             chosen.append(key)
     seconds = estimate_seconds(args)
@@ -260,6 +263,18 @@ def apply_size(args, banner: list[str], defaults: dict) -> float | None:
         + ("" if len(chosen) == len(CPU_PRESET) else f" (flags you gave kept: {sorted(set(CPU_PRESET) - set(chosen))})")
     )
     return seconds
+
+
+def _preset_applies(key: str, args, given: set) -> bool:
+    """A preset value fills a flag not given, unless it would undo what the user chose: a schedule of their
+    own (no preset warm-up), or the best checkpoint by dev score (which needs a score per epoch, not one at the end)."""
+    if key in given:
+        return False
+    if key == "warmup_ratio":
+        return not SCHEDULE_FLAGS & given
+    if key == "eval_strategy":
+        return not (args.load_best_model_at_end or args.save_strategy == "best")
+    return True
 
 
 def stage_seconds(args) -> dict[str, float]:
@@ -470,7 +485,7 @@ def _run_recipe(args: argparse.Namespace, held: run_dir.HeldFolders, started: fl
     given = set(args.__dict__.pop("given_flags", ()))  # config.parse_args' record; not a setting of any stage
     choose_models_and_data(args, banner, defaults, given)
     choose_hidden_term(args, given)
-    estimate = apply_size(args, banner, defaults)
+    estimate = apply_size(args, banner, given)
     for line in banner:
         logger.info("recipe: %s", line)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -21,6 +21,7 @@ SAFE_TO_CHANGE = {
     "logging_strategy": "how often the loss is logged",
     "report_to": "where the logged records also go (TensorBoard)",
     "tensorboard_run": "recipe: the stage's TensorBoard run under a shared log folder",
+    "logging_dir": "where the TensorBoard events go",
     "local_rank": "ignored (torchrun's LOCAL_RANK is read), and differs between ranks",
     "disable_tqdm": "progress bars",
     "dataloader_num_workers": "loader processes (the batches are the same)",
@@ -35,6 +36,7 @@ SAFE_TO_CHANGE = {
     # What runs after training (issue 16's prediction), not the training itself:
     "do_predict": "prediction after training",
     "test_file": "prediction after training",
+    "max_predict_samples": "prediction after training",
     # The recipe's own flags, copied into each stage's settings: what they decide (data files, sizes)
     # is compared through the stage's resolved flags (--train_file, --max_train_samples, ...).
     "data_dir": "recipe: where data is looked for (the files found are compared)",

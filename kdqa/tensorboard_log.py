@@ -35,8 +35,9 @@ class TensorBoardDirError(ValueError):
 
 
 def log_dir_for(args) -> str:
-    """$TENSORBOARD_LOGGING_DIR (as transformers reads it; <it>/<stage> for a recipe stage), else OUTPUT_DIR/runs."""
-    shared = os.environ.get(ENV_VAR)
+    """--logging_dir, else $TENSORBOARD_LOGGING_DIR (as transformers reads them; <it>/<stage> for a recipe
+    stage), else OUTPUT_DIR/runs."""
+    shared = getattr(args, "logging_dir", None) or os.environ.get(ENV_VAR)
     if not shared:
         return os.path.join(args.output_dir, "runs")
     stage = getattr(args, "tensorboard_run", None)
@@ -52,7 +53,8 @@ def check_log_dir(args) -> str:
     """The run's TensorBoard folder, checked before anything runs (nothing is created): TensorBoardDirError,
     one line naming the folder and the fix, where it cannot be written (a path under a file, no write access)."""
     log_dir = log_dir_for(args)
-    where = f"${ENV_VAR} ({log_dir})" if os.environ.get(ENV_VAR) else log_dir
+    where = (f"--logging_dir ({log_dir})" if getattr(args, "logging_dir", None)
+             else f"${ENV_VAR} ({log_dir})" if os.environ.get(ENV_VAR) else log_dir)
     own = os.path.join(args.output_dir, "runs")
     if log_dir == own and os.path.islink(own):
         raise TensorBoardDirError(

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -98,6 +99,7 @@ class Progress:
     start_step: int = 0           # where this process began (the resumed step, or 0)
     started: float = field(default_factory=time.perf_counter)  # train_runtime counts from here
     last_checkpoint_step: int = -1  # the step of the last checkpoint this process wrote
+    best: dict | None = None      # the best scored checkpoint {"step", "metric", "value"} (rank 0; in checkpoints)
 
 
 @dataclass
@@ -175,9 +177,10 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
             continue
         (no_decay if name.endswith("bias") or id(param) in no_decay_ids else decay).append(param)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    optim = getattr(args, "optim", None)  # --optim; None: the fused kernel on CUDA only, as kdqa always did
+    fused = optim == "adamw_torch_fused" if optim else next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             eps=args.adam_epsilon, **fused)
+                             eps=args.adam_epsilon, **({"fused": True} if fused else {}))
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -429,7 +432,7 @@ def resume(run: Run) -> str | None:
     p.step, p.epoch, p.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
     p.skipped_steps, p.start_step = state["skipped_steps"], state["step"]
     # Evaluations up to the checkpoint are in metrics.jsonl already; the log window goes on.
-    p.last_eval_step = state["last_eval_step"]
+    p.last_eval_step, p.best = state["last_eval_step"], state.get("best")  # no "best": an older kdqa's
     p.running = {name: torch.tensor(value, device=run.device)
                  for name, value in restored_log_window(state["log_window"], dist.rank).items()}
     p.steps_since_log = state["log_window"]["steps"]
@@ -631,7 +634,7 @@ def log_eval_save(run: Run, bar) -> bool:
             (args.eval_strategy != "no" and p.step == s.total_steps):
         check_finite(run)  # a diverged model is neither scored nor logged
         score_on_dev(run, epoch_float(run))
-    if saves_now(args, p.step, epoch_done, s.total_steps):
+    if saves_now(args, p.step, epoch_done, s.total_steps, beats_best(run)):
         save_checkpoint(run, p.epoch + 1 if epoch_done else p.epoch, 0 if epoch_done else p.batch_in_epoch)
         if INTERRUPT_AFTER_STEP is not None and p.step >= INTERRUPT_AFTER_STEP:
             return False
@@ -641,18 +644,51 @@ def log_eval_save(run: Run, bar) -> bool:
 def logs_now(args, step: int, epoch_done: bool, total_steps: int) -> bool:
     """--logging_strategy: steps (every --logging_steps), epoch, no; the last step always logs."""
     strategy = getattr(args, "logging_strategy", "steps")
-    return step == total_steps or (strategy == "steps" and step % args.logging_steps == 0) or \
+    every = args.logging_steps if args.logging_steps >= 1 else math.ceil(args.logging_steps * total_steps)  # a ratio
+    return step == total_steps or (strategy == "steps" and step % every == 0) or \
         (strategy == "epoch" and epoch_done)
 
 
-def saves_now(args, step: int, epoch_done: bool, total_steps: int) -> bool:
+def saves_now(args, step: int, epoch_done: bool, total_steps: int, new_best: bool = False) -> bool:
     """--save_strategy: steps (every --save_steps, epoch ends, the last step), epoch (epoch ends, the
-    last step), no (never)."""
+    last step), best (where this step's dev score beats the best checkpoint's), no (never)."""
     strategy = getattr(args, "save_strategy", "steps")
-    if strategy == "no":
-        return False
+    if strategy in ("no", "best"):
+        return strategy == "best" and new_best
     return epoch_done or step == total_steps or (strategy == "steps" and bool(args.save_steps)
                                                  and step % args.save_steps == 0)
+
+
+def tracks_best(args) -> bool:
+    return bool(getattr(args, "load_best_model_at_end", False)) or getattr(args, "save_strategy", None) == "best"
+
+
+def beats_best(run: Run) -> bool:
+    """This step was scored and beats the best checkpoint's --metric_for_best_model (higher is better).
+    Rank 0 scores and decides; every rank gets its answer (every rank calls this, at the same steps)."""
+    p = run.progress
+    if not tracks_best(run.args) or p.last_eval_step != p.step:
+        return False
+    metric = run.args.metric_for_best_model
+    better = run.dist.is_main and (p.best is None or p.last_eval["metrics"][metric] > p.best["value"])
+    return bool(max_over_ranks(int(better), run.dist))
+
+
+def load_best_model(run: Run) -> str:
+    """--load_best_model_at_end: the best checkpoint's weights become the final model, scored again so the
+    eval files and the card describe it (every rank loads them: every rank scores). Returns its folder."""
+    path = os.path.join(run.args.output_dir, f"{ckpt.CHECKPOINT_PREFIX}{run.progress.best['step']}")
+    problem = ckpt.verify_checkpoint(path, run.run_id)
+    if problem is not None:
+        raise ckpt.CheckpointError(f"--load_best_model_at_end: the best checkpoint {path} cannot be used ({problem}); "
+                                   f"the last step's model is in {ckpt.last_good_checkpoint(run.args.output_dir)}")
+    weights = load_file(os.path.join(path, "model.safetensors"), device=str(run.device))
+    checkpointed_model(run).load_state_dict(weights)
+    best = run.progress.best
+    logger.info("final model: %s, the best %s (%s) of the scored checkpoints", path, best["metric"],
+                "?" if best["value"] is None else f"{best['value']:.2f}")
+    score_on_dev(run, run.schedule.num_epochs, record=False)
+    return os.path.basename(path)
 
 
 def log_training(run: Run, bar) -> None:
@@ -718,6 +754,9 @@ def save_checkpoint(run: Run, epoch: int, batch_in_epoch: int) -> None:
     """
     check_finite(run)
     args, s, p = run.args, run.schedule, run.progress
+    if beats_best(run):  # rank 0 alone knows the score; every rank the step
+        p.best = {"step": p.step, "metric": args.metric_for_best_model,
+                  "value": p.last_eval["metrics"][args.metric_for_best_model] if run.dist.is_main else None}
     ckpt.check_parameters_finite(run.student, p.step, args.output_dir)  # every rank: same decision
     # Each rank's own RNG states and unlogged sums: a resume restores them as they were, so the next
     # log record's mean over ranks is the uninterrupted run's to the last bit (a mean saved here and
@@ -728,13 +767,13 @@ def save_checkpoint(run: Run, epoch: int, batch_in_epoch: int) -> None:
     if run.dist.is_main:
         ckpt.save_checkpoint(args.output_dir, p.step, model=checkpointed_model(run), optimizer=run.optimizer,
                              scheduler=run.scheduler, scaler=run.scaler, save_total_limit=args.save_total_limit,
-                             rng_by_rank=list(rng_by_rank),
+                             rng_by_rank=list(rng_by_rank), keep_step=p.best["step"] if p.best else None,
                              trainer_state={"epoch": epoch, "batch_in_epoch": batch_in_epoch,
                                             "world_size": run.dist.world_size, "total_steps": s.total_steps,
                                             "batches_per_epoch": s.batches_per_epoch,
                                             "skipped_steps": p.skipped_steps, "run_id": run.run_id,
                                             "settings": run_settings(args, run.device.type),
-                                            "last_eval_step": p.last_eval_step,
+                                            "last_eval_step": p.last_eval_step, "best": p.best,
                                             "log_window": log_window_state(window_by_rank, p.steps_since_log)})
     p.last_checkpoint_step = p.step
     barrier(run.dist)
@@ -767,6 +806,9 @@ def finish(run: Run) -> dict:
         # Resumed at the final checkpoint: its evaluation is logged already; score again for the outputs.
         score_on_dev(run, s.num_epochs, record=p.last_eval_step != p.step)
     results = {"global_step": p.step, "skipped_steps": p.skipped_steps}
+    if getattr(args, "load_best_model_at_end", False) and p.best is not None:
+        results["best_model_checkpoint"] = load_best_model(run) if p.best["step"] != p.step else \
+            f"{ckpt.CHECKPOINT_PREFIX}{p.step}"
     if run.dist.enabled:
         results["rank_param_checksums"] = check_ranks_in_sync(run.student, run.dist)
     if run.dist.is_main:

@@ -441,3 +441,41 @@ def test_evaluate_keeps_refusing_fp16_on_the_cpu(out, capsys):
     err = main_error(["evaluate", "--model_name_or_path", "m", "--output_dir", out, "--fp16", "--device", "cpu"],
                      capsys)
     assert "--precision fp16 needs a CUDA GPU" in err
+
+
+# --------------------------------------------------------------------------- a model folder that is gone (issue 34, 16)
+
+@pytest.mark.parametrize("command, flag", [("finetune", "--model_name_or_path"), ("recipe", "--teacher_model_name_or_path"),
+                                           ("predict", "--model_name_or_path"), ("export", "--model_name_or_path"),
+                                           ("evaluate", "--model_name_or_path")])
+def test_a_missing_model_folder_is_named_as_such_never_as_a_hub_name(tmp_path, capsys, monkeypatch, command, flag):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    extra = {"predict": ["--question", "q", "--context", "c"]}.get(command, [])
+    for gone in (str(tmp_path / "gone" / "model"), "./no_such_run/teacher", "~/no_such_model_here",
+                 "runs/teacher"):  # ORG/NAME whose ORG is a local folder: a path
+        argv = [command, flag, gone, "--output_dir", str(tmp_path / "o"), *extra]
+        line = main_error(argv, capsys)
+        assert f"{flag} {gone}: no such folder" in line and "hf download" not in line, line
+    args = parse_args([command, flag, "google/bert_uncased_L-2_H-128_A-2", "--output_dir", str(tmp_path / "o"),
+                       *extra])  # a hub name is still one
+    assert getattr(args, flag[2:]) == "google/bert_uncased_L-2_H-128_A-2"
+
+
+def test_export_takes_disable_tqdm_and_silences_the_bars(tmp_path, monkeypatch):
+    """kdqa's own flag on every command with progress bars: export loads a model and tokenises."""
+    import datasets
+    import transformers
+
+    import kdqa.export
+
+    args = parse_args(["export", "--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "onnx"),
+                       "--disable_tqdm"])
+    monkeypatch.setattr(kdqa.export, "export_model", lambda *a, **k: {"files": []})
+    try:
+        kdqa.export.export_command(args)
+        assert not datasets.is_progress_bar_enabled()
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+    finally:
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()

@@ -435,3 +435,65 @@ def test_each_stage_is_its_own_tensorboard_run_in_a_shared_folder(tmp_path, monk
     assert folders == [str(tmp_path / "tb" / d) for d in ("teacher", "student", "distilled", "distilled_hidden")]
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR")
     assert log_dir_for(stages["teacher"]) == os.path.join(stages["teacher"].output_dir, "runs")
+
+
+# --------------------------------------------------------------------------- the CPU preset (issue 34, item 4)
+
+class _StagesBuilt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def preset_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("preset")
+    return ["--train_file", write_squad(str(root / "train.json"), make_name_task(8, seed=1, prefix="t")),
+            "--validation_file", write_squad(str(root / "dev.json"), make_name_task(4, seed=2, prefix="d")),
+            "--teacher_model_name_or_path", make_model_folder(str(root / "teacher"), tiny_bert_config(), seed=1),
+            "--output_dir", str(root / "recipe"), "--device", "cpu"]
+
+
+@pytest.fixture
+def preset_stages(preset_inputs, monkeypatch):
+    """The stages' settings run_recipe builds on a CPU-only machine; it stops there, nothing trains."""
+    real = recipe.stage_arguments
+
+    def built(args):
+        raise _StagesBuilt(real(args))
+
+    monkeypatch.setattr(recipe, "stage_arguments", built)
+
+    def stages(argv):
+        with pytest.raises(_StagesBuilt) as stop:
+            recipe.run_recipe(parse_args(preset_inputs + ["--student_layers", "0,1", *argv]))
+        return stop.value.args[0]
+    return stages
+
+
+def test_the_cpu_preset_fills_only_flags_not_given_even_at_their_default_value(preset_stages):
+    stages = preset_stages([])
+    assert stages["student"].learning_rate == recipe.CPU_PRESET["learning_rate"] != 2e-5
+    assert stages["student"].num_train_epochs == recipe.CPU_PRESET["num_train_epochs"] != 3.0
+    assert stages["student"].warmup_ratio == recipe.CPU_PRESET["warmup_ratio"] > 0
+
+    stages = preset_stages(["--learning_rate", "2e-5", "--num_train_epochs", "3"])  # both the parser's defaults
+    for name, stage in stages.items():
+        assert stage.learning_rate == 2e-5, name
+        assert stage.max_train_samples == recipe.CPU_PRESET["max_train_samples"]  # the rest of the preset holds
+    assert all(stages[name].num_train_epochs == 3.0 for name in ("student", "distilled student", recipe.HIDDEN_STAGE))
+
+
+@pytest.mark.parametrize("flags", [["--lr_scheduler_type", "constant"], ["--lr_scheduler_type", "linear"],
+                                   ["--warmup_steps", "5"], ["--warmup_ratio", "0"]])
+def test_a_chosen_schedule_gets_no_warm_up_from_the_preset(preset_stages, flags):
+    stages = preset_stages(flags)
+    given = dict(zip(flags[::2], flags[1::2]))
+    for stage in stages.values():
+        assert stage.warmup_ratio == 0.0 and stage.warmup_steps == float(given.get("--warmup_steps", 0))
+        assert stage.lr_scheduler_type == given.get("--lr_scheduler_type", "linear")
+        assert stage.learning_rate == recipe.CPU_PRESET["learning_rate"]
+
+
+def test_the_preset_keeps_per_epoch_scores_for_the_best_checkpoint(preset_stages):
+    stages = preset_stages(["--load_best_model_at_end", "--save_strategy", "epoch"])
+    assert all(stage.eval_strategy == "epoch" and stage.load_best_model_at_end for stage in stages.values())
+    assert preset_stages([])["student"].eval_strategy == recipe.CPU_PRESET["eval_strategy"]

@@ -12,7 +12,7 @@ import train
 from kdqa import checkpoint as ckpt
 from kdqa.config import ConfigError, _subparsers, build_parser, parse_args
 from kdqa.resume_settings import check_resume_settings, run_settings
-from test_reliability import tiny_run_inputs
+from test_reliability import comparable_log, tiny_run_inputs
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,8 @@ def test_fp16_true_and_false_and_do_flags_with_values(tmp_path):
         parse_args(base + ["--fp16", "maybe"])
 
 
-@pytest.mark.parametrize("flag", ["--push_to_hub", "--optim=adamw_torch", "--load_best_model_at_end",
-                                  "--overwrite_cache"])
+@pytest.mark.parametrize("flag", ["--push_to_hub", "--per_gpu_train_batch_size=8", "--half_precision_backend=auto",
+                                  "--fp16_opt_level=O1", "--use_mps_device", "--deepspeed=ds.json", "--tf32"])
 def test_an_unsupported_training_arguments_flag_is_named_in_one_line(tmp_path, capsys, flag):
     code, err = main(capsys, ["finetune", "--model_name_or_path", "m", "--output_dir", str(tmp_path), flag])
     line = one_error_line(err)
@@ -127,7 +127,15 @@ def test_report_to_resolves_all_to_what_is_installed(tmp_path, monkeypatch):
     (["--warmup_steps", "-1"], "whole number of steps"),
     (["--lr_scheduler_type", "constant", "--warmup_steps", "3"], "constant_with_warmup"),
     (["--lr_scheduler_type", "polynomial"], "invalid choice"),
-    (["--save_strategy", "best"], "invalid choice"),
+    (["--save_strategy", "bestest"], "invalid choice"),
+    (["--optim", "adafactor"], "kdqa trains with AdamW; choose adamw_torch or adamw_torch_fused"),
+    (["--save_safetensors", "False"], "kdqa writes model.safetensors only"),
+    (["--logging_steps", "2.5"], "a whole number at least 1, or a fraction of all steps"),
+    (["--use_cpu", "--device", "cuda"], "contradicts --device cuda"),
+    (["--metric_for_best_model", "loss"], "invalid choice"),
+    (["--load_best_model_at_end"], "--save_strategy steps needs --eval_strategy steps"),
+    (["--save_strategy", "best", "--do_train", "True"], "give --do_eval with --eval_strategy epoch or steps"),
+    (["--load_best_model_at_end", "--save_strategy", "epoch", "--eval_strategy", "end"], "--eval_strategy epoch or"),
 ])
 def test_schedule_and_strategy_flags_are_checked(tmp_path, flags, message):
     with pytest.raises(ConfigError, match=message):
@@ -328,3 +336,127 @@ def test_export_logs_one_line_and_the_libraries_passes_only_at_debug(setup, tmp_
         root.setLevel(level)
     warning = logging.LogRecord("onnx_ir.passes", logging.WARNING, "f", 1, "careful", None, None)
     assert _OtherLibrariesAtDebug().filter(warning) and warning.levelname == "WARNING"
+
+
+# --------------------------------------------------------------- issue 34: the forms run_qa.py users rely on
+
+def test_aliases_and_flags_with_nothing_to_do_here_are_accepted(tmp_path, capsys):
+    base = ["finetune", "--model_name_or_path", "m", "--output_dir", str(tmp_path)]
+    args = parse_args(base + ["--evaluation_strategy", "steps", "--eval_steps", "3", "--no_cuda", "--logging_dir",
+                              str(tmp_path / "tb"), "--save_safetensors", "--run_name", "r", "--log_level", "info",
+                              "--overwrite_cache", "--cache_dir", str(tmp_path / "c"), "--dataloader_pin_memory",
+                              "False", "--skip_memory_metrics", "True", "--logging_steps", "0.25"])
+    assert (args.eval_strategy, args.device, args.logging_dir, args.logging_steps) == (
+        "steps", "cpu", str(tmp_path / "tb"), 0.25)
+    for name in ("run_name", "log_level", "overwrite_cache", "cache_dir", "dataloader_pin_memory",
+                 "skip_memory_metrics", "save_safetensors", "use_cpu", "no_cuda"):
+        assert not hasattr(args, name), name  # accepted, stored nowhere (resume settings, training_args.json)
+    assert parse_args(base + ["--use_cpu", "True"]).device == "cpu"
+    assert parse_args(base + ["--no_cuda", "False"]).device == "auto"
+
+
+@pytest.mark.parametrize("form", ["--per_gpu_train_batch_size", "--per_gpu_eval_batch_size", "--evaluation_strategy",
+                                  "--logging_dir", "--save_safetensors", "--no_cuda", "--half_precision_backend"])
+def test_the_forms_argparse_refused_bare_are_accepted_or_refused_by_name(tmp_path, capsys, form):
+    """The 12 forms of the peer check that argparse refused as "unrecognized arguments"."""
+    value = {"--evaluation_strategy": "epoch", "--logging_dir": str(tmp_path / "tb")}.get(form, "8")
+    code, err = main(capsys, ["finetune", "--model_name_or_path", "m", "--output_dir", str(tmp_path / "o"), form,
+                              value if form not in ("--save_safetensors", "--no_cuda") else "True", "--do_train",
+                              "--max_steps", "0"])  # --max_steps 0 stops every accepted form at parsing
+    line = one_error_line(err)
+    assert code == 2 and "unrecognized" not in line, line
+    assert "kdqa does not support" in line or "--max_steps must be at least 1" in line, line
+
+
+def test_a_float_logging_steps_is_a_ratio_of_all_steps(setup, tmp_path, capsys):
+    out = tmp_path / "ratio"
+    code, err = main(capsys, hf_argv(setup, out, "--num_train_epochs", "2", "--logging_steps", "0.25",
+                                     "--save_strategy", "no"))  # 8 steps: a record every 2
+    assert code == 0, err[-3000:]
+    assert [r["step"] for r in read_records(out) if "loss" in r] == [2, 4, 6, 8]
+
+
+def test_logging_dir_holds_the_tensorboard_events(setup, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    out, events = tmp_path / "run", tmp_path / "tb"
+    code, err = main(capsys, hf_argv(setup, out, "--report_to", "tensorboard", "--logging_dir", events,
+                                     "--max_steps", "2", "--save_strategy", "no"))
+    assert code == 0, err[-3000:]
+    assert list(events.glob("events.out.tfevents.*")) and not (out / "runs").exists()
+
+
+def test_max_predict_samples_cuts_the_test_file(setup, tmp_path, capsys):
+    out = tmp_path / "p"
+    code, err = main(capsys, hf_argv(setup, out, "--do_predict", "--test_file", setup["dev"], "--max_predict_samples",
+                                     "2", "--max_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
+                                     "--do_eval", "False"))
+    assert code == 0, err[-3000:]
+    assert len(json.loads((out / "predict_predictions.json").read_text())) == 2
+
+
+def test_optim_picks_the_adamw_kernel(tmp_path):
+    from kdqa.trainer import build_optimizer
+
+    base = ["finetune", "--model_name_or_path", "m", "--output_dir", str(tmp_path)]
+    model = torch.nn.Linear(2, 2)
+    assert not build_optimizer(model, parse_args(base)).defaults["fused"]  # the CPU default, as always
+    assert not build_optimizer(model, parse_args(base + ["--optim", "adamw_torch"])).defaults["fused"]
+    assert build_optimizer(model, parse_args(base + ["--optim", "adamw_torch_fused"])).defaults["fused"]
+
+
+SCRIPTED_F1 = {4: 10.0, 8: 50.0, 12: 20.0}  # by step: the best checkpoint is the middle one, not the last
+
+
+@pytest.fixture
+def scripted_f1(monkeypatch):
+    """Each in-training evaluation's f1 as SCRIPTED_F1 says (what picks the best checkpoint); the final
+    scoring of the loaded model is real."""
+    import kdqa.trainer
+
+    real = kdqa.trainer.score_on_dev
+
+    def scored(run, epoch, record=True):
+        real(run, epoch, record)
+        if record and run.progress.last_eval is not None:
+            run.progress.last_eval["metrics"]["f1"] = SCRIPTED_F1[run.progress.step]
+
+    monkeypatch.setattr(kdqa.trainer, "score_on_dev", scored)
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_load_best_model_at_end_keeps_the_best_checkpoint_and_resumes_exactly(setup, tmp_path, capsys, scripted_f1):
+    import kdqa.trainer
+
+    best = ["--num_train_epochs", "3", "--load_best_model_at_end", "--metric_for_best_model", "f1",
+            "--save_strategy", "epoch", "--save_total_limit", "1"]  # 12 steps, checkpoints at 4, 8, 12
+    full, part = tmp_path / "full", tmp_path / "part"
+    code, err = main(capsys, hf_argv(setup, full, *best))
+    assert code == 0, err[-3000:]
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-8"]  # best survives
+    final, chosen = _weights(full), _weights(full / "checkpoint-8")
+    assert all(torch.equal(final[k], chosen[k]) for k in final)
+    assert not all(torch.equal(final[k], _weights(full / "checkpoint-12")[k]) for k in final)
+    assert json.loads((full / "train_results.json").read_text())["best_model_checkpoint"] == "checkpoint-8"
+    kdqa.trainer.INTERRUPT_AFTER_STEP = 8
+    try:
+        assert main(capsys, hf_argv(setup, part, *best))[0] == 0
+    finally:
+        kdqa.trainer.INTERRUPT_AFTER_STEP = None
+    code, err = main(capsys, hf_argv(setup, part, *best, "--resume_from_checkpoint", "latest"))
+    assert code == 0, err[-3000:]
+    resumed = _weights(part)
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
+    scores = [{k: json.loads((d / "eval_results.json").read_text())[k] for k in ("exact_match", "f1")}
+              for d in (part, full)]
+    assert scores[0] == scores[1] and comparable_log(part) == comparable_log(full)
+
+
+def test_save_strategy_best_checkpoints_only_improvements(setup, tmp_path, capsys, scripted_f1):
+    out = tmp_path / "best"
+    code, err = main(capsys, hf_argv(setup, out, "--num_train_epochs", "3", "--save_strategy", "best",
+                                     "--save_total_limit", "5"))
+    assert code == 0, err[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]

@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -272,3 +273,39 @@ def test_each_rank_resumes_its_own_log_window_and_an_older_checkpoint_gives_ever
     assert log_window_state(({"hidden": 1.25},), 1) == {"running": {"hidden": 1.25}, "steps": 1}
     older = {"running": {"hidden": 0.875}, "steps": 1}  # a DDP checkpoint of cf2f85c: the mean over ranks
     assert restored_log_window(older, 1) == {"hidden": 0.875}
+
+
+def _terminate_while_importing(command, library, cwd=REPO):
+    """Start `command`, send SIGTERM as soon as `library` is being loaded (seen in /proc/PID/maps: the heavy
+    imports of its first seconds are under way), return (exit code, stderr)."""
+    env = dict(os.environ)
+    env.pop("KDQA_TRACEBACK", None)
+    proc = subprocess.Popen(command, cwd=cwd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        with open(f"/proc/{proc.pid}/maps") as maps:
+            if library in maps.read():
+                break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/PID/maps (Linux)")
+def test_sigterm_while_torch_imports_is_one_line_and_143(setup, tmp_path):
+    """A scheduler's pre-emption right after start: the handler is in place before the heavy imports."""
+    code, err = _terminate_while_importing([sys.executable, "train.py", *argv_for("finetune", setup, tmp_path / "o")],
+                                           "libtorch")
+    lines = [line for line in err.splitlines() if line.startswith("train.py")]
+    assert code == 143 and len(lines) == 1 and "interrupted (SIGTERM)" in lines[0], (code, err[-2000:])
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/PID/maps (Linux)")
+def test_sigterm_while_the_official_evaluate_imports_is_one_line_and_143(setup, tmp_path):
+    predictions = tmp_path / "p.json"
+    predictions.write_text("{}")
+    code, err = _terminate_while_importing([sys.executable, "-m", "kdqa.evaluate", setup["dev"], str(predictions)],
+                                           "libarrow")
+    assert code == 143 and err.strip() == "kdqa-evaluate: interrupted (SIGTERM)", (code, err[-2000:])

@@ -105,6 +105,24 @@ class ModelAdapter:
         self.family = family_of(self.model_type)
         self.config = config
         self.base = getattr(self.model, "base_model", self.model)
+        self._check_paths()
+
+    def _check_paths(self) -> None:
+        """The family's names must exist in this model (another transformers version may rename them)."""
+        paths = [self.family.embeddings, self.family.layers]
+        paths += [f"{self.family.layers}.0.{getattr(self.family, part)}" for part in PROJECTIONS]
+        for path in paths:
+            try:
+                self.base.get_submodule(path)
+            except AttributeError:
+                if path.startswith(f"{self.family.layers}.0.") and not len(self.layers):
+                    return  # no encoder layer to look into
+                import transformers
+
+                raise UnsupportedModelError(
+                    f"the {self.model_type} model ({type(self.model).__name__}) has no module {path!r}, where kdqa's "
+                    f"model adapter looks for it (transformers {transformers.__version__} may name it otherwise)"
+                ) from None
 
     @property
     def embeddings(self) -> torch.nn.Module:
@@ -135,7 +153,8 @@ class ModelAdapter:
         """Encoder layer `index` (from 0); out of range: one line naming the range."""
         if not 0 <= index < self.num_layers:
             raise UnsupportedModelError(
-                f"layer {index} is out of range: the {self.model_type} model has encoder layers 0..{self.num_layers - 1}")
+                f"layer {index} is out of range: the {self.model_type} model has encoder layers "
+                f"0..{self.num_layers - 1}")
         return self.layers[index]
 
     def projection(self, index: int, part: str) -> torch.nn.Linear:

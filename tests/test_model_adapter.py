@@ -28,14 +28,15 @@ LAYERS = {"bert": lambda m: m.bert.encoder.layer, "roberta": lambda m: m.roberta
 EMBEDDINGS = {"bert": lambda m: m.bert.embeddings, "roberta": lambda m: m.roberta.embeddings,
               "xlm-roberta": lambda m: m.roberta.embeddings, "electra": lambda m: m.electra.embeddings,
               "distilbert": lambda m: m.distilbert.embeddings}
-BERT_PARTS = lambda layer: (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,  # noqa: E731
-                            layer.attention.output.dense, layer.intermediate.dense, layer.output.dense)
-DISTILBERT_PARTS = lambda layer: (layer.attention.q_lin, layer.attention.k_lin, layer.attention.v_lin,  # noqa: E731
-                                  layer.attention.out_lin, layer.ffn.lin1, layer.ffn.lin2)
 
 
 def parts_of(model_type, layer):
-    return (DISTILBERT_PARTS if model_type == "distilbert" else BERT_PARTS)(layer)
+    """query, key, value, attention output, FFN in, FFN out of one layer, by the family's own names."""
+    if model_type == "distilbert":
+        return (layer.attention.q_lin, layer.attention.k_lin, layer.attention.v_lin, layer.attention.out_lin,
+                layer.ffn.lin1, layer.ffn.lin2)
+    return (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
+            layer.attention.output.dense, layer.intermediate.dense, layer.output.dense)
 
 
 def _batch(lengths=(12, 7), length=12, seed=0):
@@ -184,8 +185,14 @@ def test_an_unsupported_family_or_tap_is_refused_in_one_line():
         assert "\n" not in str(err.value)
         assert "'albert'" in str(err.value) and "bert, distilbert, electra, roberta, xlm-roberta" in str(err.value)
     assert Capture(albert, ()).keys == ()  # declaring nothing asks nothing of the model
+    renamed = tiny_qa_model("bert", layers=2)
+    renamed.bert.encoder.layer[0].attention.self = torch.nn.Identity()  # as if transformers renamed a module
+    with pytest.raises(UnsupportedModelError, match=r"^the bert model \(BertForQuestionAnswering\) has no module "
+                                                   r"'encoder.layer.0.attention.self.query', where kdqa's model adapter"):
+        ModelAdapter(renamed)
     model = tiny_qa_model("bert", layers=2)
-    with pytest.raises(UnsupportedModelError, match=r"^layer 2 is out of range: the bert model has encoder layers 0..1$"):
+    out_of_range = r"^layer 2 is out of range: the bert model has encoder layers 0\.\.1$"
+    with pytest.raises(UnsupportedModelError, match=out_of_range):
         Capture(model, [Tap("query", (0,)), Tap("key", (2,))])
     assert all(not m._forward_hooks for m in model.modules())  # a refused declaration leaves no hook
     with pytest.raises(UnsupportedModelError, match=r"^cannot record keys: the adapter records query, key, "):
@@ -202,3 +209,21 @@ def test_student_layers_still_build_for_an_adapted_family_and_an_unadapted_one()
         assert len(encoder_layers(student)) == 2
         torch.testing.assert_close(dict(encoder_layers(student)[1].named_parameters()),
                                    dict(encoder_layers(teacher)[2].named_parameters()))
+
+
+def test_capture_under_torch_compile_records_what_the_eager_model_does():
+    """--torch_compile wraps the student; the capture's hooks sit on the raw model's projections and
+    dynamo traces them (aot_eager: dynamo and AOT autograd, no code generation, to stay fast)."""
+    model = tiny_qa_model("bert", layers=2)
+    compiled = torch.compile(model, backend="aot_eager")
+    with Capture(model, taps(("query", "ffn_activation"), [1])) as capture:
+        eager = forward_qa(model, _batch(), capture=capture)
+        out = forward_qa(compiled, _batch(), capture=capture)
+        assert set(out.captured) == set(eager.captured) == {("query", 1), ("ffn_activation", 1)}
+        for key in eager.captured:
+            torch.testing.assert_close(out.captured[key], eager.captured[key])
+        out.captured["query", 1].pow(2).mean().backward()
+        assert ModelAdapter(model).attention(1).query.weight.grad.abs().sum() > 0
+        with torch.no_grad():
+            forward_qa(compiled, _batch())  # no capture passed: records nothing
+        assert capture._seen == {}

@@ -4,6 +4,7 @@ teacher-logits cache and the benchmarks share."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -12,7 +13,7 @@ import os
 import pickle
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 from typing import Callable
@@ -23,6 +24,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer, PreTrainedTokenizerFast
 
 from kdqa.features import FeatureRows, check_fast_tokenizer
+from kdqa.model_adapter import Capture, ModelAdapter, UnsupportedModelError, unwrapped
 from kdqa.precision import autocast
 
 OFFLINE_HELP = (
@@ -284,7 +286,12 @@ def _load_reporting_in_one_line(name_or_path: str, trained_head: bool = False, *
 
 
 def encoder_layers(model) -> torch.nn.ModuleList:
-    """The ModuleList of transformer blocks (BERT: encoder.layer, DistilBERT: transformer.layer)."""
+    """The ModuleList of transformer blocks: named by kdqa.model_adapter for the families it knows
+    (BERT: encoder.layer, DistilBERT: transformer.layer), else found by name as before (e.g. DeBERTa)."""
+    try:
+        return ModelAdapter(model).layers
+    except UnsupportedModelError:
+        pass
     n_layers = model.config.num_hidden_layers
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers and name.endswith("layer"):
@@ -328,15 +335,6 @@ def _layer_prefix(model) -> str:
     raise AssertionError("unreachable")
 
 
-def unwrapped(model):
-    """The model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, in any nesting."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-
-
 def takes_token_type_ids(model) -> bool:
     """BERT takes token_type_ids; DistilBERT and RoBERTa-style models do not use them.
 
@@ -362,20 +360,24 @@ MODEL_OUTPUTS = ("hidden_states", "attentions")
 class QAOutputs:
     """forward_qa's named outputs: the span logits, [B, L] each, and only the internals asked for
     (else None): hidden_states (the embeddings, then every layer's output, [B, L, H] each) and
-    attentions (every layer's attention probabilities, [B, heads, L, L] each)."""
+    attentions (every layer's attention probabilities, [B, heads, L, L] each); captured: what the
+    capture's hooks saw, (what, layer) -> tensor (kdqa.model_adapter.TAPS; empty without one)."""
     start: torch.Tensor
     end: torch.Tensor
     hidden_states: tuple | None = None
     attentions: tuple | None = None
+    captured: dict = field(default_factory=dict)
 
     @property
     def logits(self) -> tuple:
         return self.start, self.end
 
 
-def forward_qa(model, batch: dict, outputs: frozenset | set | tuple = ()) -> QAOutputs:
+def forward_qa(model, batch: dict, outputs: frozenset | set | tuple = (), capture: Capture | None = None) -> QAOutputs:
     """Run a QA model on a collated batch: its span logits, plus the `outputs` (names in
     MODEL_OUTPUTS) that loss terms asked for; attention probabilities need eager attention.
+    capture: a kdqa.model_adapter.Capture registered on this model; what it saw in this forward
+    comes back as QAOutputs.captured.
 
     Only input_ids, attention_mask and (for models that take them) token_type_ids are passed, so
     labels never trigger the model's own loss.
@@ -386,14 +388,16 @@ def forward_qa(model, batch: dict, outputs: frozenset | set | tuple = ()) -> QAO
     unknown = set(outputs) - set(MODEL_OUTPUTS)
     if unknown:
         raise ValueError(f"forward_qa returns {', '.join(MODEL_OUTPUTS)} besides the logits, not {sorted(unknown)}")
-    out = model(**inputs, **{f"output_{name}": True for name in sorted(outputs)})
+    with capture.recording() if capture is not None else contextlib.nullcontext():
+        out = model(**inputs, **{f"output_{name}": True for name in sorted(outputs)})
+    captured = capture.take() if capture is not None else {}
     if isinstance(out, tuple):
-        return QAOutputs(out[0], out[1])
+        return QAOutputs(out[0], out[1], captured=captured)
     named = {name: getattr(out, name) for name in outputs}
     if "attentions" in named and not named["attentions"]:
         raise ValueError("the model returned no attention probabilities: its attention kernel (SDPA) computes "
                          "none; load it with attn_implementation='eager'")
-    return QAOutputs(out.start_logits, out.end_logits, **named)
+    return QAOutputs(out.start_logits, out.end_logits, **named, captured=captured)
 
 
 def logits_over_features(

@@ -99,3 +99,29 @@ def write_squad(path: str, examples: list[dict]) -> str:
     with opener(path, "wt", encoding="utf-8") as f:
         json.dump(payload, f)
     return path
+
+
+# Tiny QA models of each family kdqa.model_adapter names, built from configs (no folder, no weights file).
+TINY_FAMILY_CONFIGS = {
+    "bert": dict(hidden_size=32, num_attention_heads=2, intermediate_size=64),
+    "roberta": dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, pad_token_id=1),
+    "xlm-roberta": dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, pad_token_id=1),
+    "electra": dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, embedding_size=16),  # projected
+    "distilbert": dict(dim=32, n_heads=2, hidden_dim=64),
+}
+
+
+def tiny_qa_model(model_type: str, layers: int = 2, attn_implementation: str = "eager", seed: int = 0, **overrides):
+    """A randomly initialised QA model of `model_type` (a key of TINY_FAMILY_CONFIGS), no dropout."""
+    import torch
+    from transformers import AutoConfig, AutoModelForQuestionAnswering
+
+    values = dict(TINY_FAMILY_CONFIGS[model_type], vocab_size=len(VOCAB), max_position_embeddings=130)
+    if model_type == "distilbert":
+        values.update(n_layers=layers, dropout=0.0, attention_dropout=0.0)
+    else:
+        values.update(num_hidden_layers=layers, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    values.update(overrides)
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **values)
+    return AutoModelForQuestionAnswering.from_config(config, attn_implementation=attn_implementation)

@@ -159,22 +159,57 @@ def render_report(report: dict) -> str:
     lines.append("- data: " + _facts(report.get("data") or {}))
     lines.append("- training: " + _facts(report.get("training") or {}))
     objective = report["objective"]
-    lines += ["", "## Objective as run", "", f"`loss = {objective['formula']}` "
-              f"(loss implementation: {objective.get('loss_impl')})", "",
+    lines += ["", "## Objective as run", "", f"`loss = {objective['formula']}`" + _how_it_ran(objective), "",
               "| term | weight | settings |", "| --- | ---: | --- |"]
     for term in objective["terms"]:
-        settings = "; ".join(str(v) if k == "what" else f"{k.replace('_', ' ')} {v}"
-                             for k, v in term.items() if k not in ("name", "weight"))
-        lines.append(f"| {term['name']} | {term['weight']:g} | {settings} |")
+        lines.append(f"| {term['name']} | {term['weight']:g} | {_term_settings(term)} |")
     return "\n".join(lines) + "\n"
 
 
-def _facts(facts: dict) -> str:
-    """{"wall_time_s": 3.2, "epochs": 1} -> "wall time 3.2 s, epochs 1"; a fact with a "text" (the dev
-    sample) by its text."""
-    return ", ".join(f"{k[:-2].replace('_', ' ')} {v} s" if k.endswith("_s")
-                     else f"{k.replace('_', ' ')}: {v['text']}" if isinstance(v, dict) and "text" in v
-                     else f"{k.replace('_', ' ')} {v}" for k, v in facts.items() if v is not None)
+# Facts as a person writes them: the key's words (where "t_squared".replace("_", " ") would not do),
+# and the unit of a number (a key ending in "_s" is in seconds).
+FACT_WORDS = {"t_squared": "T² scaling", "max_seq_length": "max sequence length",
+              "layer_map (student:teacher)": "layer map (student:teacher)"}
+FACT_UNITS = {"max_seq_length": "tokens"}
+
+
+def _fact(key: str, value) -> str:
+    """("wall_time_s", 3.2) -> "wall time: 3.2 s", ("t_squared", True) -> "T² scaling: yes": report.json's
+    keys and values in words (no True/False/None, no braces) for report.md and the model card."""
+    unit = "s" if key.endswith("_s") else FACT_UNITS.get(key)
+    words = FACT_WORDS.get(key) or (key[:-2] if key.endswith("_s") else key).replace("_", " ")
+    return f"{words}: {_value(value)}" + (f" {unit}" if unit else "")
+
+
+def _value(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float) and value.is_integer():
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return value["text"] if "text" in value else _facts(value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(_value, value))
+    return "none" if value is None else str(value)
+
+
+def _facts(facts: dict, sep: str = ", ") -> str:
+    """{"wall_time_s": 3.2, "epochs": 1} -> "wall time: 3.2 s, epochs: 1" (facts that are None left out);
+    a fact with a "text" (the dev sample) by its text."""
+    return sep.join(_fact(k, v) for k, v in facts.items() if v is not None)
+
+
+def _term_settings(term: dict, *, what: bool = True) -> str:
+    """A loss term's settings in words: what it is (where `what`), then each setting."""
+    settings = _facts({k: v for k, v in term.items() if k not in ("name", "weight", "what")}, "; ")
+    return "; ".join(part for part in (term.get("what") if what else None, settings) if part)
+
+
+def _how_it_ran(objective: dict) -> str:
+    """" (loss implementation: torch; teacher logits: online)", the parts the objective records."""
+    facts = _facts({"loss_implementation": objective.get("loss_impl"),
+                    "teacher_logits": objective.get("teacher_logits")}, "; ")
+    return f" ({facts})" if facts else ""
 
 
 def write_report(output_dir: str, report: dict, markdown: str | None = None) -> list[str]:
@@ -363,13 +398,11 @@ def render_recipe_report(report: dict) -> str:
     for entry in report["models"].values():
         if not entry.get("objective"):
             continue
-        lines += [f"## {entry['label']}", "", f"- objective: `loss = {entry['objective']['formula']}` "
-                  f"(loss implementation: {entry['objective'].get('loss_impl')})"]
+        lines += [f"## {entry['label']}", "",
+                  f"- objective: `loss = {entry['objective']['formula']}`" + _how_it_ran(entry["objective"])]
         for term in entry["objective"]["terms"]:
             if term["weight"] and term["name"] not in ("ce",):
-                settings = "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in term.items()
-                                     if k not in ("name", "weight", "what"))
-                lines.append(f"  - {term['name']} × {term['weight']:g}: {settings}")
+                lines.append(f"  - {term['name']} × {term['weight']:g}: {_term_settings(term, what=False)}")
         lines.append("- data: " + _facts(entry.get("data") or {}))
         lines += ["- training: " + _facts(entry.get("training") or {}), ""]
     return "\n".join(lines)

@@ -74,6 +74,39 @@ def test_distill_report_states_the_objective_as_the_flags_gave_it(runs):
     assert report["objective"]["loss_impl"] == "torch"
     md = read(os.path.join(runs["student"], "report.md"))
     assert "0.25·CE + 0.75·T²·KL + 2·hidden" in md
+    assert "temperature: 3; T² scaling: yes" in md and "loss: cosine; layer map (student:teacher): 1:1" in md
+
+
+def test_the_distill_report_and_card_read_as_words_not_python(runs):
+    """Issue 30 §4: "T² scaling: yes", not `t squared True`; no True/False/None or dict braces."""
+    import re
+
+    md = read(os.path.join(runs["student"], "report.md"))
+    card_body = read(os.path.join(runs["student"], "README.md")).split("---\n", 2)[2]
+    for text in (md, card_body):
+        assert not re.search(r"\b(True|False|None)\b", text) and "t squared" not in text
+        assert "{" not in text and "}" not in text
+        assert "T² scaling: yes" in text and "learned projection: no" in text
+        assert re.search(r"wall time: [0-9.]+ s\b", text) and "max sequence length: 64 tokens" in text
+        assert "(loss implementation: torch; teacher logits: online)" in text
+
+
+def test_the_recipe_report_states_each_term_in_words():
+    from kdqa.report_card import render_recipe_report
+
+    objective = {"formula": "1·CE + 10·hidden", "loss_impl": None, "terms": [
+        {"name": "ce", "weight": 1.0, "what": "cross-entropy"},
+        {"name": "kd", "weight": 0.5, "temperature": 2.0, "t_squared": True},
+        {"name": "hidden", "weight": 10.0, "loss": "cosine", "layer_map (student:teacher)": "1:1,2:3",
+         "learned_projection": False}]}
+    report = {"speed_test": {"threads": 4, "questions": 10}, "elapsed_s": 60.0, "models": {"d": {
+        "label": "distilled", "exact_match": 1.0, "f1": 2.0, "ms_per_question": 3.0, "speedup": 1.5,
+        "objective": objective, "data": {"max_seq_length": 384}, "training": {"wall_time_s": 12.3, "seed": None}}}}
+    md = render_recipe_report(report)
+    assert "  - kd × 0.5: temperature: 2; T² scaling: yes" in md
+    assert "  - hidden × 10: loss: cosine; layer map (student:teacher): 1:1,2:3; learned projection: no" in md
+    assert "- objective: `loss = 1·CE + 10·hidden`\n" in md  # no "(loss implementation: None)"
+    assert "- training: wall time: 12.3 s\n" in md and "max sequence length: 384 tokens" in md
 
 
 def test_distill_report_scores_the_teacher_and_its_agreement(runs):

@@ -497,3 +497,20 @@ def test_the_preset_keeps_per_epoch_scores_for_the_best_checkpoint(preset_stages
     stages = preset_stages(["--load_best_model_at_end", "--save_strategy", "epoch"])
     assert all(stage.eval_strategy == "epoch" and stage.load_best_model_at_end for stage in stages.values())
     assert preset_stages([])["student"].eval_strategy == recipe.CPU_PRESET["eval_strategy"]
+
+
+def test_the_plots_model_names_are_short_and_do_not_overlap(tmp_path):
+    """Issue 30 §4: the five names on both panels' x axes sat on top of each other."""
+    names = ["teacher", "student", "distilled student", recipe.HIDDEN_STAGE, recipe.SERVED]
+    rows = {n: {"exact_match": 40.0 + i, "f1": 50.0 + i, "ms_per_question": 30.0 - i, "speedup": 30.0 / (30.0 - i)}
+            for i, n in enumerate(names)}
+    recipe.plot_results(rows, str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+    fig = recipe.results_figure(rows)
+    fig.canvas.draw()
+    for axis in fig.axes:
+        labels = axis.get_xticklabels()
+        assert [t.get_text() for t in labels] == ["teacher", "fine-tuned\nstudent", "logits KD",
+                                                  "logits KD\n+ hidden states", "served int8"]
+        boxes = [t.get_window_extent() for t in labels]
+        assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:])), [(b.x0, b.x1) for b in boxes]

@@ -207,17 +207,17 @@ def _int8_source(onnx_path: str, model, check: dict, tolerance: float) -> str:
 def _held_out(onnx_path: str, tokenizer, calibration: Calibration | None) -> HeldOut | None:
     """The questions every int8 candidate is checked on, with the fp32 model's answers; None (one
     warning) where there are none."""
-    examples = calibration.held_out if calibration else None
+    examples, kind = (calibration.held_out if calibration else None), "held-out"
     if not (examples and examples["id"]) and calibration and calibration.examples.get("id"):
         logger.warning("int8: no training questions are left after the %d calibration ones, so the int8 model is "
                        "checked on those (not held out); give --validation_file for held-out questions",
                        len(calibration.examples["id"]))
-        examples = calibration.examples
+        examples, kind = calibration.examples, "calibration"
     if not (examples and examples["id"]):
         logger.warning("int8: not checked against the fp32 model's answers (no questions): give --train_file or "
                        "--validation_file")
         return None
-    return HeldOut(onnx_path, tokenizer, calibration.window, examples)
+    return HeldOut(onnx_path, tokenizer, calibration.window, examples, kind)
 
 
 def _candidates(quantize: str, source: str, calibration: Calibration | None, tokenizer, input_names: list[str],

@@ -36,7 +36,6 @@ from .report_card import answer_agreement
 logger = logging.getLogger("kdqa")
 
 INT8_CHECK_QUESTIONS = 200  # held-out questions each int8 candidate answers (about 1 s each for MiniLM-L3)
-MIN_AGREEMENT = 50.0  # % of fp32's answers an int8 model must give, whatever --max_int8_drop says
 
 
 class Int8DropError(ValueError):
@@ -166,15 +165,14 @@ def quantize_dynamic(source: str, int8_path: str) -> None:
 # ----------------------------------------------------------------------------- the check against fp32
 
 Z_ONE_SIDED_95 = 1.645
+MIN_QUESTIONS_FOR_F1_RULE = 30  # below, the drop's normal approximation is not trusted: only the agreement rule
 
 
-def wilson_upper(share: float, n: int, z: float = Z_ONE_SIDED_95) -> float:
-    """The upper end of the Wilson score interval of a share observed on n questions (1.0 when n is 0)."""
-    if n <= 0:
-        return 1.0
-    centre = share + z * z / (2 * n)
-    spread = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
-    return min(1.0, (centre + spread) / (1 + z * z / n))
+def surely_below_half(same: int, n: int) -> bool:
+    """Whether `same` answers of n equal to fp32's show, at 95 % confidence, a model that gives fp32's answer
+    to fewer than half of the questions: a model at one half would show this few with chance below 5 %
+    (exact binomial)."""
+    return n > 0 and sum(math.comb(n, k) for k in range(same + 1)) / 2 ** n < 0.05
 
 
 @dataclass(frozen=True)
@@ -188,6 +186,7 @@ class Int8Score:
     f1: float | None = None       # official F1 against gold answers, where the questions have them
     fp32_f1: float | None = None
     drop_se: float | None = None  # standard error of the F1 drop (paired, per question)
+    kind: str = "held-out"        # or "calibration" where no question was left to hold out
 
     @property
     def rank(self) -> tuple:
@@ -197,13 +196,13 @@ class Int8Score:
     def text(self) -> str:
         gold = f", F1 {self.f1:.2f} against fp32's {self.fp32_f1:.2f}" if self.f1 is not None else ""
         return (f"{self.name}: agreement {self.agreement:.1f} % with fp32's answers (answer F1 "
-                f"{self.answer_f1:.1f}){gold} on {self.questions} held-out questions")
+                f"{self.answer_f1:.1f}){gold} on {self.questions} {self.kind} questions")
 
     def past(self, max_drop: float) -> str | None:
         """Why this score is past the bound (config.MAX_INT8_DROP_HELP: each rule at 95 % confidence), or None."""
-        if wilson_upper(self.agreement / 100, self.questions) < MIN_AGREEMENT / 100:
-            return f"it gives fp32's answer to fewer than {MIN_AGREEMENT:.0f} % of the questions"
-        if self.f1 is not None and self.questions > 1:
+        if surely_below_half(round(self.agreement * self.questions / 100), self.questions):
+            return "it gives fp32's answer to fewer than half of the questions"
+        if self.f1 is not None and self.questions >= MIN_QUESTIONS_FOR_F1_RULE:
             drop, margin = self.fp32_f1 - self.f1, Z_ONE_SIDED_95 * self.drop_se
             if drop - margin > max_drop:
                 return f"F1 drop {drop:.2f} (+-{margin:.2f}) > --max_int8_drop {max_drop:g}"
@@ -219,8 +218,8 @@ def _question_f1(answers: dict[str, str], examples: dict) -> list[float]:
 class HeldOut:
     """Held-out questions, their windows and the fp32 model's answers, ready to score candidates."""
 
-    def __init__(self, fp32_path: str, tokenizer, window: Window, examples: dict):
-        self.tokenizer, self.window, self.examples = tokenizer, window, examples
+    def __init__(self, fp32_path: str, tokenizer, window: Window, examples: dict, kind: str = "held-out"):
+        self.tokenizer, self.window, self.examples, self.kind = tokenizer, window, examples, kind
         self.features = prepare_eval_features(examples, tokenizer, window, as_dataset=False)
         self.gold = bool(examples.get("answers")) and all(len(a["text"]) for a in examples["answers"])
         self.fp32 = self.answers(fp32_path)
@@ -239,4 +238,5 @@ class HeldOut:
             drops = [a - b for a, b in zip(self.fp32_f1, f1)]
             gold = dict(f1=statistics.fmean(f1), fp32_f1=statistics.fmean(self.fp32_f1),
                         drop_se=statistics.stdev(drops) / math.sqrt(len(drops)) if len(drops) > 1 else 0.0)
-        return Int8Score(name, agreement["questions"], agreement["same_answer"], agreement["answer_f1"], **gold)
+        return Int8Score(name, agreement["questions"], agreement["same_answer"], agreement["answer_f1"], **gold,
+                         kind=self.kind)

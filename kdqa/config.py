@@ -963,9 +963,9 @@ DEFAULT_MAX_INT8_DROP = 5.0  # F1 points; why: MAX_INT8_DROP_HELP (the check its
 MAX_INT8_DROP_HELP = (
     "F1 points: refuse the int8 model (nothing is written) when, on the held-out questions, its F1 is more "
     "than this below the fp32 model's (with 95 %% confidence; 30 or more questions with gold answers), or "
-    "when it gives the fp32 model's answer to fewer than half of them (95 %% confidence; with or without gold "
-    "answers). Why 5: a sound static int8 model loses 0-2.5 F1 (measured on 2,000 SQuAD questions), a loss "
-    "surely over 5 is twice that, and a collapsed model (answers no longer fp32's) loses nearly all its F1")
+    "when it gives the fp32 model's answer to fewer than a fifth of them (95 %% confidence; with or without "
+    "gold answers: a collapsed model). Why 5: a sound static int8 model loses 0-2.5 F1 (measured on 2,000 "
+    "SQuAD questions), a loss surely over 5 is twice that, and a collapsed model loses nearly all its F1")
 
 
 def _check_calibration_flags(args: argparse.Namespace) -> None:

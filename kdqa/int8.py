@@ -60,6 +60,9 @@ class Scheme:
 
 
 PERCENTILE = 99.99
+# Percentile's histograms cost about 3x MinMax per window; 48 windows of 256 tokens still give each tensor
+# millions of values, hundreds of them beyond its 99.99th percentile.
+PERCENTILE_WINDOWS = 48
 
 
 def cpu_has_vnni() -> bool | None:
@@ -140,6 +143,7 @@ def quantize_static(source: str, int8_path: str, batches: list[dict], scheme: Sc
     options = {"CalibStridedMinMax": 1}  # one window at a time: any lengths, bounded memory
     if scheme.calibration == "Percentile":
         options.update(CalibPercentile=PERCENTILE)
+        batches = batches[:PERCENTILE_WINDOWS]
     extra = {}
     if cache and "calibration_cache_path" in inspect.signature(ort_static).parameters:  # onnxruntime >= 1.24
         extra["calibration_cache_path"] = cache
@@ -168,11 +172,15 @@ Z_ONE_SIDED_95 = 1.645
 MIN_QUESTIONS_FOR_F1_RULE = 30  # below, the drop's normal approximation is not trusted: only the agreement rule
 
 
-def surely_below_half(same: int, n: int) -> bool:
-    """Whether `same` answers of n equal to fp32's show, at 95 % confidence, a model that gives fp32's answer
-    to fewer than half of the questions: a model at one half would show this few with chance below 5 %
-    (exact binomial)."""
-    return n > 0 and sum(math.comb(n, k) for k in range(same + 1)) / 2 ** n < 0.05
+MIN_AGREEMENT = 0.2  # a collapsed model gives fp32's answer to almost no question (0 of 30 in issue 34)
+
+
+def surely_below(same: int, n: int, share: float = MIN_AGREEMENT) -> bool:
+    """Whether `same` answers of n equal to fp32's show, at 95 % confidence, a model that gives fp32's
+    answer to fewer than `share` of the questions: a model at `share` would show this few with chance
+    below 5 % (exact binomial). A sound int8 model of a weak fp32 model agrees far more often (48-55 %
+    for the recipe's 29-F1 teacher on 200 questions: its flat logits let int8 noise move many answers)."""
+    return n > 0 and sum(math.comb(n, k) * share ** k * (1 - share) ** (n - k) for k in range(same + 1)) < 0.05
 
 
 @dataclass(frozen=True)
@@ -190,7 +198,10 @@ class Int8Score:
 
     @property
     def rank(self) -> tuple:
-        """Better first when sorted in reverse: closeness to fp32's answers, then gold F1."""
+        """Better first when sorted in reverse: closeness to fp32's answers (answer F1), then gold F1.
+        Closeness, not gold F1 first: on 200 questions candidates' gold F1 differ mostly by noise (int8
+        "beat" fp32 by 1.1 F1 on the recipe's student), while closeness separates them (79-88 %
+        agreement against 63-75 % for MinMax there)."""
         return self.answer_f1, self.agreement, self.f1 if self.f1 is not None else 0.0
 
     def text(self) -> str:
@@ -200,8 +211,8 @@ class Int8Score:
 
     def past(self, max_drop: float) -> str | None:
         """Why this score is past the bound (config.MAX_INT8_DROP_HELP: each rule at 95 % confidence), or None."""
-        if surely_below_half(round(self.agreement * self.questions / 100), self.questions):
-            return "it gives fp32's answer to fewer than half of the questions"
+        if surely_below(round(self.agreement * self.questions / 100), self.questions):
+            return f"it gives fp32's answer to fewer than {MIN_AGREEMENT:.0%} of the questions"
         if self.f1 is not None and self.questions >= MIN_QUESTIONS_FOR_F1_RULE:
             drop, margin = self.fp32_f1 - self.f1, Z_ONE_SIDED_95 * self.drop_se
             if drop - margin > max_drop:

@@ -399,7 +399,9 @@ COMMANDS = {
     "export": ("export a model folder to ONNX (+ int8)",
                "Write model.onnx (dynamic batch and sequence axes) and the tokenizer into --output_dir, after "
                "checking that ONNX Runtime gives PyTorch's logits; --quantize int8 adds model_int8.onnx (ONNX "
-               "Runtime static int8, calibrated on --train_file's first questions cut into these windows).",
+               "Runtime static int8, calibrated on --train_file's first questions cut into these windows; the "
+               "schemes worth trying are scored against the fp32 model on held-out questions, the best kept "
+               "within --max_int8_drop).",
                ("model", "windows", "export")),
     "recipe": ("the seed recipe end to end (also what `python train.py` with no sub-command runs)",
                "Fine-tune the teacher, fine-tune the student (baseline), distil the student from the teacher, "

@@ -185,11 +185,8 @@ class QAPredictor:
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
         onnx_file = _onnx_file(path, quantize) if runtime != "torch" else None
-        if runtime == "onnxruntime" and onnx_file is None:
-            wanted = ONNX_INT8_FILE if quantize == "int8" else ONNX_FILE
-            raise ValueError(f"--runtime onnxruntime: {path} has no {wanted}; write it with `python train.py export "
-                             f"--model_name_or_path {path} --output_dir {path}"
-                             + (" --quantize int8`" if quantize == "int8" else "`"))
+        if onnx_file is None and (runtime == "onnxruntime" or runtime == "auto" and _only_int8_export(path, quantize)):
+            raise ValueError(_no_onnx_file(path, quantize, runtime))
         if onnx_file is not None:
             if torch.device(device).type != "cpu":
                 raise ValueError(f"ONNX Runtime runs on the CPU here; use --device cpu (got {device})")
@@ -263,6 +260,26 @@ class QAPredictor:
     def answer(self, question: str, context: str, id: str = "question") -> Answer:
         answers, _ = self.predict({"id": [id], "question": [question], "context": [context]})
         return answers[id]
+
+
+def _no_onnx_file(path: str, quantize: str, runtime: str) -> str:
+    """ONNX Runtime asked for (or the only model there) on a folder without the model asked for: the flag
+    that runs the one it has, or the export that writes it."""
+    wanted, other = (ONNX_INT8_FILE, ONNX_FILE) if quantize == "int8" else (ONNX_FILE, ONNX_INT8_FILE)
+    head = f"{'--runtime onnxruntime: ' if runtime == 'onnxruntime' else ''}{path} has no {wanted}"
+    export = (f"`python train.py export --model_name_or_path MODEL_DIR --output_dir {path}"
+              + (" --quantize int8`" if quantize == "int8" else "`"))
+    if os.path.isfile(os.path.join(path, other)):
+        flag = "leave out --quantize int8" if quantize == "int8" else "add --quantize int8"
+        return f"{head}, only {other}: {flag} to run it, or write {wanted} with {export}"
+    return f"{head}; write it with {export.replace('MODEL_DIR', path)}"
+
+
+def _only_int8_export(path: str, quantize: str) -> bool:
+    """A folder holding model_int8.onnx and neither model.onnx nor PyTorch weights, run without --quantize int8."""
+    return quantize != "int8" and os.path.isfile(os.path.join(path, ONNX_INT8_FILE)) and not any(
+        os.path.exists(os.path.join(path, name)) for name in ("model.safetensors", "model.safetensors.index.json",
+                                                             "pytorch_model.bin", "pytorch_model.bin.index.json"))
 
 
 def _onnx_file(path: str, quantize: str) -> str | None:

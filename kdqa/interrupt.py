@@ -56,6 +56,43 @@ class StopRequest:
         self._previous = {}
 
 
+class SignalsSeen:
+    """While entered: SIGINT/SIGTERM act at once, as before (KeyboardInterrupt, or the handler train.py
+    set), and are remembered, so that a library which catches what they raise cannot hide them:
+    torch.export wraps a KeyboardInterrupt raised while it traces into its own error (export then
+    exited 1, not 130). `raise_if_seen` acts on a remembered signal again."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "SignalsSeen":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                previous = signal.getsignal(sig)
+                if previous is not signal.SIG_IGN:  # an ignored signal stays ignored
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        else:  # the default action (the process ends by the signal)
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    def raise_if_seen(self) -> None:
+        if self.signum is not None:
+            self._handle(self.signum, None)
+
+
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: Ctrl-C and Slurm's SIGTERM reach the whole process group; the workers
     leave them to the main process (which stops at the step's end) instead of dying under it. They

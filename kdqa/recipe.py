@@ -41,13 +41,15 @@ from kdqa.checkpoint import list_checkpoints
 from kdqa.config import DEFAULT_CALIBRATION_QUESTIONS
 from kdqa.data import datasets_cache_dir, hub_dataset_cached, load_squad
 from kdqa.dev_sample import EVAL_SAMPLE_WORDS, take_sample
-from kdqa.export import calibration_from_rows, export_model, missing_onnx_libraries
+from kdqa.export import calibration_from_rows, export_model, missing_onnx_libraries, record_export_outputs
+from kdqa.int8 import INT8_CHECK_QUESTIONS, Int8DropError
 from kdqa.features import Window
 from kdqa.inference import QAPredictor, write_prediction_outputs
 from kdqa.postprocess import Decoding
 from kdqa.modeling import (ModelLoadError, OFFLINE_HELP, WEIGHT_FILES, cached_snapshot, hub_reachable,
                            short_model_name)
-from kdqa.report_card import read_json_if_present, recipe_report, write_recipe_report, write_served_report_and_card
+from kdqa.report_card import MODEL_CARD_NAME, REPORT_NAMES, read_json_if_present, recipe_report, \
+    write_recipe_report, write_served_report_and_card
 from kdqa.reporting import quiet_progress_bars, save_figure
 from kdqa.resume_settings import run_settings
 from kdqa.atomic_io import write_json_atomic, write_text_atomic
@@ -570,6 +572,8 @@ def run_speed_test(args, stages: dict, served: dict | None = None) -> dict:
 
 SERVED = "served student"
 SERVED_DIR = "served"
+SERVED_OUTPUTS = ("eval_predictions.json", "eval_nbest_predictions.json", "eval_results.json", *REPORT_NAMES,
+                  MODEL_CARD_NAME)
 ONNX_EXTRA_HELP = "recipe: served student skipped: the ONNX export needs onnx, onnxruntime and onnxscript: pip install 'kdqa[onnx]'"
 
 
@@ -577,7 +581,8 @@ def export_served_student(args, results: dict, stages: dict) -> dict | None:
     """The best student (highest dev F1) exported with static int8 (`train.py export --quantize int8`,
     calibrated on the first training questions) into OUTPUT_DIR/served, scored by ONNX Runtime on
     the same dev questions as the stages; its eval_* files, report and model card are written
-    there. None, with one line naming the extra to install, where the ONNX libraries are absent."""
+    there. None, with one line, where the ONNX libraries are absent (naming the extra to install) or
+    where the int8 model lost more against the fp32 one than --max_int8_drop's default allows."""
     if missing_onnx_libraries():
         logger.info(ONNX_EXTRA_HELP)
         return None
@@ -587,8 +592,17 @@ def export_served_student(args, results: dict, stages: dict) -> dict | None:
     splits = load_squad(train_file=args.train_file, validation_file=args.validation_file,
                         dataset_name=args.dataset_name)
     out = os.path.join(args.output_dir, SERVED_DIR)
-    export_model(stages[best].output_dir, out, quantize="int8",
-                 calibration=calibration_from_rows(splits["train"], DEFAULT_CALIBRATION_QUESTIONS, window))
+    train, trained = splits["train"], min(args.max_train_samples or len(splits["train"]), len(splits["train"]))
+    # The int8 check's held-out questions: training questions no stage trained on, where there are any.
+    unseen = train.select(range(trained, min(trained + INT8_CHECK_QUESTIONS, len(train)))) if trained < len(train) \
+        else None
+    try:
+        export_model(stages[best].output_dir, out, quantize="int8", calibration=calibration_from_rows(
+            train, DEFAULT_CALIBRATION_QUESTIONS, window, held_out_rows=unseen))
+    except Int8DropError as refused:
+        logger.warning("recipe: served student skipped, the table has no int8 row: %s", refused)
+        return None
+    record_export_outputs(out, *SERVED_OUTPUTS)  # the next export into `out` removes them with the model
     dev = take_sample(splits["validation"], args.max_eval_samples, args.eval_sample)[0]
     predictor = QAPredictor.load(out, quantize="int8", window=window, decoding=Decoding.from_args(args),
                                  batch_size=args.per_device_eval_batch_size)

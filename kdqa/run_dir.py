@@ -152,10 +152,11 @@ def write_run_id(output_dir: str, run_id: str) -> None:
 
 # ----------------------------------------------------------------------------- what kdqa wrote here
 
-def recorded_outputs(output_dir: str) -> set[str] | None:
-    """The names kdqa recorded as written at the top of output_dir; None where there is no record."""
+def recorded_outputs(output_dir: str, record: str = OUTPUTS_FILE) -> set[str] | None:
+    """The names kdqa recorded as written at the top of output_dir; None where there is no record.
+    `record`: the record's file (an export keeps its own, export.EXPORT_RECORD)."""
     try:
-        with open(os.path.join(output_dir, OUTPUTS_FILE), encoding="utf-8") as f:
+        with open(os.path.join(output_dir, record), encoding="utf-8") as f:
             return set(json.load(f)["names"])
     except FileNotFoundError:
         return None
@@ -163,12 +164,12 @@ def recorded_outputs(output_dir: str) -> set[str] | None:
         return set()  # damaged: trust nothing in it (checkpoints are still recognised by their files)
 
 
-def record_outputs(output_dir: str, *names: str) -> None:
+def record_outputs(output_dir: str, *names: str, record: str = OUTPUTS_FILE) -> None:
     """Add names to output_dir's record of kdqa's outputs (atomically), before they are written."""
-    known = recorded_outputs(output_dir) or set()
+    known = recorded_outputs(output_dir, record) or set()
     if set(names) <= known:
         return
-    write_json_atomic(os.path.join(output_dir, OUTPUTS_FILE), {"names": sorted(known | set(names))},
+    write_json_atomic(os.path.join(output_dir, record), {"names": sorted(known | set(names))},
                       indent=1, ensure_ascii=True, end="")
 
 

@@ -391,8 +391,9 @@ HELP_LISTS = {
     "predict": (["--n_best_size", "--max_seq_length", "--question", "--runtime", "--quantize"],
                 ["--learning_rate", "--temperature", "--precision", "--validation_file", "--opset"]),
     "export": (["--quantize", "--tolerance", "--opset", "--train_file", "--calibration_questions",
-                "--max_seq_length"],  # the calibration windows of --quantize int8
-               ["--n_best_size", "--learning_rate", "--device", "--validation_file"]),
+                "--max_seq_length",  # the calibration windows of --quantize int8
+                "--validation_file", "--max_int8_drop"],  # the int8 check's held-out questions and bound
+               ["--n_best_size", "--learning_rate", "--device"]),
     "recipe": (["--data_dir", "--teacher_num_train_epochs", "--speed_test_questions", "--learning_rate",
                 "--n_best_size"], ["--question", "--opset", "--do_train"]),
 }

@@ -253,3 +253,255 @@ def test_calibration_questions_not_a_number_and_a_missing_train_file(model_dir, 
     assert train_py.main(["export", "--model_name_or_path", model_dir, "--output_dir", str(tmp_path / "x"),
                           "--quantize", "int8", "--train_file", str(tmp_path / "absent.json")]) != 0
     assert "absent.json: no such file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- int8 checked against fp32 (issue 34 §3)
+
+def _collapse(path):
+    """Every start/end logit times 0: the model answers each question with the same first span,
+    whatever it was asked (a quantiser that lost the model)."""
+    graph = onnx.load(path)
+    graph.graph.initializer.append(onnx.helper.make_tensor("collapse_zero", onnx.TensorProto.FLOAT, [], [0.0]))
+    for output in graph.graph.output:
+        for node in graph.graph.node:
+            node.output[:] = [f"{name}_raw" if name == output.name else name for name in node.output]
+        graph.graph.node.append(onnx.helper.make_node("Mul", [f"{output.name}_raw", "collapse_zero"], [output.name]))
+    onnx.save(graph, path)
+
+
+@pytest.fixture()
+def collapsing_quantizer(monkeypatch):
+    import kdqa.export as export
+
+    real = export.quantize_static
+
+    def broken(source, int8_path, *args, **kwargs):
+        real(source, int8_path, *args, **kwargs)
+        _collapse(int8_path)
+
+    monkeypatch.setattr(export, "quantize_static", broken)
+
+
+@pytest.fixture(scope="module")
+def dev_file(tmp_path_factory):
+    return write_squad(str(tmp_path_factory.mktemp("dev") / "dev.json"), make_name_task(40, seed=6, prefix="d"))
+
+
+def _snapshot(folder):
+    return {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+
+
+def test_a_collapsed_int8_model_is_refused_and_the_previous_export_stays(exported, model_dir, train_file, dev_file,
+                                                                         collapsing_quantizer, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "earlier"
+    shutil.copytree(exported, out)
+    before = _snapshot(out)
+    assert train_py.main(["export", "--model_name_or_path", model_dir, "--output_dir", str(out), "--quantize", "int8",
+                          "--train_file", train_file, "--validation_file", dev_file, "--calibration_questions", "30",
+                          "--max_seq_length", "64", "--doc_stride", "32"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]
+    assert len(err) == 1 and "int8 refused" in err[0] and "nothing was written" in err[0], err
+    assert "agreement" in err[0] and "% with fp32's answers" in err[0] and "F1" in err[0]
+    assert "on 40 held-out questions" in err[0] and "best of 4 int8 schemes" in err[0]
+    assert _snapshot(out) == before, "the refused export leaves the earlier one as it was"
+
+
+def test_the_recipe_does_not_serve_a_collapsed_int8_model(model_dir, name_task, collapsing_quantizer, tmp_path,
+                                                           caplog):
+    import types
+
+    import kdqa.recipe as recipe
+    from kdqa.config import parse_args
+
+    args = parse_args(["--train_file", name_task["train"], "--validation_file", name_task["dev"], "--output_dir",
+                       str(tmp_path / "recipe"), "--max_train_samples", "100", "--max_seq_length", "64",
+                       "--doc_stride", "32", "--max_eval_samples", "12"])
+    stages = {name: types.SimpleNamespace(output_dir=model_dir) for name in ("student", "distilled student")}
+    with caplog.at_level("INFO", logger="kdqa"):
+        served = recipe.export_served_student(args, {"student": {"f1": 1.0}, "distilled student": {"f1": 2.0}}, stages)
+    assert served is None
+    skipped = [r.getMessage() for r in caplog.records if "served student skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "int8 refused" in skipped[0] and "agreement" in skipped[0]
+    assert "on 200 held-out questions" in skipped[0], "questions no stage trained on: rows 100-299"
+    assert not (tmp_path / "recipe" / "served" / ONNX_INT8_FILE).exists()
+
+
+def test_each_scheme_is_logged_with_both_scores_and_the_closest_to_fp32_is_kept(model_dir, train_file, dev_file,
+                                                                                tmp_path, monkeypatch, caplog):
+    """Percentile 99.99 calibration on windows of different lengths works (ONNX Runtime's histogram
+    calibrators used to stack them); the kept scheme is the best-ranked one, its scores logged."""
+    import kdqa.export as export
+    import kdqa.int8 as int8
+
+    lengths = {len(b["input_ids"][0]) for b in export.calibration_batches(
+        _calibration().examples, load_tokenizer(model_dir), ["input_ids", "attention_mask"], Window(64, 32))}
+    assert len(lengths) > 1
+    real_score = int8.HeldOut.score
+
+    def favour_percentile_per_tensor(self, path, name):
+        score = real_score(self, path, name)
+        bonus = 1.0 if name == "Percentile 99.99, per-tensor" else 0.0
+        return int8.Int8Score(name, score.questions, score.agreement, score.answer_f1 + bonus, score.f1,
+                              score.fp32_f1, score.drop_se)
+
+    monkeypatch.setattr(int8.HeldOut, "score", favour_percentile_per_tensor)
+    calibration = calibration_from_rows(make_name_task(40, seed=5), 30, Window(64, 32),
+                                        held_out_rows=make_name_task(40, seed=6, prefix="d"))
+    with caplog.at_level("INFO", logger="kdqa"):
+        result = export_model(model_dir, str(tmp_path / "schemes"), quantize="int8", calibration=calibration)
+    lines = [r.getMessage() for r in caplog.records if r.name == "kdqa"]
+    candidates = [line for line in lines if line.startswith("int8 candidate")]
+    assert [line.split(":")[0] for line in candidates] == [
+        "int8 candidate MinMax, per-channel", "int8 candidate MinMax, per-tensor",
+        "int8 candidate Percentile 99.99, per-channel", "int8 candidate Percentile 99.99, per-tensor"]
+    assert all("% with fp32's answers" in line and "against fp32's" in line and "40 held-out" in line
+               for line in candidates)
+    assert "kept Percentile 99.99, per-tensor: agreement" in lines[-1] and result["int8"].name.startswith("Percentile")
+    assert "DynamicQuantizeLinear" not in _op_types(os.path.join(tmp_path / "schemes", ONNX_INT8_FILE))
+
+
+def test_reduce_range_is_tried_only_on_cpus_without_vnni(monkeypatch):
+    import kdqa.int8 as int8
+
+    monkeypatch.setattr(int8.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(int8, "cpu_has_vnni", lambda: True)
+    assert [s.name for s in int8.static_schemes()] == [
+        "MinMax, per-channel", "MinMax, per-tensor", "Percentile 99.99, per-channel", "Percentile 99.99, per-tensor"]
+    monkeypatch.setattr(int8, "cpu_has_vnni", lambda: False)
+    schemes = int8.static_schemes()
+    assert len(schemes) == 8 and sum(s.reduce_range for s in schemes) == 4
+    assert schemes[0] == int8.Scheme("MinMax", per_channel=True, reduce_range=False), "kdqa's earlier scheme first"
+    monkeypatch.setattr(int8.platform, "machine", lambda: "aarch64")
+    assert not any(s.reduce_range for s in int8.static_schemes())
+
+
+@pytest.mark.parametrize("agreement, f1, se, refused", [
+    (0.0, 0.0, 2.0, "fewer than 20%"),            # collapsed: answers no longer fp32's
+    (96.0, 29.0, 1.5, None),                       # sound: a small drop
+    (48.0, 28.5, 2.0, None),                       # sound int8 of a weak model: many answers moved, F1 kept
+    (80.0, 18.0, 2.0, "F1 drop 12.00"),            # surely more than 5 F1 lost
+    (80.0, 22.0, 3.0, None),                       # 8 lost, but within the noise of 200 questions
+])
+def test_the_bound_refuses_only_what_is_surely_past_it(agreement, f1, se, refused):
+    from kdqa.int8 import Int8Score
+
+    reason = Int8Score("s", 200, agreement, agreement, f1, 30.0, se).past(5.0)
+    assert (reason is None) if refused is None else (refused in reason)
+    assert Int8Score("s", 3, 0.0, 0.0).past(5.0) is None, "3 questions cannot show a collapse"
+    assert "fewer than 20%" in Int8Score("s", 30, 0.0, 0.0).past(5.0), "0 of 30 (the issue's case) can"
+
+
+# --------------------------------------------------------------------------- the output folder and the log (issue 34 §10-12)
+
+def test_an_export_removes_what_the_earlier_export_wrote_never_the_users_files(model_dir, tmp_path, monkeypatch):
+    """The recipe's served folder: an export, then its scores, report and card (recorded as the export's).
+    A later export of another model into it removes them; the user's own files stay. Called as the recipe
+    calls it (logging at INFO): kdqa's lines only, none of the exporter's optimiser passes."""
+    import io
+    import logging
+
+    from kdqa.export import EXPORT_RECORD, record_export_outputs
+
+    out = tmp_path / "served"
+    export_model(model_dir, str(out), quantize="int8-dynamic")
+    served = ("README.md", "eval_results.json", "eval_predictions.json", "report.json")
+    record_export_outputs(str(out), *served)
+    for name in served + ("notes.md",):
+        (out / name).write_text("of the earlier model")
+    other_dir = make_model_folder(str(tmp_path / "other"), tiny_bert_config(dropout=0.0), seed=1)
+    root, stream = logging.getLogger(), io.StringIO()
+    handler, level = logging.StreamHandler(stream), root.level
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        export_model(other_dir, str(out))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    left = set(os.listdir(out))
+    assert not left & set(served) and ONNX_INT8_FILE not in left, "no card, scores or int8 model of the earlier model"
+    assert "notes.md" in left and (out / "notes.md").read_text() == "of the earlier model", "the user's file stays"
+    assert {ONNX_FILE, "config.json", EXPORT_RECORD} <= left
+    import json
+
+    assert ONNX_FILE in json.loads((out / EXPORT_RECORD).read_text())["names"]
+    lines = stream.getvalue().splitlines()
+    assert lines and all(line.startswith("kdqa ") for line in lines), [l for l in lines if not l.startswith("kdqa")][:5]
+
+
+def test_an_unrecorded_file_of_the_same_name_is_never_removed(model_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    export_model(model_dir, str(out))
+    export_model(model_dir, str(out))
+    assert (out / "README.md").read_text() == "my notes"
+
+
+def test_int8_flags_without_int8_are_named_in_one_warning(model_dir, train_file, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import kdqa.export as export
+
+    monkeypatch.setattr(export, "export_model", lambda *args, **kwargs: {"files": []})
+    argv = ["export", "--model_name_or_path", model_dir, "--output_dir", str(tmp_path / "x")]
+    with caplog.at_level(logging.INFO, logger="kdqa"):
+        assert train_py.main(argv + ["--calibration_questions", "20", "--train_file", train_file]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["export: --train_file and --calibration_questions are ignored without --quantize int8"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kdqa"):
+        assert train_py.main(argv + ["--quantize", "int8", "--train_file", train_file]) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# --------------------------------------------------------------------------- Ctrl-C and SIGTERM (issue 34 §14)
+
+# In the first forward pass of the model (torch.export's trace), the signal arrives while Python runs a
+# __del__ (torch.export's tracing runs weakref callbacks too): Python drops whatever a handler raises
+# there, so the export went on and kept its model (exit 0). `error`: the trace then fails, as when the
+# exporter turns the interrupt into its own error (exit 1).
+SIGNAL_CHILD = """
+import functools, os, signal, sys, time
+sys.path.insert(0, {repo!r})
+import kdqa.export, train
+forward, sent = kdqa.export._LogitsOnly.forward, []
+class Swallowed:
+    def __del__(self):
+        os.kill(os.getpid(), signal.{signame})
+        time.sleep(0.05)  # the handler runs here, and what it raises is dropped
+@functools.wraps(forward)  # the exporter reads the forward's signature
+def traced(self, *args, **kwargs):
+    if not sent:
+        sent.append(Swallowed())
+        sent.clear()
+        if {error!r}:
+            raise RuntimeError("the exporter's own error")
+    return forward(self, *args, **kwargs)
+kdqa.export._LogitsOnly.forward = traced
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signame, error, code, name", [("SIGINT", False, 130, "Ctrl-C"),
+                                                        ("SIGTERM", True, 143, "SIGTERM")])
+def test_a_signal_the_exporter_swallows_still_stops_export_and_keeps_the_earlier_export(
+        exported, model_dir, tmp_path, signame, error, code, name):
+    import shutil
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "earlier"
+    shutil.copytree(exported, out)
+    before = _snapshot(out)
+    env = {k: v for k, v in os.environ.items() if k != "KDQA_TRACEBACK"}
+    child = subprocess.run([sys.executable, "-c", SIGNAL_CHILD.format(repo=repo, signame=signame, error=error),
+                            "export", "--model_name_or_path", model_dir, "--output_dir", str(out)],
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in child.stderr.splitlines() if line.startswith("train.py")]
+    assert child.returncode == code and lines == [f"train.py export: interrupted ({name})"], child.stderr[-3000:]
+    assert _snapshot(out) == before, "the earlier export is as it was, no staging folder left"

@@ -194,3 +194,17 @@ def test_onnxruntime_requested_without_export_is_a_clear_error(trained, capsys):
                           "--question", "q", "--context", "c"]) == 1
     err = capsys.readouterr().err
     assert "has no model.onnx" in err and "train.py export" in err and "Traceback" not in err
+
+
+def test_a_folder_with_only_the_int8_export_names_the_flag_that_runs_it(trained, tmp_path, capsys):
+    """Issue 34 §13: model_int8.onnx alone (no model.onnx, no PyTorch weights): --quantize int8 runs it."""
+    import shutil
+
+    folder = tmp_path / "only-int8"
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    (folder / "model_int8.onnx").write_bytes(b"not read: the flags are wrong before the model is loaded")
+    for runtime in (["--runtime", "onnxruntime"], []):
+        assert train_py.main(["predict", "--model_name_or_path", str(folder), *runtime, "--question", "q",
+                              "--context", "c"]) == 1
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]
+        assert len(err) == 1 and "only model_int8.onnx" in err[0] and "add --quantize int8" in err[0], err

@@ -309,6 +309,7 @@ def test_export_logs_one_line_and_the_libraries_passes_only_at_debug(setup, tmp_
     import logging
 
     from kdqa.export import _OtherLibrariesAtDebug
+    from kdqa.int8 import static_schemes
 
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -325,8 +326,13 @@ def test_export_logs_one_line_and_the_libraries_passes_only_at_debug(setup, tmp_
         root.removeHandler(handler)
         root.setLevel(level)
     lines = [line for line in stream.getvalue().splitlines() if line.startswith("[kdqa]")]
-    # kdqa's own lines only: the calibration pass of static int8, then the export's result.
-    assert len(lines) == 2 and "calibrating activation scales" in lines[0] and "exported" in lines[1], lines[:5]
+    # kdqa's own lines only: the calibration pass of static int8, each scheme's scores, the export's result.
+    assert all(line.split()[2] == "kdqa" for line in lines), [line for line in lines if " kdqa " not in line][:5]
+    # Its 16 training questions all calibrate: the check runs on them, and says so.
+    assert "no training questions are left after the 16 calibration ones" in lines[0], lines[:5]
+    assert "calibrating activation scales" in lines[1] and "exported" in lines[-1], lines[:5]
+    assert len(lines) == 3 + len(static_schemes()) and all("int8 candidate" in line for line in lines[2:-1])
+    assert "on 16 calibration questions" in lines[-1]
     # What was hidden is still there at DEBUG, for whoever sets logging to DEBUG.
     record = logging.LogRecord("onnx_ir.passes", logging.INFO, "f", 1, "Removed 15 unused nodes", None, None)
     root.setLevel(logging.DEBUG)

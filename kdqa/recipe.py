@@ -61,10 +61,11 @@ EMBEDDED_TEACHER_NAME = "all-MiniLM-L6-v2"
 EMBEDDED_STUDENT_LAYERS = "0,2,4"
 
 # The CPU preset (for the embedded MiniLM models), sized so that the hidden-state row shows its gain
-# within a quarter of an hour on 2 idle cores with four trainings (12.4 minutes measured). Teacher
-# quality decides it: lr 2e-4 takes the 560-question teacher to 38-44 F1 (lr 1e-4: 27, 3e-4: 29;
-# seed 42 on these 500 dev questions), and the hidden-state student to 28-30 F1 against the
-# fine-tuned student's 12-13, over seeds 42-44 (benchmarks/RESULTS.md). Students train 2 epochs (3
+# within a quarter of an hour on 2 idle cores with four trainings (11.3-12.9 minutes measured). Teacher
+# quality decides it: lr 2e-4 takes the 560-question teacher to 28-32 F1 on 500 dev questions spread
+# over the file (38-44 on the first 500; there lr 1e-4 gave 27, 3e-4 29, seed 42), and the
+# hidden-state student to 18-19 F1 against the fine-tuned student's 11, over seeds 42-44
+# (benchmarks/RESULTS.md). Students train 2 epochs (3
 # would take about 16 minutes by the cost model below). 360 train questions left the teacher at 12-18 F1 and no row ahead.
 # Logits-only KD is level with fine-tuning at this size; it pays from a few thousand questions.
 # Each value applies only where its flag was not given (a flag given at its default value is given).

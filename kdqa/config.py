@@ -1108,8 +1108,8 @@ MAX_INT8_DROP_HELP = (
     "F1 points: refuse the int8 model (nothing is written) when, on the held-out questions, its F1 is more "
     "than this below the fp32 model's (with 95 %% confidence; 30 or more questions with gold answers), or "
     "when it gives the fp32 model's answer to fewer than a fifth of them (95 %% confidence; with or without "
-    "gold answers: a collapsed model). Why 5: a sound static int8 model loses 0-2.5 F1 (measured on 2,000 "
-    "SQuAD questions), a loss surely over 5 is twice that, and a collapsed model loses nearly all its F1")
+    "gold answers: a collapsed model). Why 5: a sound static int8 model loses 0-2.5 F1 (issue 34's peer check on "
+    "2,000 SQuAD questions; -1.1 to -0.2 in the first command here), a loss surely over 5 is twice that, and a collapsed model loses nearly all its F1")
 
 
 def _check_calibration_flags(args: argparse.Namespace) -> None:

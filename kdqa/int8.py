@@ -178,8 +178,9 @@ MIN_AGREEMENT = 0.2  # a collapsed model gives fp32's answer to almost no questi
 def surely_below(same: int, n: int, share: float = MIN_AGREEMENT) -> bool:
     """Whether `same` answers of n equal to fp32's show, at 95 % confidence, a model that gives fp32's
     answer to fewer than `share` of the questions: a model at `share` would show this few with chance
-    below 5 % (exact binomial). A sound int8 model of a weak fp32 model agrees far more often (48-55 %
-    for the recipe's 29-F1 teacher on 200 questions: its flat logits let int8 noise move many answers)."""
+    below 5 % (exact binomial). A sound int8 model of a weak fp32 model agrees far more often, though
+    far from always (41.0-85.0 % for every scheme tried on the first command's three 18-F1 students,
+    200 questions, benchmarks/RESULTS.md: flat logits let int8 noise move many answers)."""
     return n > 0 and sum(math.comb(n, k) * share ** k * (1 - share) ** (n - k) for k in range(same + 1)) < 0.05
 
 

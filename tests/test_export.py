@@ -16,6 +16,7 @@ from kdqa.features import Window
 from kdqa.inference import ONNX_FILE, ONNX_INT8_FILE, OnnxRunner, QAPredictor, TorchRunner
 from kdqa.modeling import load_qa_model, load_tokenizer
 from tiny_models import FILLER, make_model_folder, make_name_task, tiny_bert_config, write_squad
+from log_capture import root_log
 
 
 @pytest.fixture(scope="module")
@@ -399,8 +400,6 @@ def test_an_export_removes_what_the_earlier_export_wrote_never_the_users_files(m
     """The recipe's served folder: an export, then its scores, report and card (recorded as the export's).
     A later export of another model into it removes them; the user's own files stay. Called as the recipe
     calls it (logging at INFO): kdqa's lines only, none of the exporter's optimiser passes."""
-    import io
-    import logging
 
     from kdqa.export import EXPORT_RECORD, record_export_outputs
 
@@ -411,16 +410,8 @@ def test_an_export_removes_what_the_earlier_export_wrote_never_the_users_files(m
     for name in served + ("notes.md",):
         (out / name).write_text("of the earlier model")
     other_dir = make_model_folder(str(tmp_path / "other"), tiny_bert_config(dropout=0.0), seed=1)
-    root, stream = logging.getLogger(), io.StringIO()
-    handler, level = logging.StreamHandler(stream), root.level
-    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
+    with root_log() as stream:
         export_model(other_dir, str(out))
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
     left = set(os.listdir(out))
     assert not left & set(served) and ONNX_INT8_FILE not in left, "no card, scores or int8 model of the earlier model"
     assert "notes.md" in left and (out / "notes.md").read_text() == "of the earlier model", "the user's file stays"

@@ -13,6 +13,7 @@ from kdqa import checkpoint as ckpt
 from kdqa.config import ConfigError, _subparsers, build_parser, parse_args
 from kdqa.resume_settings import check_resume_settings, run_settings
 from test_reliability import comparable_log, tiny_run_inputs
+from log_capture import root_log
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +306,6 @@ def test_gradient_checkpointing_is_really_on_and_gives_the_same_training(setup, 
 
 @pytest.mark.slow  # one ONNX export with int8
 def test_export_logs_one_line_and_the_libraries_passes_only_at_debug(setup, tmp_path):
-    import io
     import logging
 
     from kdqa.export import _OtherLibrariesAtDebug
@@ -313,18 +313,10 @@ def test_export_logs_one_line_and_the_libraries_passes_only_at_debug(setup, tmp_
 
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    root, stream = logging.getLogger(), io.StringIO()
-    handler, level = logging.StreamHandler(stream), root.level
-    handler.setFormatter(logging.Formatter("[kdqa] %(levelname)s %(name)s %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
+    with root_log("[kdqa] %(levelname)s %(name)s %(message)s") as stream:
         train.run_command(parse_args(["export", "--model_name_or_path", setup["student"], "--output_dir",
                                       str(tmp_path / "onnx"), "--quantize", "int8", "--train_file", setup["train"],
                                       "--max_seq_length", "64", "--doc_stride", "32"]))
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
     lines = [line for line in stream.getvalue().splitlines() if line.startswith("[kdqa]")]
     # kdqa's own lines only: the calibration pass of static int8, each scheme's scores, the export's result.
     assert all(line.split()[2] == "kdqa" for line in lines), [line for line in lines if " kdqa " not in line][:5]
@@ -335,6 +327,8 @@ def test_export_logs_one_line_and_the_libraries_passes_only_at_debug(setup, tmp_
     assert "on 16 calibration questions" in lines[-1]
     # What was hidden is still there at DEBUG, for whoever sets logging to DEBUG.
     record = logging.LogRecord("onnx_ir.passes", logging.INFO, "f", 1, "Removed 15 unused nodes", None, None)
+    root = logging.getLogger()
+    level = root.level
     root.setLevel(logging.DEBUG)
     try:
         assert _OtherLibrariesAtDebug().filter(record) and record.levelname == "DEBUG"

@@ -381,8 +381,11 @@ def _torch_load(path: str, map_location):
         raise CheckpointError(f"{path} is damaged and cannot be read ({type(err).__name__}: {err})") from None
 
 
-def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, map_location="cpu", rank: int = 0) -> dict:
-    """Restore model, optimizer, scheduler, scaler and RNG states (this rank's); return the trainer state."""
+def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, map_location="cpu", rank: int = 0,
+                    shape_flags: tuple[str, ...] = ()) -> dict:
+    """Restore model, optimizer, scheduler, scaler and RNG states (this rank's); return the trainer state.
+    shape_flags: the flags besides the model's that decide what the checkpointed model holds (the loss
+    terms' flags), named where it does not fit."""
     state = read_trainer_state(path)
     model_path = os.path.join(path, "model.safetensors")
     try:
@@ -395,8 +398,9 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, map_locat
         first = str(err).strip().splitlines()
         raise CheckpointError(
             f"{model_path} does not fit this run's model ({' '.join(first[1:2] or first[:1]).strip()[:200]}); "
-            "resume with the flags the run started with (model, --student_layers, --alpha_hidden, "
-            "--hidden_layer_map), or start a new run without --resume_from_checkpoint") from None
+            "resume with the flags the run started with (model, --student_layers"
+            f"{''.join(', --' + flag for flag in shape_flags)}), or start a new run without "
+            "--resume_from_checkpoint") from None
     optimizer.load_state_dict(_torch_load(os.path.join(path, "optimizer.pt"), map_location))
     scheduler.load_state_dict(_torch_load(os.path.join(path, "scheduler.pt"), "cpu"))
     scaler.load_state_dict(_torch_load(os.path.join(path, "scaler.pt"), "cpu"))

@@ -1009,28 +1009,12 @@ def _validate_training_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--alpha_ce and --alpha_kd are both 0: nothing would be learnt; "
                           "give one of them a weight > 0")
     if distills:
-        _check_hidden_flags(args)
-    if distills and (problem := objective.cache_conflict(args)):
-        raise ConfigError(problem)
-
-
-def _check_hidden_flags(args: argparse.Namespace) -> None:
-    """A --hidden_layer_map is checked as far as it can be before the models are loaded (their layer
-    counts come later), even at --alpha_hidden 0; hidden flags that then do nothing get one warning."""
-    from kdqa.hidden_distill import parse_layer_map
-
-    if args.hidden_layer_map is not None:
         try:
-            parse_layer_map(args.hidden_layer_map, 10**6, 10**6)
+            objective.check_terms(args)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    if args.alpha_hidden == 0 and args.command != "recipe":  # the recipe's default is its hidden row's 10
-        given = [f"--{k}" for k, default in (("hidden_layer_map", None), ("hidden_loss", "mse"))
-                 if getattr(args, k) != default]  # set to something other than the parser's default
-        if given:
-            logging.getLogger("kdqa").warning(
-                "%s %s no effect: the hidden-state term is off at --alpha_hidden 0 (give --alpha_hidden W > 0 "
-                "to use it)", " and ".join(given), "have" if len(given) > 1 else "has")
+    if distills and (problem := objective.cache_conflict(args)):
+        raise ConfigError(problem)
 
 
 # ----------------------------------------------------------------------------- predict and export (issue 16)

@@ -140,3 +140,8 @@ class HiddenStateDistillation(torch.nn.Module):
                 h_student = self.projections[i](h_student)
             terms.append(masked_hidden_distance(h_student, teacher_hidden[t].detach(), attention_mask, self.kind))
         return torch.stack(terms).mean()
+
+    def describe(self) -> dict:
+        return {"what": "distance of the mapped student and teacher hidden states over real tokens",
+                "loss": self.kind, "layer_map (student:teacher)": format_layer_map(self.layer_map),
+                "learned_projection": self.projections is not None}

@@ -1,49 +1,67 @@
-"""The training objective: the span term and the extra loss terms, each saying what it needs.
+"""The training objective, one object built once per run: the span term and the extra loss terms.
 
-    loss = alpha_ce * CE + alpha_kd * T^2 * KL       the span term (kdqa.loss.qa_distillation_loss)
+    loss = alpha_ce * CE + alpha_kd * T^2 * KL       the span term (SpanTerm: kdqa.loss.qa_distillation_loss)
          + sum of weight * term over the extra terms  e.g. alpha_hidden * hidden
 
-An extra term is one `Term` in EXTRA_TERMS: the flag holding its weight (0: off), its name (its key
-in metrics.jsonl, in the run's loss_weights and loss_modules, hence in checkpoints' state dicts), the
-model output it reads from student and teacher (a name of forward_qa's outputs) and how a run builds
-it: an nn.Module called as `module(student_output, teacher_output, attention_mask) -> scalar`, whose
-parameters (projections) train and are checkpointed with the student. From these the trainer knows
-what to ask of the models, and the rules follow in one place each: a term reading teacher internals
-needs the online teacher (not --teacher_logits_cache: it holds logits only), and attention
-probabilities need eager attention (SDPA computes none).
+`build(args, student, teacher)` reads the flags once and returns an `Objective` (an nn.Module): the
+run asks it what the models must return (`needs`, and the forward hooks it registered for terms that
+read the models' insides), calls it `(student_out, teacher_out, batch) -> (total, parts)` every step,
+and asks it to `describe()` itself once: the log's plan lines and the report card's objective
+section both come from that description.
+
+An extra term is one `Term` in EXTRA_TERMS: its weight flag (0: off), its other flags with their
+defaults, its name (its key in metrics.jsonl, in the loss weights and, for trainable parts, in
+checkpoints' state dicts: keep it stable), the model output it reads ("hidden_states", "attentions",
+or "captured": what its module's `student_taps` / `teacher_taps` recorded through
+kdqa.model_adapter), how a run builds its module (`module(student_reads, teacher_reads,
+attention_mask) -> scalar`, with `describe() -> dict`) and its parse-time check. From these follow,
+in one place each: a term reading teacher internals needs the online teacher (not
+--teacher_logits_cache: it holds logits only), attention probabilities need eager attention (SDPA
+computes none), the recipe's logits-only row runs with every term off, a resume that changed a
+term's flag is refused naming it, and flags of a term that is off get one warning.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from kdqa.hidden_distill import HiddenStateDistillation, choose_layer_map, format_layer_map, parse_student_layers
+from kdqa.hidden_distill import (HiddenStateDistillation, choose_layer_map, format_layer_map, parse_layer_map,
+                                 parse_student_layers)
 from kdqa.loss import qa_distillation_loss
+from kdqa.model_adapter import Capture
 
 if TYPE_CHECKING:  # kdqa.config reads the rules here: importing modeling (transformers) would slow every --help
     from kdqa.modeling import QAOutputs
 
 # What each model output is called in messages.
-OUTPUT_NAMES = {"hidden_states": "hidden states", "attentions": "attention probabilities"}
+OUTPUT_NAMES = {"hidden_states": "hidden states", "attentions": "attention probabilities",
+                "captured": "queries, keys and values"}
 
 
 @dataclass(frozen=True)
 class Term:
     """One extra loss term of the objective."""
-    name: str          # metrics.jsonl field, loss_weights / loss_modules key (checkpoint keys: keep it stable)
+    name: str          # metrics.jsonl field, weights / loss_modules key (checkpoint keys: keep it stable)
     weight_flag: str   # the args attribute holding its weight; 0 turns it off
     reads: str         # the forward_qa output it compares, student against teacher
     build: Callable[[argparse.Namespace, torch.nn.Module, torch.nn.Module], torch.nn.Module]
-    describe: Callable[[float, torch.nn.Module], str]  # (weight, module) -> what log_plan says about it
+    settings: dict = field(default_factory=dict)  # its other flags -> the parser's default
+    check: Callable[[argparse.Namespace], None] | None = None  # parse-time check; raises ValueError
 
     @property
     def needs(self) -> frozenset[str]:
         """The model outputs it needs from both student and teacher."""
         return frozenset({self.reads})
+
+    @property
+    def flags(self) -> dict:
+        """Every flag of the term -> its default (the weight's is 0: off)."""
+        return {self.weight_flag: 0.0, **self.settings}
 
 
 def copied_layers(args) -> list[int] | None:
@@ -56,16 +74,19 @@ def num_layers(model) -> int:
     return model.config.num_hidden_layers
 
 
+def layer_map_check(flag: str) -> Callable[[argparse.Namespace], None]:
+    """A parse-time check of a --*_layer_map: as far as it goes before the models' depths are known."""
+    def check(args) -> None:
+        spec = getattr(args, flag.lstrip("-"))
+        if spec is not None:
+            parse_layer_map(spec, 10**6, 10**6, flag=flag)
+    return check
+
+
 def hidden_term(args, student, teacher) -> HiddenStateDistillation:
     """--hidden_layer_map (default: the copied layers, else uniform), projections where widths differ."""
     pairs = choose_layer_map(args.hidden_layer_map, num_layers(student), num_layers(teacher), copied_layers(args))
     return HiddenStateDistillation(pairs, student.config.hidden_size, teacher.config.hidden_size, args.hidden_loss)
-
-
-def describe_hidden(weight: float, module: HiddenStateDistillation) -> str:
-    return (f"hidden-state term: {weight} x {module.kind} over student:teacher layers "
-            f"{format_layer_map(module.layer_map)}"
-            + (", with a learned projection per layer" if module.projections is not None else ""))
 
 
 # ----------------------------------------------------------------------------- attention transfer
@@ -106,6 +127,10 @@ class AttentionDistillation(torch.nn.Module):
         return torch.stack([masked_attention_kl(student_attentions[s - 1], teacher_attentions[t - 1].detach(),
                                                 attention_mask) for s, t in self.layer_map]).mean()
 
+    def describe(self) -> dict:
+        return {"what": "KL(teacher ‖ student) of the attention probabilities, per head",
+                "layer_map (student:teacher)": format_layer_map(self.layer_map)}
+
 
 def attention_term(args, student, teacher) -> AttentionDistillation:
     """--attention_layer_map, defaulting as --hidden_layer_map does."""
@@ -114,14 +139,11 @@ def attention_term(args, student, teacher) -> AttentionDistillation:
     return AttentionDistillation(pairs, student.config.num_attention_heads, teacher.config.num_attention_heads)
 
 
-def describe_attention(weight: float, module: AttentionDistillation) -> str:
-    return (f"attention term: {weight} x KL(teacher || student) per head over student:teacher layers "
-            f"{format_layer_map(module.layer_map)}")
-
-
 EXTRA_TERMS = (
-    Term("hidden", "alpha_hidden", "hidden_states", hidden_term, describe_hidden),
-    Term("attention", "alpha_attention", "attentions", attention_term, describe_attention),
+    Term("hidden", "alpha_hidden", "hidden_states", hidden_term, {"hidden_layer_map": None, "hidden_loss": "mse"},
+         layer_map_check("--hidden_layer_map")),
+    Term("attention", "alpha_attention", "attentions", attention_term, {"attention_layer_map": None},
+         layer_map_check(ATTENTION_FLAG))
 )
 
 
@@ -130,6 +152,24 @@ EXTRA_TERMS = (
 def terms_on(args) -> list[Term]:
     """The extra terms whose weight is > 0 (in distill mode they are part of the loss)."""
     return [term for term in EXTRA_TERMS if getattr(args, term.weight_flag, 0)]
+
+
+def term_flags() -> dict:
+    """Every extra term's flags -> their defaults: what the recipe's logits-only rows reset."""
+    return {flag: default for term in EXTRA_TERMS for flag, default in term.flags.items()}
+
+
+def check_terms(args) -> None:
+    """Parse time: each term's own check (even when it is off), then one warning per term whose
+    settings were given while its weight is 0 (the recipe's rows choose their own weights)."""
+    for term in EXTRA_TERMS:
+        if term.check is not None:
+            term.check(args)
+        given = [f"--{flag}" for flag, default in term.settings.items() if getattr(args, flag, default) != default]
+        if given and not getattr(args, term.weight_flag, 0) and args.command != "recipe":
+            logging.getLogger("kdqa").warning(
+                "%s %s no effect: the %s term is off at --%s 0 (give --%s W > 0 to use it)", " and ".join(given),
+                "have" if len(given) > 1 else "has", term.name, term.weight_flag, term.weight_flag)
 
 
 def needs_teacher_internals(args) -> bool:
@@ -160,49 +200,101 @@ def attn_implementation(args) -> str:
 
 # ----------------------------------------------------------------------------- a run's objective
 
-def build_loss_modules(args, student, teacher) -> torch.nn.ModuleDict:
-    """The extra terms of a distillation run, by name, in EXTRA_TERMS order (empty when fine-tuning)."""
+class SpanTerm(torch.nn.Module):
+    """alpha_ce * CE(gold start/end) + alpha_kd * T^2 * KL(teacher || student), settings bound once."""
+
+    def __init__(self, temperature: float, alpha_ce: float, alpha_kd: float, impl: str):
+        super().__init__()
+        self.temperature, self.alpha_ce, self.alpha_kd, self.impl = temperature, alpha_ce, alpha_kd, impl
+
+    def forward(self, student_out: QAOutputs, teacher_out: QAOutputs, batch: dict):
+        return qa_distillation_loss(student_out.start, student_out.end, batch["start_positions"],
+                                    batch["end_positions"], teacher_out.start, teacher_out.end,
+                                    mask=batch["attention_mask"].bool(), temperature=self.temperature,
+                                    alpha_ce=self.alpha_ce, alpha_kd=self.alpha_kd, impl=self.impl)
+
+    def describe(self) -> list[dict]:
+        return [{"name": "ce", "weight": float(self.alpha_ce), "what": "cross-entropy of the gold start/end positions"},
+                {"name": "kd", "weight": float(self.alpha_kd),
+                 "what": "KL(teacher ‖ student) of the temperature-softened start/end distributions",
+                 "temperature": float(self.temperature), "t_squared": True}]
+
+
+class Objective(torch.nn.Module):
+    """The run's loss: the span term and the extra terms with their weights and modules (whose
+    trainable parts, under `loss_modules`, train and are checkpointed with the student), and the
+    forward hooks of terms that read the models' insides (registered once, on build)."""
+
+    def __init__(self, span: SpanTerm, extra: list[tuple[Term, float, torch.nn.Module]]):
+        super().__init__()
+        self.span = span
+        self.terms = [term for term, _, _ in extra]
+        self.loss_modules = torch.nn.ModuleDict({term.name: module for term, _, module in extra})
+        self.weights = {"ce": span.alpha_ce, "kd": span.alpha_kd, **{term.name: weight for term, weight, _ in extra}}
+        self.student_capture: Capture | None = None
+        self.teacher_capture: Capture | None = None
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """What forward_qa must return, of the student and of the teacher (beyond the hooks' records)."""
+        return frozenset().union(*(term.needs for term in self.terms)) - {"captured"}
+
+    def attach(self, student: torch.nn.Module, teacher: torch.nn.Module | None) -> Objective:
+        """Register the hooks the terms' modules declared (`student_taps` / `teacher_taps`) on the models."""
+        modules = list(self.loss_modules.values())
+        student_taps = [tap for module in modules for tap in getattr(module, "student_taps", ())]
+        teacher_taps = [tap for module in modules for tap in getattr(module, "teacher_taps", ())]
+        self.student_capture = Capture(student, student_taps) if student_taps else None
+        self.teacher_capture = Capture(teacher, teacher_taps) if teacher_taps else None
+        return self
+
+    def has_trainable_parts(self) -> bool:
+        return any(True for _ in self.loss_modules.parameters())
+
+    def forward(self, student_out: QAOutputs, teacher_out: QAOutputs, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(the weighted total, {name: unweighted term}): the span term, then each extra term."""
+        span = self.span(student_out, teacher_out, batch)
+        total, parts = span.loss, {"ce": span.ce, "kd": span.kd}
+        for term in self.terms:
+            parts[term.name] = self.loss_modules[term.name](getattr(student_out, term.reads),
+                                                            getattr(teacher_out, term.reads), batch["attention_mask"])
+            total = total + self.weights[term.name] * parts[term.name]
+        return total, parts
+
+    def describe(self, loss_impl_ran: str | None = None) -> dict:
+        """Every term with its weight and settings (weight 0: off, listed to show it), the formula and
+        the loss implementation that ran (the fused Triton kernel or the PyTorch reference)."""
+        terms = self.span.describe() + [{"name": term.name, "weight": float(self.weights[term.name]),
+                                         **self.loss_modules[term.name].describe()} for term in self.terms]
+        formula = " + ".join(f"{t['weight']:g}·" + {"kd": "T²·KL", "ce": "CE"}.get(t["name"], t["name"])
+                             for t in terms if t["weight"])
+        ran = loss_impl_ran or self.span.impl
+        return {"terms": terms, "formula": formula,
+                "loss_impl": ran if self.span.impl in (None, ran) else f"{ran} (--loss_impl {self.span.impl})",
+                "eager_attention": "attentions" in self.needs}
+
+
+def build(args, student: torch.nn.Module, teacher: torch.nn.Module | None) -> Objective:
+    """The objective of a run, from its flags, once: fine-tuning is CE alone; distillation the span
+    term with its alphas and temperature and every extra term whose weight is > 0."""
     if args.mode != "distill":
-        return torch.nn.ModuleDict()
-    return torch.nn.ModuleDict({term.name: term.build(args, student, teacher) for term in terms_on(args)})
+        return Objective(SpanTerm(args.temperature, 1.0, 0.0, args.loss_impl), [])
+    extra = [(term, getattr(args, term.weight_flag), term.build(args, student, teacher)) for term in terms_on(args)]
+    span = SpanTerm(args.temperature, args.alpha_ce, args.alpha_kd, args.loss_impl)
+    return Objective(span, extra).attach(student, teacher)
 
 
-def active_terms(loss_modules: torch.nn.ModuleDict) -> list[Term]:
-    return [term for term in EXTRA_TERMS if term.name in loss_modules]
-
-
-def loss_weights(args, loss_modules: torch.nn.ModuleDict) -> dict:
-    """Term name -> weight: ce and kd (fine-tuning: CE alone), then each extra term's flag."""
-    weights = {"ce": args.alpha_ce, "kd": args.alpha_kd} if args.mode == "distill" else {"ce": 1.0, "kd": 0.0}
-    weights.update({term.name: getattr(args, term.weight_flag) for term in active_terms(loss_modules)})
-    return weights
-
-
-def outputs_needed(loss_modules: torch.nn.ModuleDict) -> frozenset[str]:
-    """What forward_qa must return, of the student and of the teacher, for these terms."""
-    return frozenset().union(*(term.needs for term in active_terms(loss_modules)))
-
-
-def objective_loss(args, weights: dict, loss_modules: torch.nn.ModuleDict, batch: dict, student_out: QAOutputs,
-                   teacher_out: QAOutputs) -> tuple[torch.Tensor, dict]:
-    """(the weighted total, {name: unweighted term}): the span term, then each extra term."""
-    out = qa_distillation_loss(student_out.start, student_out.end, batch["start_positions"], batch["end_positions"],
-                               teacher_out.start, teacher_out.end, mask=batch["attention_mask"].bool(),
-                               temperature=args.temperature, alpha_ce=weights["ce"], alpha_kd=weights["kd"],
-                               impl=args.loss_impl)
-    total, terms = out.loss, {"ce": out.ce, "kd": out.kd}
-    for term in active_terms(loss_modules):
-        terms[term.name] = loss_modules[term.name](getattr(student_out, term.reads), getattr(teacher_out, term.reads),
-                                                   batch["attention_mask"])
-        total = total + weights[term.name] * terms[term.name]
-    return total, terms
-
-
-def describe(args, loss_modules: torch.nn.ModuleDict) -> list[str]:
-    """The log lines of the extra terms, and of the attention kernel they imposed."""
-    lines = [term.describe(getattr(args, term.weight_flag), loss_modules[term.name])
-             for term in active_terms(loss_modules)]
-    if "attentions" in outputs_needed(loss_modules):
+def plan_lines(description: dict) -> list[str]:
+    """The log's lines of the extra terms (Objective.describe()), and of the attention kernel they imposed."""
+    lines = []
+    for term in description["terms"]:
+        if term["name"] in ("ce", "kd") or not term["weight"]:
+            continue
+        settings = "; ".join(f"{key.replace('_', ' ')}: " + ({True: "yes", False: "no"}.get(value, value)
+                                                                if isinstance(value, bool) else f"{value}")
+                             for key, value in term.items() if key not in ("name", "weight", "what"))
+        lines.append(f"{term['name']} term: {term['weight']:g} x {term['what']}" + (f" ({settings})" if settings else ""))
+    if description.get("eager_attention"):
         lines.append("student and teacher run eager attention (not SDPA, which returns no attention "
                      "probabilities): each step costs more")
     return lines

@@ -315,9 +315,8 @@ def stage_arguments(args) -> dict[str, argparse.Namespace]:
     out = args.output_dir
     base = copy.deepcopy(args)
     base.resume_from_checkpoint = None
-    base.alpha_hidden = 0.0  # only the hidden-state row has the term (a finetune stage ignores it anyway)
-    base.hidden_loss, base.hidden_layer_map = "mse", None
-    base.alpha_attention, base.attention_layer_map = 0.0, None
+    for flag, default in objective.term_flags().items():  # only the hidden-state row has extra terms
+        setattr(base, flag, default)
 
     teacher = copy.deepcopy(base)
     teacher.command = teacher.mode = "finetune"
@@ -339,9 +338,8 @@ def stage_arguments(args) -> dict[str, argparse.Namespace]:
     distilled.teacher_model_name_or_path = teacher.output_dir
     distilled.output_dir = os.path.join(out, "distilled")
     hidden = copy.deepcopy(distilled)
-    hidden.alpha_hidden, hidden.hidden_loss = args.alpha_hidden, args.hidden_loss
-    hidden.hidden_layer_map = args.hidden_layer_map
-    hidden.alpha_attention, hidden.attention_layer_map = args.alpha_attention, args.attention_layer_map
+    for flag in objective.term_flags():  # the recipe's own extra terms (--alpha_hidden's 10 by default)
+        setattr(hidden, flag, getattr(args, flag))
     hidden.output_dir = os.path.join(out, "distilled_hidden")
     if distilled.teacher_logits_cache is None and not objective.needs_teacher_internals(distilled):
         distilled.teacher_logits_cache = os.path.join(out, "teacher_logits_cache")

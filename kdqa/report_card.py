@@ -42,45 +42,6 @@ def gap_closed(model_f1: float, baseline_f1: float, teacher_f1: float) -> float 
     return round(100.0 * (model_f1 - baseline_f1) / (teacher_f1 - baseline_f1), 1)
 
 
-def objective_as_run(args, loss_weights: dict, loss_modules=None, loss_impl: str | None = None) -> dict:
-    """Every term of the loss with its weight, and the settings that change its value; loss_impl:
-    the implementation that ran (the fused Triton kernel or the PyTorch reference)."""
-    terms = []
-    for name, weight in loss_weights.items():
-        term = {"name": name, "weight": float(weight)}  # weight 0: the term is off, listed to show it
-        if name == "ce":
-            term["what"] = "cross-entropy of the gold start/end positions"
-        elif name == "kd":
-            term.update(what="KL(teacher ‖ student) of the temperature-softened start/end distributions",
-                        temperature=float(args.temperature), t_squared=True)
-        else:
-            module = None if loss_modules is None or name not in loss_modules else loss_modules[name]
-            term.update(_describe_module(module))
-        terms.append(term)
-    formula = " + ".join(f"{t['weight']:g}·" + ("T²·KL" if t["name"] == "kd" else t["name"].upper() if t["name"] == "ce"
-                                                 else t["name"]) for t in terms if t["weight"])
-    asked = getattr(args, "loss_impl", None)
-    ran = loss_impl or asked
-    return {"terms": terms, "formula": formula,
-            "loss_impl": ran if asked in (None, ran) else f"{ran} (--loss_impl {asked})"}
-
-
-def _describe_module(module) -> dict:
-    """A loss module's settings: its own describe() where it has one, else its layer map, kind, projections."""
-    if module is None:
-        return {}
-    if callable(getattr(module, "describe", None)):
-        return module.describe()
-    facts = {}
-    if getattr(module, "kind", None):
-        facts["loss"] = module.kind
-    if getattr(module, "layer_map", None):
-        facts["layer_map (student:teacher)"] = ",".join(f"{s}:{t}" for s, t in module.layer_map)
-    if hasattr(module, "projections"):
-        facts["learned_projection"] = module.projections is not None
-    return facts
-
-
 def read_json_if_present(path: str):
     """A JSON file a run wrote, or None where there is none or it cannot be read."""
     try:

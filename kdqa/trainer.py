@@ -46,7 +46,7 @@ from kdqa.interrupt import StopRequest, TrainingInterrupted, ignore_stop_signals
 from kdqa.loss import resolve_loss_impl
 from kdqa.modeling import (QAOutputs, short_model_name, build_student_from_layers, check_same_vocab, forward_qa,
                            load_qa_model, load_tokenizer)
-from kdqa.report_card import MODEL_CARD_NAME, REPORT_NAMES, objective_as_run, write_run_report_and_card
+from kdqa.report_card import MODEL_CARD_NAME, REPORT_NAMES, write_run_report_and_card
 from kdqa.postprocess import Decoding
 from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
 from kdqa.atomic_io import write_json_atomic
@@ -127,8 +127,7 @@ class Run:
     student: torch.nn.Module
     student_wrapped: torch.nn.Module
     teacher: torch.nn.Module | None  # online teacher; None when fine-tuning or reading cached logits
-    loss_weights: dict                # term name -> weight; the loss is sum(weight * term)
-    loss_modules: torch.nn.ModuleDict  # trainable modules of loss terms (e.g. a hidden-state projection)
+    objective: objective.Objective    # the loss: sum(weight * term), built once (kdqa.objective.build)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -149,12 +148,15 @@ class Run:
         return self.dist.is_main and not self.args.disable_tqdm
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """What the optimizer updates and clipping sees: the student's, then the loss modules'."""
-        return [p for p in trainable_modules(self.student, self.loss_modules).parameters() if p.requires_grad]
+        """What the optimizer updates and clipping sees: the student's, then the objective's."""
+        return [p for p in trainable_modules(self.student, self.objective).parameters() if p.requires_grad]
 
 
-def trainable_modules(student: torch.nn.Module, loss_modules: torch.nn.ModuleDict) -> torch.nn.ModuleList:
-    return torch.nn.ModuleList([student, *loss_modules.values()])
+def trainable_modules(student: torch.nn.Module, objective: torch.nn.Module) -> torch.nn.ModuleList:
+    """The student, then the objective's trainable parts (e.g. a hidden-state projection): created
+    before the optimizer so that it trains and clips them; not inside DDP's wrapper (their gradients
+    are averaged across ranks in optimizer_step)."""
+    return torch.nn.ModuleList([student, objective])
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -301,42 +303,25 @@ def plan_schedule(args, batches_per_epoch: int) -> Schedule:
                     num_epochs=math.ceil(total_steps / updates_per_epoch))
 
 
-def build_loss_modules(args, student, teacher) -> torch.nn.ModuleDict:
-    """The extra loss terms (kdqa.objective) and their trainable parts (projections), created
-    before the optimizer so that it trains and clips them. They are checkpointed with the student
-    (checkpointed_model) but not part of the saved model, and not inside DDP's wrapper: their
-    gradients are averaged across ranks in optimizer_step."""
-    return objective.build_loss_modules(args, student, teacher)
-
-
-class StudentWithLossModules(torch.nn.Module):
-    """What a checkpoint holds when loss terms have trainable parts: the student and those parts."""
-
-    def __init__(self, student: torch.nn.Module, loss_modules: torch.nn.ModuleDict):
-        super().__init__()
-        self.student = student
-        self.loss_modules = loss_modules
-
-
 def checkpointed_model(run: "Run") -> torch.nn.Module:
-    """The student alone (checkpoints as before), or the student with its loss modules."""
-    if not any(True for _ in run.loss_modules.parameters()):
+    """The student alone, or, where loss terms have trainable parts, the student and those parts
+    (state dict keys student.* and loss_modules.<term>.*); never part of the saved model."""
+    if not run.objective.has_trainable_parts():
         return run.student
-    return StudentWithLossModules(run.student, run.loss_modules)
+    return torch.nn.ModuleDict({"student": run.student, "loss_modules": run.objective.loss_modules})
 
 
 def make_run(args, dist: DistState, student, teacher, *, autocast_dtype, use_scaler: bool, total_steps: int,
              tokenizer=None) -> Run:
-    """The step's pieces around models already on the device: loss weights and modules, optimizer,
-    schedule, scaler and the wrapped student. Also what bench_train.py times the step with."""
-    loss_modules = build_loss_modules(args, student, teacher).to(dist.device)
-    loss_weights = objective.loss_weights(args, loss_modules)
-    optimizer = build_optimizer(trainable_modules(student, loss_modules), args)
+    """The step's pieces around models already on the device: the objective, optimizer, schedule,
+    scaler and the wrapped student. Also what bench_train.py times the step with."""
+    run_objective = objective.build(args, student, teacher).to(dist.device)
+    optimizer = build_optimizer(trainable_modules(student, run_objective), args)
     scheduler = lr_schedule(optimizer, getattr(args, "lr_scheduler_type", "linear"),
                             warmup_steps_for(args, total_steps), total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=use_scaler)
     return Run(args=args, dist=dist, autocast_dtype=autocast_dtype, student=student, student_wrapped=student,
-               teacher=teacher, loss_weights=loss_weights, loss_modules=loss_modules, optimizer=optimizer,
+               teacher=teacher, objective=run_objective, optimizer=optimizer,
                scheduler=scheduler, scaler=scaler, tokenizer=tokenizer)
 
 
@@ -428,7 +413,8 @@ def resume(run: Run) -> str | None:
             "with the same data, batch size, accumulation and epochs"
         )
     state = ckpt.load_checkpoint(path, model=checkpointed_model(run), optimizer=run.optimizer, scheduler=run.scheduler,
-                                 scaler=run.scaler, map_location=run.device, rank=dist.rank)
+                                 scaler=run.scaler, map_location=run.device, rank=dist.rank,
+                                 shape_flags=tuple(objective.term_flags()))
     p.step, p.epoch, p.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
     p.skipped_steps, p.start_step = state["skipped_steps"], state["step"]
     # Evaluations up to the checkpoint are in metrics.jsonl already; the log window goes on.
@@ -464,29 +450,24 @@ def teacher_outputs(run: Run, batch: dict, outputs: frozenset = frozenset()) -> 
     if run.teacher is None:
         return QAOutputs(None, None)
     with torch.no_grad(), autocast(run.device, run.autocast_dtype):
-        return forward_qa(run.teacher, batch, outputs)
-
-
-def loss_terms(run: Run, batch: dict, student_out: QAOutputs, teacher_out: QAOutputs) -> tuple[torch.Tensor, dict]:
-    """(the weighted total, {name: unweighted term}); a new term is one entry of objective.EXTRA_TERMS."""
-    return objective.objective_loss(run.args, run.loss_weights, run.loss_modules, batch, student_out, teacher_out)
+        return forward_qa(run.teacher, batch, outputs, capture=run.objective.teacher_capture)
 
 
 def forward_backward(run: Run, batch: dict, *, loss_divisor: int = 1, sync: bool = True) -> dict:
     """One micro-batch on the device: forward, teacher logits, loss terms, backward of loss / divisor.
 
     Returns the named terms, detached: "loss" (the weighted total the gradient comes from) and each
-    term by name, unweighted (run.loss_weights holds the weights). Nothing of kdqa's here waits for
+    term by name, unweighted (run.objective.weights holds the weights). Nothing of kdqa's here waits for
     the device (cached teacher logits arrive in the batch; transformers' BERT forward itself still
     asks once whether the attention mask has padding). sync=False skips DDP's gradient all-reduce
     (inside an accumulation window).
     """
     no_sync = run.student_wrapped.no_sync() if run.dist.enabled and not sync else contextlib.nullcontext()
-    outputs = objective.outputs_needed(run.loss_modules)
+    outputs = run.objective.needs
     with no_sync:
         with autocast(run.device, run.autocast_dtype):
-            student_out = forward_qa(run.student_wrapped, batch, outputs)
-        total, terms = loss_terms(run, batch, student_out, teacher_outputs(run, batch, outputs))
+            student_out = forward_qa(run.student_wrapped, batch, outputs, capture=run.objective.student_capture)
+        total, terms = run.objective(student_out, teacher_outputs(run, batch, outputs), batch)
         run.scaler.scale(total / loss_divisor).backward()
     return {"loss": total.detach(), **{name: value.detach() for name, value in terms.items()}}
 
@@ -523,8 +504,8 @@ def settle_skipped_steps(run: Run) -> None:
 
 
 def average_loss_module_grads(run: Run) -> None:
-    """DDP averages the student's gradients; the loss modules sit outside it, so average theirs here."""
-    for param in run.loss_modules.parameters():
+    """DDP averages the student's gradients; the objective's trainable parts sit outside it, so average theirs here."""
+    for param in run.objective.parameters():
         if param.grad is not None:
             torch.distributed.all_reduce(param.grad)
             param.grad /= run.dist.world_size
@@ -823,7 +804,7 @@ def finish(run: Run) -> dict:
             all_results.update({f"eval_{k}": v for k, v in p.last_eval["metrics"].items()})
         plot_curves(run.metrics_log.records, os.path.join(args.output_dir, "training_curves.png"),
                     title=f"{args.command}: {os.path.basename(os.path.normpath(args.output_dir))}",
-                    loss_terms=list(run.loss_weights))
+                    loss_terms=list(run.objective.weights))
         write_results_files(run, results, all_results)
         write_report_card(run)
     barrier(run.dist)
@@ -837,8 +818,7 @@ def write_report_card(run: Run) -> None:
     run_dir.record_outputs(args.output_dir, *REPORT_NAMES, MODEL_CARD_NAME)  # kdqa's: overwrite may remove them
     write_run_report_and_card(
         args, metrics=last.get("metrics"), predictions=last.get("predictions"),
-        objective=objective_as_run(args, run.loss_weights, run.loss_modules,
-                                   loss_impl=resolve_loss_impl(args.loss_impl, run.device))
+        objective=run.objective.describe(resolve_loss_impl(args.loss_impl, run.device))
         | ({"teacher_logits": "from the cache " + args.teacher_logits_cache if data.collator.teacher_logits is not None
             else "online"} if args.mode == "distill" else {}),
         data={"train_questions": len(data.train_examples), "train_features": len(data.train_features),
@@ -912,5 +892,5 @@ def log_plan(run: Run) -> None:
                 args.per_device_train_batch_size, run.dist.world_size, s.accumulation,
                 PRECISION_NAMES[run.autocast_dtype], args.loss_impl,
                 ", teacher logits from cache" if data.loader.collate_fn.teacher_logits is not None else "")
-    for line in objective.describe(args, run.loss_modules):
+    for line in objective.plan_lines(run.objective.describe()):
         logger.info(line)

@@ -136,14 +136,15 @@ def test_the_attention_term_trains_in_eager_attention_and_is_logged(setup, tmp_p
     argv = ("--student_layers", "0", "--alpha_attention", "2.0")
     first = parse_args(distill_argv(setup, tmp_path / "set_up", *argv))
     run = trainer.set_up(first, DistState(device=torch.device("cpu")))
-    assert run.loss_weights == {"ce": 0.5, "kd": 0.5, "attention": 2.0}
-    assert run.loss_modules["attention"].layer_map == [(1, 1)]  # the layer --student_layers 0 copied
+    assert run.objective.weights == {"ce": 0.5, "kd": 0.5, "attention": 2.0}
+    assert run.objective.loss_modules["attention"].layer_map == [(1, 1)]  # the layer --student_layers 0 copied
     assert run.student.config._attn_implementation == "eager" and run.teacher.config._attn_implementation == "eager"
-    assert not any(True for _ in run.loss_modules.parameters())  # nothing to train: checkpoints as before
+    assert not run.objective.has_trainable_parts()  # nothing to train: checkpoints as before
     trainer.run_dir.release(first.output_dir)
     with caplog.at_level("INFO", logger="kdqa"):
         trainer.train(parse_args(distill_argv(setup, tmp_path / "a", *argv)))
-    assert "attention term: 2.0 x KL(teacher || student) per head over student:teacher layers 1:1" in caplog.text
+    assert ("attention term: 2 x KL(teacher ‖ student) of the attention probabilities, per head "
+            "(layer map (student:teacher): 1:1)") in caplog.text
     assert "student and teacher run eager attention" in caplog.text
     with open(tmp_path / "a" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]

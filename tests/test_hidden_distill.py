@@ -167,7 +167,7 @@ def test_hidden_term_trains_a_projection_that_stays_out_of_the_saved_model(setup
     args = parse_args(distill_argv(setup, tmp_path / "p", "--model_name_or_path", setup["narrow"],
                                    "--alpha_hidden", "1.0", "--max_steps", "2", "--save_steps", "1"))
     run = trainer.set_up(args, DistState(device=torch.device("cpu")))
-    module = run.loss_modules["hidden"]
+    module = run.objective.loss_modules["hidden"]
     assert module.layer_map == [(1, 2)]  # uniform: the student's only layer learns the teacher's last
     assert [tuple(p.shape) for p in module.parameters()] == [(32, 16), (32,)]
     before = [p.detach().clone() for p in module.parameters()]

@@ -60,9 +60,11 @@ class _Probe(torch.nn.Module):
         assert teacher is not None and len(student) == len(teacher)
         return self.scale * student[-1].float().mean()
 
+    def describe(self):
+        return {"what": "a probe", "scale": round(float(self.scale.detach()), 3)}
 
-PROBE = objective.Term("probe", "alpha_probe", "attentions", lambda args, s, t: _Probe(),
-                       lambda weight, module: f"probe term: {weight}")
+
+PROBE = objective.Term("probe", "alpha_probe", "attentions", lambda args, s, t: _Probe())
 
 
 @pytest.fixture
@@ -113,13 +115,16 @@ def test_a_registered_term_reaches_the_loss_the_log_and_the_checkpoint(with_prob
     teacher = load_qa_model(model_dir, attn_implementation=objective.attn_implementation(args)).eval()
     run = trainer.make_run(args, DistState(), student, teacher, autocast_dtype=None, use_scaler=False,
                            total_steps=2)
-    assert run.loss_weights == {"ce": args.alpha_ce, "kd": args.alpha_kd, "probe": 1.5}
-    assert objective.outputs_needed(run.loss_modules) == {"attentions"}
-    probe = run.loss_modules["probe"]
+    assert run.objective.weights == {"ce": args.alpha_ce, "kd": args.alpha_kd, "probe": 1.5}
+    assert run.objective.needs == {"attentions"}
+    probe = run.objective.loss_modules["probe"]
     assert any(p is probe.scale for p in run.trainable_parameters())
     assert "loss_modules.probe.scale" in trainer.checkpointed_model(run).state_dict()
-    assert objective.describe(args, run.loss_modules)[0] == "probe term: 1.5"
-    assert "eager attention" in objective.describe(args, run.loss_modules)[1]
+    description = run.objective.describe()
+    assert description["terms"][-1] == {"name": "probe", "weight": 1.5, "what": "a probe", "scale": 0.5}
+    assert description["formula"] == "0.5·CE + 0.5·T²·KL + 1.5·probe"
+    assert objective.plan_lines(description)[0] == "probe term: 1.5 x a probe (scale: 0.5)"
+    assert "eager attention" in objective.plan_lines(description)[1]
 
     batch = _batch([12, 5])
     torch.manual_seed(0)

@@ -375,21 +375,23 @@ def test_loss_modules_are_trained_with_the_student(model_dir, tmp_path, monkeypa
     from kdqa.modeling import load_qa_model
 
     projection = torch.nn.Linear(4, 4)
-    monkeypatch.setattr(trainer, "build_loss_modules",
-                        lambda args, student, teacher: torch.nn.ModuleDict({"extra": projection}))
+    extra = trainer.objective.Term("extra", "alpha_extra", "hidden_states", lambda args, student, teacher: projection)
+    monkeypatch.setattr(trainer.objective, "EXTRA_TERMS", (extra,))
     args = parse_args(["distill", "--teacher_model_name_or_path", model_dir, "--model_name_or_path", model_dir,
                        "--output_dir", str(tmp_path)])
+    args.alpha_extra = 1.0
     student = load_qa_model(model_dir)
     the_run = trainer.make_run(args, DistState(), student, None, autocast_dtype=None, use_scaler=False, total_steps=3)
     optimised = {id(p) for group in the_run.optimizer.param_groups for p in group["params"]}
     assert {id(p) for p in projection.parameters()} <= optimised
     assert {id(p) for p in student.parameters()} <= optimised
     assert len(the_run.trainable_parameters()) == len(optimised)
-    assert the_run.loss_weights == {"ce": args.alpha_ce, "kd": args.alpha_kd}
+    assert the_run.objective.weights == {"ce": args.alpha_ce, "kd": args.alpha_kd, "extra": 1.0}
+    assert "loss_modules.extra.weight" in trainer.checkpointed_model(the_run).state_dict()
     finetune = trainer.make_run(parse_args(["finetune", "--model_name_or_path", model_dir, "--output_dir",
                                             str(tmp_path), "--teacher_model_name_or_path", model_dir]),
                                 DistState(), student, None, autocast_dtype=None, use_scaler=False, total_steps=3)
-    assert finetune.loss_weights == {"ce": 1.0, "kd": 0.0}  # finetune mode: no KD even with a teacher named
+    assert finetune.objective.weights == {"ce": 1.0, "kd": 0.0}  # finetune mode: no KD even with a teacher named
 
 
 def test_do_train_without_do_eval_needs_no_dev_set(name_task, model_dir, tmp_path):

@@ -245,6 +245,14 @@ def _add_distill_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention_layer_map", default=None,
                    help="STUDENT:TEACHER layer pairs of the attention term, layers from 1, e.g. 1:2,2:4,3:6 "
                         "(default: as --hidden_layer_map's)")
+    g.add_argument("--alpha_relation", type=float, default=0.0,
+                   help="weight of MiniLMv2's relation term: KL between the mapped layers' query-query, key-key and "
+                        "value-value relations (0: off); any widths and head counts, needs the online teacher")
+    g.add_argument("--relation_layer_map", default=None,
+                   help="STUDENT:TEACHER layer pairs of the relation term, layers from 1 (default: as --hidden_layer_map's)")
+    g.add_argument("--relation_heads", type=int, default=None,
+                   help="relation heads the queries, keys and values are split into (default: the teacher's "
+                        "attention heads); must divide both models' widths")
 
 
 # Where our defaults (the seed recipe's) differ from run_qa.py + TrainingArguments (transformers 5.x);

@@ -34,6 +34,7 @@ from kdqa.hidden_distill import (HiddenStateDistillation, choose_layer_map, form
                                  parse_student_layers)
 from kdqa.loss import qa_distillation_loss
 from kdqa.model_adapter import Capture
+from kdqa.relation_distill import RelationDistillation, check_relation_heads
 
 if TYPE_CHECKING:  # kdqa.config reads the rules here: importing modeling (transformers) would slow every --help
     from kdqa.modeling import QAOutputs
@@ -139,11 +140,20 @@ def attention_term(args, student, teacher) -> AttentionDistillation:
     return AttentionDistillation(pairs, student.config.num_attention_heads, teacher.config.num_attention_heads)
 
 
+def relation_term(args, student, teacher) -> RelationDistillation:
+    """--relation_layer_map (defaulting as --hidden_layer_map does), --relation_heads (default: the teacher's)."""
+    pairs = choose_layer_map(args.relation_layer_map, num_layers(student), num_layers(teacher), copied_layers(args),
+                             flag="--relation_layer_map")
+    return RelationDistillation(pairs, student, teacher, args.relation_heads)
+
+
 EXTRA_TERMS = (
     Term("hidden", "alpha_hidden", "hidden_states", hidden_term, {"hidden_layer_map": None, "hidden_loss": "mse"},
          layer_map_check("--hidden_layer_map")),
     Term("attention", "alpha_attention", "attentions", attention_term, {"attention_layer_map": None},
-         layer_map_check(ATTENTION_FLAG))
+         layer_map_check(ATTENTION_FLAG)),
+    Term("relation", "alpha_relation", "captured", relation_term,
+         {"relation_layer_map": None, "relation_heads": None}, check_relation_heads),
 )
 
 

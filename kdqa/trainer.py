@@ -46,7 +46,7 @@ from kdqa.interrupt import StopRequest, TrainingInterrupted, ignore_stop_signals
 from kdqa.loss import resolve_loss_impl
 from kdqa.modeling import (QAOutputs, short_model_name, build_student_from_layers, check_same_vocab, forward_qa,
                            load_qa_model, load_tokenizer)
-from kdqa.report_card import MODEL_CARD_NAME, REPORT_NAMES, objective_as_run, write_run_report_and_card
+from kdqa.report_card import MODEL_CARD_NAME, REPORT_NAMES, RunFacts, objective_as_run, write_run_report_and_card
 from kdqa.postprocess import Decoding
 from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
 from kdqa.atomic_io import write_json_atomic
@@ -836,7 +836,7 @@ def write_report_card(run: Run) -> None:
     last = p.last_eval or {}
     run_dir.record_outputs(args.output_dir, *REPORT_NAMES, MODEL_CARD_NAME)  # kdqa's: overwrite may remove them
     write_run_report_and_card(
-        args, metrics=last.get("metrics"), predictions=last.get("predictions"),
+        run_facts(args), metrics=last.get("metrics"), predictions=last.get("predictions"),
         objective=objective_as_run(args, run.loss_weights, run.loss_modules,
                                    loss_impl=resolve_loss_impl(args.loss_impl, run.device))
         | ({"teacher_logits": "from the cache " + args.teacher_logits_cache if data.collator.teacher_logits is not None
@@ -848,6 +848,13 @@ def write_report_card(run: Run) -> None:
         training={"epochs": run.schedule.num_epochs, "optimizer_steps": p.step,
                   "wall_time_s": round(time.perf_counter() - p.started, 1),
                   "precision": PRECISION_NAMES[run.autocast_dtype], "seed": args.seed})
+
+
+def run_facts(args) -> RunFacts:
+    """The run's identity as the report card names it, read once from the command line."""
+    return RunFacts(command=args.command, output_dir=args.output_dir, model_name_or_path=args.model_name_or_path,
+                    teacher_model_name_or_path=args.teacher_model_name_or_path, student_layers=args.student_layers,
+                    distilled=args.mode == "distill")
 
 
 def write_results_files(run: Run, results: dict, all_results: dict) -> None:

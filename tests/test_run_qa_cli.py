@@ -170,7 +170,7 @@ def test_help_says_where_run_qa_means_something_else():
 def test_lr_schedules_follow_transformers_get_scheduler(kind):
     from transformers import get_scheduler
 
-    from kdqa.trainer import linear_schedule, lr_schedule
+    from kdqa.optimization import linear_schedule, lr_schedule
 
     def lrs(make):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -194,7 +194,7 @@ def test_lr_schedules_follow_transformers_get_scheduler(kind):
 def test_warmup_steps_and_ratio():
     from argparse import Namespace
 
-    from kdqa.trainer import warmup_steps_for
+    from kdqa.optimization import warmup_steps_for
 
     assert warmup_steps_for(Namespace(warmup_steps=0, warmup_ratio=0.25), 10) == 2  # int(), as before
     assert warmup_steps_for(Namespace(warmup_steps=7.0, warmup_ratio=0.0), 10) == 7
@@ -395,7 +395,7 @@ def test_max_predict_samples_cuts_the_test_file(setup, tmp_path, capsys):
 
 
 def test_optim_picks_the_adamw_kernel(tmp_path):
-    from kdqa.trainer import build_optimizer
+    from kdqa.optimization import build_optimizer
 
     base = ["finetune", "--model_name_or_path", "m", "--output_dir", str(tmp_path)]
     model = torch.nn.Linear(2, 2)

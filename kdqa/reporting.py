@@ -74,24 +74,6 @@ def read_metrics_records(path: str) -> list[dict]:
     return records
 
 
-def train_figures(records: list[dict], *, runtime: float, samples: int, steps_run: int, samples_run: int,
-                  epoch: float) -> dict:
-    """run_qa.py's train_results.json keys (Trainer's speed_metrics) from this run's metrics.jsonl records.
-
-    train_loss is the mean loss over every optimizer step (each record is the mean of its steps, so
-    it is weighted by how many steps it covers), as Trainer reports it; runtime, steps and samples
-    per second are this process's (a resumed run: since the resume), as Trainer's are.
-    """
-    total, last_step = 0.0, 0
-    for record in (r for r in records if "loss" in r):
-        total += record["loss"] * (record["step"] - last_step)
-        last_step = record["step"]
-    return {"epoch": epoch, "train_loss": total / last_step if last_step else float("nan"),
-            "train_runtime": round(runtime, 4), "train_samples": samples,
-            "train_samples_per_second": round(samples_run / max(runtime, 1e-9), 3),
-            "train_steps_per_second": round(steps_run / max(runtime, 1e-9), 3)}
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated by tensors, or the process's peak resident memory on the CPU."""
     if device.type == "cuda":

@@ -4,12 +4,14 @@
 that read in order:
 
     set_up           data -> features -> models -> loader -> schedule -> optimizer: one `Run`
+                     (the optimizer and the schedule: kdqa.optimization)
     resume           the checkpoint's weights, optimizer, schedule and position in the data
     train_loop       the loop itself (a screenful), calling per micro-batch and per step:
       forward_backward   student forward, teacher logits, named loss terms, backward
       optimizer_step     clip, step (fp16 scaler), schedule, zero grads
       log_eval_save      metrics.jsonl, dev evaluation, checkpoints
-    finish           final evaluation, the saved model, train_results.json
+    finish           final evaluation, then the run's files (kdqa.run_outputs): the saved model,
+                     train_results.json, the report card
 
 The mode is stated by the caller (`args.mode`, set by kdqa.config): "finetune" uses no teacher,
 "distill" uses the online teacher or its cached logits. Both go through `qa_distillation_loss`.
@@ -41,17 +43,15 @@ from kdqa.dev_sample import DEFAULT_EVAL_SAMPLE, take_sample
 from kdqa.distributed import (DistState, all_gather_object, all_reduce_mean, all_reduce_min, barrier,
                               check_ranks_in_sync, cleanup, init_distributed, max_over_ranks)
 from kdqa.features import QACollator, Window, prepare_eval_features, prepare_train_features
-from kdqa.inference import QAPredictor, TorchRunner, write_prediction_outputs
+from kdqa.inference import QAPredictor, TorchRunner
 from kdqa.interrupt import StopRequest, TrainingInterrupted, ignore_stop_signals
-from kdqa.loss import resolve_loss_impl
 from kdqa.modeling import (QAOutputs, short_model_name, build_student_from_layers, check_same_vocab, forward_qa,
                            load_qa_model, load_tokenizer)
 from kdqa.optimization import Schedule, build_optimizer, lr_schedule, plan_schedule, warmup_steps_for
-from kdqa.report_card import MODEL_CARD_NAME, REPORT_NAMES, RunFacts, objective_as_run, write_run_report_and_card
 from kdqa.postprocess import Decoding
 from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
-from kdqa.atomic_io import write_json_atomic
-from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, quiet_progress_bars, train_figures
+from kdqa.reporting import MetricsLog, peak_memory_mb, quiet_progress_bars
+from kdqa.run_outputs import write_run_outputs
 from kdqa.resume_settings import check_resume_settings, run_settings
 from kdqa.samplers import TrainBatchSampler
 from kdqa.teacher_cache import teacher_logits_from_cache
@@ -740,80 +740,9 @@ def finish(run: Run) -> dict:
     if run.dist.enabled:
         results["rank_param_checksums"] = check_ranks_in_sync(run.student, run.dist)
     if run.dist.is_main:
-        save_model(run.student, run.tokenizer, args)
-        run_dir.record_outputs(args.output_dir, *run_dir.result_files(  # before they are written
-            evaluated=p.last_eval is not None, predicts=bool(getattr(args, "do_predict", False))))
-        all_results = dict(results)  # run_qa.py's all_results.json: train results + eval_-prefixed eval metrics
-        if p.last_eval is not None:
-            results.update(p.last_eval["metrics"])
-            write_prediction_outputs(args.output_dir, "eval", p.last_eval["predictions"], p.last_eval["nbest"],
-                                     p.last_eval["metrics"])
-            all_results.update({f"eval_{k}": v for k, v in p.last_eval["metrics"].items()})
-        plot_curves(run.metrics_log.records, os.path.join(args.output_dir, "training_curves.png"),
-                    title=f"{args.command}: {os.path.basename(os.path.normpath(args.output_dir))}",
-                    loss_terms=list(run.loss_weights))
-        write_results_files(run, results, all_results)
-        write_report_card(run)
+        write_run_outputs(run, results, epoch=round(epoch_float(run), 4))
     barrier(run.dist)
     return results
-
-
-def write_report_card(run: Run) -> None:
-    """report.md/report.json and the model card (README.md) of the finished run (rank 0)."""
-    args, p, data = run.args, run.progress, run.data
-    last = p.last_eval or {}
-    run_dir.record_outputs(args.output_dir, *REPORT_NAMES, MODEL_CARD_NAME)  # kdqa's: overwrite may remove them
-    write_run_report_and_card(
-        run_facts(args), metrics=last.get("metrics"), predictions=last.get("predictions"),
-        objective=objective_as_run(args, run.loss_weights, run.loss_modules,
-                                   loss_impl=resolve_loss_impl(args.loss_impl, run.device))
-        | ({"teacher_logits": "from the cache " + args.teacher_logits_cache if data.collator.teacher_logits is not None
-            else "online"} if args.mode == "distill" else {}),
-        data={"train_questions": len(data.train_examples), "train_features": len(data.train_features),
-              "dev_questions": None if data.eval_examples is None else len(data.eval_examples),
-              "dev_sample": data.eval_sample,
-              "max_seq_length": args.max_seq_length},
-        training={"epochs": run.schedule.num_epochs, "optimizer_steps": p.step,
-                  "wall_time_s": round(time.perf_counter() - p.started, 1),
-                  "precision": PRECISION_NAMES[run.autocast_dtype], "seed": args.seed})
-
-
-def run_facts(args) -> RunFacts:
-    """The run's identity as the report card names it, read once from the command line."""
-    return RunFacts(command=args.command, output_dir=args.output_dir, model_name_or_path=args.model_name_or_path,
-                    teacher_model_name_or_path=args.teacher_model_name_or_path, student_layers=args.student_layers,
-                    distilled=args.mode == "distill")
-
-
-def write_results_files(run: Run, results: dict, all_results: dict) -> None:
-    """train_results.json and all_results.json in run_qa.py's shapes (Trainer's train_* figures, and in
-    all_results eval_samples: the dev features), kdqa's own keys beside them."""
-    args, p, s = run.args, run.progress, run.schedule
-    steps_run = p.step - p.start_step
-    figures = train_figures(run.metrics_log.records, runtime=time.perf_counter() - p.started,
-                            samples=len(run.data.train_features), steps_run=steps_run,
-                            samples_run=steps_run * args.per_device_train_batch_size * s.accumulation
-                            * run.dist.world_size, epoch=round(epoch_float(run), 4))
-    write_json_atomic(os.path.join(args.output_dir, "train_results.json"), {**figures, **results})
-    if run.data.eval_features is not None and "eval_f1" in all_results:
-        all_results["eval_samples"] = len(run.data.eval_features)
-    write_json_atomic(os.path.join(args.output_dir, "all_results.json"), {**figures, **all_results})
-    if run.metrics_log.sink is not None:  # the last record is written: close the TensorBoard file
-        run.metrics_log.sink.close()
-
-
-def save_model(model, tokenizer, args, extra_writers=()) -> list[str]:
-    """The final model folder: model and tokenizer (save_pretrained), the resolved configuration, and
-    whatever each extra_writers(folder) adds (e.g. a model card). Written into a staging folder and
-    moved into --output_dir (run_dir.publish_staged), so a kill leaves the previous state or the whole
-    new one, never a model without its tokenizer. Returns the names written."""
-    def write(folder: str) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        write_json_atomic(os.path.join(folder, "training_args.json"), {k: v for k, v in vars(args).items()})
-        for writer in extra_writers:
-            writer(folder)
-    return run_dir.publish_staged(args.output_dir, write)
 
 
 # ----------------------------------------------------------------------------- training, start to end

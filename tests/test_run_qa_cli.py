@@ -228,7 +228,7 @@ def test_hf_command_line_runs_and_writes_run_qa_shapes(setup, tmp_path, capsys):
 
 
 def test_train_loss_weights_each_record_by_its_steps():
-    from kdqa.reporting import train_figures
+    from kdqa.run_outputs import train_figures
 
     records = [{"step": 1, "loss": 4.0}, {"step": 2, "eval_f1": 1.0}, {"step": 4, "loss": 1.0}]
     figures = train_figures(records, runtime=2.0, samples=10, steps_run=4, samples_run=16, epoch=1.0)

@@ -362,7 +362,7 @@ def resume(run: Run) -> str | None:
     # Evaluations up to the checkpoint are in metrics.jsonl already; the log window goes on.
     p.last_eval_step, p.best = state["last_eval_step"], state.get("best")  # no "best": an older kdqa's
     p.running = {name: torch.tensor(value, device=run.device)
-                 for name, value in restored_log_window(state["log_window"], dist.rank).items()}
+                 for name, value in ckpt.restored_log_window(state["log_window"], dist.rank).items()}
     p.steps_since_log = state["log_window"]["steps"]
     run.run_id = state["run_id"]
     if dist.is_main:
@@ -702,24 +702,9 @@ def save_checkpoint(run: Run, epoch: int, batch_in_epoch: int) -> None:
                                             "skipped_steps": p.skipped_steps, "run_id": run.run_id,
                                             "settings": run_settings(args, run.device.type),
                                             "last_eval_step": p.last_eval_step, "best": p.best,
-                                            "log_window": log_window_state(window_by_rank, p.steps_since_log)})
+                                            "log_window": ckpt.log_window_state(window_by_rank, p.steps_since_log)})
     p.last_checkpoint_step = p.step
     barrier(run.dist)
-
-
-def log_window_state(window_by_rank, steps: int) -> dict:
-    """The checkpoint's log window: rank 0's unlogged sums, and under DDP every rank's (as with the RNGs)."""
-    state = {"running": window_by_rank[0], "steps": steps}
-    if len(window_by_rank) > 1:
-        state["running_by_rank"] = list(window_by_rank)
-    return state
-
-
-def restored_log_window(window: dict, rank: int) -> dict:
-    """This rank's unlogged sums of a checkpoint's log window (an older kdqa's DDP checkpoint holds
-    only their mean over ranks: every rank takes that)."""
-    by_rank = window.get("running_by_rank")
-    return by_rank[rank] if by_rank and rank < len(by_rank) else window["running"]
 
 
 # ----------------------------------------------------------------------------- phase 6: finish

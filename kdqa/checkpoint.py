@@ -207,6 +207,21 @@ def save_checkpoint(output_dir: str, step: int, *, model, optimizer, scheduler, 
     return final
 
 
+def log_window_state(window_by_rank, steps: int) -> dict:
+    """The checkpoint's log window: rank 0's unlogged sums, and under DDP every rank's (as with the RNGs)."""
+    state = {"running": window_by_rank[0], "steps": steps}
+    if len(window_by_rank) > 1:
+        state["running_by_rank"] = list(window_by_rank)
+    return state
+
+
+def restored_log_window(window: dict, rank: int) -> dict:
+    """This rank's unlogged sums of a checkpoint's log window (an older kdqa's DDP checkpoint holds
+    only their mean over ranks: every rank takes that)."""
+    by_rank = window.get("running_by_rank")
+    return by_rank[rank] if by_rank and rank < len(by_rank) else window["running"]
+
+
 def _remove_folder(path: str) -> None:
     """Clear the way for a checkpoint folder: a symlink there is removed as a link (what it points to is
     never written into nor deleted), a folder with what it holds."""

@@ -50,9 +50,9 @@ from kdqa.modeling import (ModelLoadError, OFFLINE_HELP, WEIGHT_FILES, cached_sn
                            short_model_name)
 from kdqa.report_card import MODEL_CARD_NAME, REPORT_NAMES, read_json_if_present, recipe_report, \
     write_recipe_report, write_served_report_and_card
-from kdqa.reporting import quiet_progress_bars, save_figure
+from kdqa.reporting import HIDDEN_STAGE, SERVED, format_table, quiet_progress_bars, write_recipe_results
 from kdqa.resume_settings import run_settings
-from kdqa.atomic_io import write_json_atomic, write_text_atomic
+from kdqa.atomic_io import write_json_atomic
 from kdqa.tensorboard_log import check_log_dir, reports_to_tensorboard
 
 logger = logging.getLogger("kdqa")
@@ -105,7 +105,6 @@ SPEED_TEST_SECONDS_PER_QUESTION = 0.11  # five models (teacher, three students, 
 EXPORT_SECONDS_BASE, EXPORT_SECONDS_PER_SCHEME = 11.0, 9.3
 FIXED_SECONDS = 10                      # loading data and models, plotting
 
-HIDDEN_STAGE = "distilled student + hidden states"
 STAGES = (("teacher", "teacher"), ("student", "student"), ("distilled student", "distilled"),
           (HIDDEN_STAGE, "distilled_hidden"))
 # The hidden-state row's term where the recipe's --alpha_hidden / --hidden_loss were left at their
@@ -513,7 +512,7 @@ def _run_recipe(args: argparse.Namespace, held: run_dir.HeldFolders, started: fl
     rows = table_rows(results, speed, stages, args)
     if served:
         rows[SERVED] = served_row(served, speed, args)
-    table = format_table(rows, args, dev_sample)
+    table = format_table(rows, args.speed_test_questions, dev_sample)
     print(table)
     write_results(args, rows, table, stages, served, banner=banner, estimate=estimate,
                   elapsed=time.perf_counter() - started, dev_sample=dev_sample.as_dict())
@@ -538,16 +537,10 @@ def train_stages(stages: dict, resume: bool, minutes: dict) -> dict:
 
 def write_results(args, rows: dict, table: str, stages: dict, served: dict | None, *, banner: list[str],
                   estimate: float | None, elapsed: float, dev_sample: dict) -> None:
-    """recipe_results.md/.json/.png and the recipe's report, in its folder."""
+    """recipe_results.md/.json/.png (kdqa.reporting) and the recipe's report (kdqa.report_card), in its folder."""
     out = args.output_dir
-    write_text_atomic(os.path.join(out, "recipe_results.md"), table + "\n")
-    write_json_atomic(os.path.join(out, "recipe_results.json"), {
-        "models": rows, "speed_test": {"questions": args.speed_test_questions, "device": "cpu",
-                                       "threads": torch.get_num_threads()},
-        "dev_sample": dev_sample,
-        "settings": banner, "elapsed_s": round(elapsed, 1),
-        "estimate_s": None if estimate is None else round(estimate, 1)})
-    plot_results(rows, os.path.join(out, "recipe_results.png"))
+    write_recipe_results(out, rows, table, speed_questions=args.speed_test_questions, dev_sample=dev_sample,
+                         banner=banner, elapsed=elapsed, estimate=estimate)
     stage_dirs = {name: stages[name].output_dir for name, _ in STAGES} | ({SERVED: served["output_dir"]} if served else {})
     write_recipe_report(out, recipe_report(rows, stage_dirs,
                                            threads=torch.get_num_threads(), speed_questions=args.speed_test_questions,
@@ -572,7 +565,6 @@ def run_speed_test(args, stages: dict, served: dict | None = None) -> dict:
 
 # ----------------------------------------------------------------------------- the served student (issue 21 §2)
 
-SERVED = "served student"
 SERVED_DIR = "served"
 SERVED_OUTPUTS = ("eval_predictions.json", "eval_nbest_predictions.json", "eval_results.json", *REPORT_NAMES,
                   MODEL_CARD_NAME)
@@ -630,7 +622,7 @@ def served_row(served: dict, speed: dict, args) -> dict:
             "speedup": speed["teacher"]["ms_per_question"] / speed[SERVED]["ms_per_question"]}
 
 
-# ----------------------------------------------------------------------------- the table and the plot
+# ----------------------------------------------------------------------------- the table's rows
 
 def table_rows(results: dict, speed: dict, stages: dict, args) -> dict:
     teacher_ms = speed["teacher"]["ms_per_question"]
@@ -661,57 +653,3 @@ def hidden_term_label(run_args) -> str:
 
 def _epochs(n: float) -> str:
     return f"{n:g} epoch" + ("" if n == 1 else "s")
-
-
-def format_table(rows: dict, args, dev_sample=None) -> str:
-    """The seed's table as Markdown: model, EM, F1, parameters, CPU ms per question, speed-up; under it,
-    which dev questions were scored and timed (kdqa.dev_sample)."""
-    lines = [f"| model | EM | F1 | parameters | CPU ms/question ({args.speed_test_questions} questions, one at a "
-             "time) | speed-up |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for row in rows.values():
-        em = "n/a" if row["exact_match"] is None else f"{row['exact_match']:.2f}"
-        f1 = "n/a" if row["f1"] is None else f"{row['f1']:.2f}"
-        lines.append(f"| {row['label']} | {em} | {f1} | {row['parameters'] / 1e6:.1f}M | "
-                     f"{row['ms_per_question']:.1f} | {row['speedup']:.2f}x |")
-    if dev_sample is not None:
-        lines += ["", f"EM/F1 on {dev_sample.text()}; speed on {args.speed_test_questions} dev questions chosen "
-                        "the same way."]
-    return "\n".join(lines)
-
-
-# The plot's tick labels: short enough that five sit side by side (the table's rows carry the long ones).
-PLOT_LABELS = {"teacher": "teacher", "student": "fine-tuned\nstudent", "distilled student": "logits KD",
-               HIDDEN_STAGE: "logits KD\n+ hidden states", SERVED: "served int8"}
-
-
-def plot_results(rows: dict, path: str) -> None:
-    """EM/F1 and CPU ms per question side by side."""
-    save_figure(results_figure(rows), path, dpi=120)
-
-
-def results_figure(rows: dict):
-    """The plot's figure (apart so a test can measure its tick labels)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(rows)
-    ticks = [PLOT_LABELS.get(name, name.replace(" + ", "\n+ ")) for name in names]
-    x = range(len(names))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for offset, key, label in ((-0.2, "exact_match", "EM"), (0.2, "f1", "F1")):
-        left.bar([i + offset for i in x], [rows[n][key] or 0.0 for n in names], width=0.4, label=label)
-    left.set_xticks(list(x), ticks)
-    left.set_ylabel("score on the dev questions")
-    left.set_title("accuracy")
-    left.legend()
-    bars = right.bar(list(x), [rows[n]["ms_per_question"] for n in names], color="tab:gray")
-    for bar, name in zip(bars, names):
-        right.annotate(f"{rows[name]['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                       ha="center", va="bottom")
-    right.set_xticks(list(x), ticks)
-    right.set_ylabel("CPU ms per question (one at a time)")
-    right.set_title("speed (speed-up against the teacher)")
-    fig.tight_layout()
-    return fig

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import yaml
 
@@ -61,15 +62,27 @@ def teacher_results(teacher_dir: str | None) -> tuple[dict | None, dict | None]:
 
 # ----------------------------------------------------------------------------- the run's report
 
-def run_report(args, *, metrics: dict | None, predictions: dict | None, objective: dict, data: dict,
+@dataclass(frozen=True)
+class RunFacts:
+    """Who a finished finetune/distill run is, as its report and card name it: built once by the
+    caller from the command line, so the report reads values, not the parser's Namespace."""
+    command: str
+    output_dir: str
+    model_name_or_path: str | None          # None: the student is --student_layers of the teacher
+    teacher_model_name_or_path: str | None
+    student_layers: str | None
+    distilled: bool                         # a distill run: its teacher is scored and compared
+
+
+def run_report(run: RunFacts, *, metrics: dict | None, predictions: dict | None, objective: dict, data: dict,
                training: dict) -> dict:
     """The report of one finetune/distill run (see the module docstring)."""
-    report = {"command": args.command, "output_dir": os.path.abspath(args.output_dir),
-              "model": starting_model(args), "scores": None, "teacher": None,
+    report = {"command": run.command, "output_dir": os.path.abspath(run.output_dir),
+              "model": starting_model(run), "scores": None, "teacher": None,
               "agreement_with_teacher": None, "objective": objective, "data": data, "training": training}
     if metrics:
         report["scores"] = {"exact_match": metrics.get("exact_match"), "f1": metrics.get("f1")}
-    teacher = getattr(args, "teacher_model_name_or_path", None) if args.mode == "distill" else None
+    teacher = run.teacher_model_name_or_path if run.distilled else None
     if teacher:
         results, teacher_predictions = teacher_results(teacher)
         report["teacher"] = {"model": teacher, "exact_match": (results or {}).get("exact_match"),
@@ -80,11 +93,11 @@ def run_report(args, *, metrics: dict | None, predictions: dict | None, objectiv
     return report
 
 
-def starting_model(args) -> str:
+def starting_model(run: RunFacts) -> str:
     """What the run started from: --model_name_or_path, or the teacher's layers it copied."""
-    if args.model_name_or_path:
-        return args.model_name_or_path
-    return f"layers {args.student_layers} of {short_model_name(args.teacher_model_name_or_path)}"
+    if run.model_name_or_path:
+        return run.model_name_or_path
+    return f"layers {run.student_layers} of {short_model_name(run.teacher_model_name_or_path)}"
 
 
 def _score(value) -> str:
@@ -235,13 +248,14 @@ def write_model_card(model_dir: str, report: dict, *, model_name: str, base_mode
     return path
 
 
-def write_run_report_and_card(args, **facts) -> dict:
-    """A finished finetune/distill run: report.md/report.json, and the model card in its model folder."""
-    report = run_report(args, **facts)
-    write_report(args.output_dir, report)
-    name = os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
-    write_model_card(args.output_dir, report, model_name=name,
-                     base_model=args.model_name_or_path or args.teacher_model_name_or_path)
+def write_run_report_and_card(run: RunFacts, **parts) -> dict:
+    """A finished finetune/distill run: report.md/report.json, and the model card in its model folder;
+    parts: run_report's metrics, predictions, objective, data and training."""
+    report = run_report(run, **parts)
+    write_report(run.output_dir, report)
+    name = os.path.basename(os.path.normpath(os.path.abspath(run.output_dir)))
+    write_model_card(run.output_dir, report, model_name=name,
+                     base_model=run.model_name_or_path or run.teacher_model_name_or_path)
     return report
 
 

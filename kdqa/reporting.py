@@ -1,5 +1,5 @@
-"""What a run shows people: metrics.jsonl, eval_results.json, predictions.json, the curves PNG, and
-which progress bars are on."""
+"""What a run shows people: metrics.jsonl, eval_results.json, predictions.json, the curves PNG, the
+recipe's table and plot (recipe_results.md/.json/.png), and which progress bars are on."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import resource
 
 import torch
 
-from kdqa.atomic_io import open_own, write_bytes_atomic, write_text_atomic
+from kdqa.atomic_io import open_own, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("kdqa")
 
@@ -72,24 +72,6 @@ def read_metrics_records(path: str) -> list[dict]:
                              "edited: repair or delete that line, then resume again") from None
         records.append(record)
     return records
-
-
-def train_figures(records: list[dict], *, runtime: float, samples: int, steps_run: int, samples_run: int,
-                  epoch: float) -> dict:
-    """run_qa.py's train_results.json keys (Trainer's speed_metrics) from this run's metrics.jsonl records.
-
-    train_loss is the mean loss over every optimizer step (each record is the mean of its steps, so
-    it is weighted by how many steps it covers), as Trainer reports it; runtime, steps and samples
-    per second are this process's (a resumed run: since the resume), as Trainer's are.
-    """
-    total, last_step = 0.0, 0
-    for record in (r for r in records if "loss" in r):
-        total += record["loss"] * (record["step"] - last_step)
-        last_step = record["step"]
-    return {"epoch": epoch, "train_loss": total / last_step if last_step else float("nan"),
-            "train_runtime": round(runtime, 4), "train_samples": samples,
-            "train_samples_per_second": round(samples_run / max(runtime, 1e-9), 3),
-            "train_steps_per_second": round(steps_run / max(runtime, 1e-9), 3)}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -162,3 +144,78 @@ def quiet_progress_bars(quiet: bool) -> None:
     else:
         datasets.enable_progress_bars()
         transformers.utils.logging.enable_progress_bar()
+
+
+# ----------------------------------------------------------------------------- the recipe's table and plot
+
+# The names of the recipe's rows that the plot shortens (kdqa.recipe names its stages with them).
+HIDDEN_STAGE = "distilled student + hidden states"
+SERVED = "served student"
+
+
+def write_recipe_results(output_dir: str, rows: dict, table: str, *, speed_questions: int, dev_sample: dict,
+                         banner: list[str], elapsed: float, estimate: float | None) -> None:
+    """recipe_results.md (the table), recipe_results.json (its rows and how they were measured) and
+    recipe_results.png (the plot) in the recipe's folder."""
+    write_text_atomic(os.path.join(output_dir, "recipe_results.md"), table + "\n")
+    write_json_atomic(os.path.join(output_dir, "recipe_results.json"), {
+        "models": rows, "speed_test": {"questions": speed_questions, "device": "cpu",
+                                       "threads": torch.get_num_threads()},
+        "dev_sample": dev_sample,
+        "settings": banner, "elapsed_s": round(elapsed, 1),
+        "estimate_s": None if estimate is None else round(estimate, 1)})
+    plot_results(rows, os.path.join(output_dir, "recipe_results.png"))
+
+
+def format_table(rows: dict, speed_questions: int, dev_sample=None) -> str:
+    """The seed's table as Markdown: model, EM, F1, parameters, CPU ms per question, speed-up; under it,
+    which dev questions were scored and timed (a kdqa.dev_sample.DevSample) and on how many (speed_questions)."""
+    lines = [f"| model | EM | F1 | parameters | CPU ms/question ({speed_questions} questions, one at a "
+             "time) | speed-up |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows.values():
+        em = "n/a" if row["exact_match"] is None else f"{row['exact_match']:.2f}"
+        f1 = "n/a" if row["f1"] is None else f"{row['f1']:.2f}"
+        lines.append(f"| {row['label']} | {em} | {f1} | {row['parameters'] / 1e6:.1f}M | "
+                     f"{row['ms_per_question']:.1f} | {row['speedup']:.2f}x |")
+    if dev_sample is not None:
+        lines += ["", f"EM/F1 on {dev_sample.text()}; speed on {speed_questions} dev questions chosen "
+                        "the same way."]
+    return "\n".join(lines)
+
+
+# The plot's tick labels: short enough that five sit side by side (the table's rows carry the long ones).
+PLOT_LABELS = {"teacher": "teacher", "student": "fine-tuned\nstudent", "distilled student": "logits KD",
+               HIDDEN_STAGE: "logits KD\n+ hidden states", SERVED: "served int8"}
+
+
+def plot_results(rows: dict, path: str) -> None:
+    """EM/F1 and CPU ms per question side by side."""
+    save_figure(results_figure(rows), path, dpi=120)
+
+
+def results_figure(rows: dict):
+    """The plot's figure (apart so a test can measure its tick labels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    ticks = [PLOT_LABELS.get(name, name.replace(" + ", "\n+ ")) for name in names]
+    x = range(len(names))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for offset, key, label in ((-0.2, "exact_match", "EM"), (0.2, "f1", "F1")):
+        left.bar([i + offset for i in x], [rows[n][key] or 0.0 for n in names], width=0.4, label=label)
+    left.set_xticks(list(x), ticks)
+    left.set_ylabel("score on the dev questions")
+    left.set_title("accuracy")
+    left.legend()
+    bars = right.bar(list(x), [rows[n]["ms_per_question"] for n in names], color="tab:gray")
+    for bar, name in zip(bars, names):
+        right.annotate(f"{rows[name]['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                       ha="center", va="bottom")
+    right.set_xticks(list(x), ticks)
+    right.set_ylabel("CPU ms per question (one at a time)")
+    right.set_title("speed (speed-up against the teacher)")
+    fig.tight_layout()
+    return fig

@@ -4,12 +4,14 @@
 that read in order:
 
     set_up           data -> features -> models -> loader -> schedule -> optimizer: one `Run`
+                     (the optimizer and the schedule: kdqa.optimization)
     resume           the checkpoint's weights, optimizer, schedule and position in the data
     train_loop       the loop itself (a screenful), calling per micro-batch and per step:
       forward_backward   student forward, teacher logits, named loss terms, backward
       optimizer_step     clip, step (fp16 scaler), schedule, zero grads
       log_eval_save      metrics.jsonl, dev evaluation, checkpoints
-    finish           final evaluation, the saved model, train_results.json
+    finish           final evaluation, then the run's files (kdqa.run_outputs): the saved model,
+                     train_results.json, the report card
 
 The mode is stated by the caller (`args.mode`, set by kdqa.config): "finetune" uses no teacher,
 "distill" uses the online teacher or its cached logits. Both go through `qa_distillation_loss`.
@@ -41,16 +43,15 @@ from kdqa.dev_sample import DEFAULT_EVAL_SAMPLE, take_sample
 from kdqa.distributed import (DistState, all_gather_object, all_reduce_mean, all_reduce_min, barrier,
                               check_ranks_in_sync, cleanup, init_distributed, max_over_ranks)
 from kdqa.features import QACollator, Window, prepare_eval_features, prepare_train_features
-from kdqa.inference import QAPredictor, TorchRunner, write_prediction_outputs
+from kdqa.inference import QAPredictor, TorchRunner
 from kdqa.interrupt import StopRequest, TrainingInterrupted, ignore_stop_signals
-from kdqa.loss import resolve_loss_impl
 from kdqa.modeling import (QAOutputs, short_model_name, build_student_from_layers, check_same_vocab, forward_qa,
                            load_qa_model, load_tokenizer)
-from kdqa.report_card import MODEL_CARD_NAME, REPORT_NAMES, write_run_report_and_card
+from kdqa.optimization import Schedule, build_optimizer, lr_schedule, plan_schedule, warmup_steps_for
 from kdqa.postprocess import Decoding
 from kdqa.precision import PRECISION_NAMES, autocast, resolve_precision
-from kdqa.atomic_io import write_json_atomic
-from kdqa.reporting import MetricsLog, peak_memory_mb, plot_curves, quiet_progress_bars, train_figures
+from kdqa.reporting import MetricsLog, peak_memory_mb, quiet_progress_bars
+from kdqa.run_outputs import write_run_outputs
 from kdqa.resume_settings import check_resume_settings, run_settings
 from kdqa.samplers import TrainBatchSampler
 from kdqa.teacher_cache import teacher_logits_from_cache
@@ -70,15 +71,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- the run's pieces
-
-@dataclass
-class Schedule:
-    """How long the run is: micro-batches per epoch, accumulation, optimizer steps, epochs."""
-    batches_per_epoch: int
-    accumulation: int
-    total_steps: int
-    num_epochs: int
-
 
 @dataclass
 class Progress:
@@ -167,62 +159,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases and LayerNorm weights (as BERT was trained)."""
-    no_decay_ids = set()
-    for module in model.modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if name.endswith("bias") or id(param) in no_decay_ids else decay).append(param)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optim = getattr(args, "optim", None)  # --optim; None: the fused kernel on CUDA only, as kdqa always did
-    fused = optim == "adamw_torch_fused" if optim else next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             eps=args.adam_epsilon, **({"fused": True} if fused else {}))
-
-
-def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from 0, then linear decay to 0 at the last step."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def warmup_steps_for(args, total_steps: int) -> int:
-    """--warmup_steps N (a fraction below 1: of all steps, rounded up as transformers 5 does), else
-    --warmup_ratio of all steps (rounded down, as kdqa always did)."""
-    steps = getattr(args, "warmup_steps", 0) or 0
-    if steps >= 1:
-        return int(steps)
-    if steps > 0:
-        return math.ceil(steps * total_steps)
-    return int(args.warmup_ratio * total_steps)
-
-
-def lr_schedule(optimizer, kind: str, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """--lr_scheduler_type: linear (linear_schedule, unchanged), cosine (half a cosine to 0 after the
-    warm-up), constant, constant_with_warmup; the factors of transformers' get_scheduler."""
-    if kind == "linear":
-        return linear_schedule(optimizer, warmup_steps, total_steps)
-    if kind not in ("cosine", "constant", "constant_with_warmup"):
-        raise ValueError(f"unknown --lr_scheduler_type {kind!r}")
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        if kind != "cosine":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def prepare_output_dir(args, dist: DistState) -> str | None:
     """Lock the output dir, refuse or clear a previous run's results (kdqa.run_dir); returns the run id."""
     run_id = None
@@ -293,14 +229,6 @@ def make_train_loader(features, collator: QACollator, *, batch_size: int, group_
                         worker_init_fn=ignore_stop_signals if num_workers else None,  # kdqa.interrupt
                         generator=torch.Generator())  # own generator: iterating never draws from the global RNG
     return sampler, loader
-
-
-def plan_schedule(args, batches_per_epoch: int) -> Schedule:
-    accum = args.gradient_accumulation_steps
-    updates_per_epoch = math.ceil(batches_per_epoch / accum)
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * updates_per_epoch)
-    return Schedule(batches_per_epoch=batches_per_epoch, accumulation=accum, total_steps=total_steps,
-                    num_epochs=math.ceil(total_steps / updates_per_epoch))
 
 
 def checkpointed_model(run: "Run") -> torch.nn.Module:
@@ -420,7 +348,7 @@ def resume(run: Run) -> str | None:
     # Evaluations up to the checkpoint are in metrics.jsonl already; the log window goes on.
     p.last_eval_step, p.best = state["last_eval_step"], state.get("best")  # no "best": an older kdqa's
     p.running = {name: torch.tensor(value, device=run.device)
-                 for name, value in restored_log_window(state["log_window"], dist.rank).items()}
+                 for name, value in ckpt.restored_log_window(state["log_window"], dist.rank).items()}
     p.steps_since_log = state["log_window"]["steps"]
     run.run_id = state["run_id"]
     if dist.is_main:
@@ -755,24 +683,9 @@ def save_checkpoint(run: Run, epoch: int, batch_in_epoch: int) -> None:
                                             "skipped_steps": p.skipped_steps, "run_id": run.run_id,
                                             "settings": run_settings(args, run.device.type),
                                             "last_eval_step": p.last_eval_step, "best": p.best,
-                                            "log_window": log_window_state(window_by_rank, p.steps_since_log)})
+                                            "log_window": ckpt.log_window_state(window_by_rank, p.steps_since_log)})
     p.last_checkpoint_step = p.step
     barrier(run.dist)
-
-
-def log_window_state(window_by_rank, steps: int) -> dict:
-    """The checkpoint's log window: rank 0's unlogged sums, and under DDP every rank's (as with the RNGs)."""
-    state = {"running": window_by_rank[0], "steps": steps}
-    if len(window_by_rank) > 1:
-        state["running_by_rank"] = list(window_by_rank)
-    return state
-
-
-def restored_log_window(window: dict, rank: int) -> dict:
-    """This rank's unlogged sums of a checkpoint's log window (an older kdqa's DDP checkpoint holds
-    only their mean over ranks: every rank takes that)."""
-    by_rank = window.get("running_by_rank")
-    return by_rank[rank] if by_rank and rank < len(by_rank) else window["running"]
 
 
 # ----------------------------------------------------------------------------- phase 6: finish
@@ -793,72 +706,9 @@ def finish(run: Run) -> dict:
     if run.dist.enabled:
         results["rank_param_checksums"] = check_ranks_in_sync(run.student, run.dist)
     if run.dist.is_main:
-        save_model(run.student, run.tokenizer, args)
-        run_dir.record_outputs(args.output_dir, *run_dir.result_files(  # before they are written
-            evaluated=p.last_eval is not None, predicts=bool(getattr(args, "do_predict", False))))
-        all_results = dict(results)  # run_qa.py's all_results.json: train results + eval_-prefixed eval metrics
-        if p.last_eval is not None:
-            results.update(p.last_eval["metrics"])
-            write_prediction_outputs(args.output_dir, "eval", p.last_eval["predictions"], p.last_eval["nbest"],
-                                     p.last_eval["metrics"])
-            all_results.update({f"eval_{k}": v for k, v in p.last_eval["metrics"].items()})
-        plot_curves(run.metrics_log.records, os.path.join(args.output_dir, "training_curves.png"),
-                    title=f"{args.command}: {os.path.basename(os.path.normpath(args.output_dir))}",
-                    loss_terms=list(run.objective.weights))
-        write_results_files(run, results, all_results)
-        write_report_card(run)
+        write_run_outputs(run, results, epoch=round(epoch_float(run), 4))
     barrier(run.dist)
     return results
-
-
-def write_report_card(run: Run) -> None:
-    """report.md/report.json and the model card (README.md) of the finished run (rank 0)."""
-    args, p, data = run.args, run.progress, run.data
-    last = p.last_eval or {}
-    run_dir.record_outputs(args.output_dir, *REPORT_NAMES, MODEL_CARD_NAME)  # kdqa's: overwrite may remove them
-    write_run_report_and_card(
-        args, metrics=last.get("metrics"), predictions=last.get("predictions"),
-        objective=run.objective.describe(resolve_loss_impl(args.loss_impl, run.device))
-        | ({"teacher_logits": "from the cache " + args.teacher_logits_cache if data.collator.teacher_logits is not None
-            else "online"} if args.mode == "distill" else {}),
-        data={"train_questions": len(data.train_examples), "train_features": len(data.train_features),
-              "dev_questions": None if data.eval_examples is None else len(data.eval_examples),
-              "dev_sample": data.eval_sample,
-              "max_seq_length": args.max_seq_length},
-        training={"epochs": run.schedule.num_epochs, "optimizer_steps": p.step,
-                  "wall_time_s": round(time.perf_counter() - p.started, 1),
-                  "precision": PRECISION_NAMES[run.autocast_dtype], "seed": args.seed})
-
-
-def write_results_files(run: Run, results: dict, all_results: dict) -> None:
-    """train_results.json and all_results.json in run_qa.py's shapes (Trainer's train_* figures, and in
-    all_results eval_samples: the dev features), kdqa's own keys beside them."""
-    args, p, s = run.args, run.progress, run.schedule
-    steps_run = p.step - p.start_step
-    figures = train_figures(run.metrics_log.records, runtime=time.perf_counter() - p.started,
-                            samples=len(run.data.train_features), steps_run=steps_run,
-                            samples_run=steps_run * args.per_device_train_batch_size * s.accumulation
-                            * run.dist.world_size, epoch=round(epoch_float(run), 4))
-    write_json_atomic(os.path.join(args.output_dir, "train_results.json"), {**figures, **results})
-    if run.data.eval_features is not None and "eval_f1" in all_results:
-        all_results["eval_samples"] = len(run.data.eval_features)
-    write_json_atomic(os.path.join(args.output_dir, "all_results.json"), {**figures, **all_results})
-    if run.metrics_log.sink is not None:  # the last record is written: close the TensorBoard file
-        run.metrics_log.sink.close()
-
-
-def save_model(model, tokenizer, args, extra_writers=()) -> list[str]:
-    """The final model folder: model and tokenizer (save_pretrained), the resolved configuration, and
-    whatever each extra_writers(folder) adds (e.g. a model card). Written into a staging folder and
-    moved into --output_dir (run_dir.publish_staged), so a kill leaves the previous state or the whole
-    new one, never a model without its tokenizer. Returns the names written."""
-    def write(folder: str) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        write_json_atomic(os.path.join(folder, "training_args.json"), {k: v for k, v in vars(args).items()})
-        for writer in extra_writers:
-            writer(folder)
-    return run_dir.publish_staged(args.output_dir, write)
 
 
 # ----------------------------------------------------------------------------- training, start to end

@@ -12,6 +12,7 @@ import pytest
 
 import kdqa.checkpoint
 import kdqa.recipe as recipe
+import kdqa.reporting as reporting
 from kdqa.config import parse_args
 from kdqa.data import SquadDataError
 from kdqa.datafiles import find_squad_files
@@ -504,9 +505,9 @@ def test_the_plots_model_names_are_short_and_do_not_overlap(tmp_path):
     names = ["teacher", "student", "distilled student", recipe.HIDDEN_STAGE, recipe.SERVED]
     rows = {n: {"exact_match": 40.0 + i, "f1": 50.0 + i, "ms_per_question": 30.0 - i, "speedup": 30.0 / (30.0 - i)}
             for i, n in enumerate(names)}
-    recipe.plot_results(rows, str(tmp_path / "plot.png"))
+    reporting.plot_results(rows, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
-    fig = recipe.results_figure(rows)
+    fig = reporting.results_figure(rows)
     fig.canvas.draw()
     for axis in fig.axes:
         labels = axis.get_xticklabels()

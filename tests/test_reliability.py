@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import kdqa.checkpoint
 import kdqa.reporting
+import kdqa.run_outputs
 import kdqa.trainer
 from kdqa.config import parse_args
 from tiny_models import make_model_folder, make_name_task, tiny_bert_config, write_squad
@@ -104,7 +105,7 @@ def _kill_points():
         "checkpoint file": (kdqa.checkpoint.torch, "save", after("after one checkpoint file")),
         "checkpoint fsync": (kdqa.checkpoint, "fsync_path", after("after an fsync")),
         "evaluation": (kdqa.trainer.QAPredictor, "evaluate", before("mid evaluation")),
-        "final model": (kdqa.trainer, "save_model", before("writing the final model")),
+        "final model": (kdqa.run_outputs, "save_model", before("writing the final model")),
     }
 
 

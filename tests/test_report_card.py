@@ -222,3 +222,39 @@ def test_the_served_card_states_its_own_agreement_and_names_the_subset(tmp_path)
     assert results[0].dataset_name == "SQuAD v1.1 (4 of 40 dev questions, spread evenly over the file (4 of 4 articles))"
     assert results[0].dataset_args == {"questions": 4, "of": 40, "sample": "spread"}
     assert "this model's agreement with the teacher on 4 dev questions: same answer 25.00 %" in card.text
+
+
+# ----------------------------------------------------------------------------- values, not the Namespace (issue 30 §3)
+
+def test_the_run_report_reads_the_runs_facts_as_values(tmp_path):
+    import dataclasses
+
+    from kdqa.report_card import RunFacts, run_report
+
+    (tmp_path / "teacher").mkdir()  # a folder is named by its own name
+    parts = {"metrics": {"exact_match": 1.0, "f1": 2.0}, "predictions": None,
+             "objective": {"terms": [], "formula": "CE"}, "data": {}, "training": {}}
+    copied = RunFacts(command="finetune", output_dir=str(tmp_path / "out"), model_name_or_path=None,
+                      teacher_model_name_or_path=str(tmp_path / "teacher"), student_layers="0,2", distilled=False)
+    report = run_report(copied, **parts)
+    assert report["model"] == "layers 0,2 of teacher" and report["teacher"] is None  # named, but not distilled
+    assert report["output_dir"] == str(tmp_path / "out") and report["scores"] == {"exact_match": 1.0, "f1": 2.0}
+    distilled = run_report(dataclasses.replace(copied, command="distill", model_name_or_path="m", distilled=True),
+                           **parts)
+    assert distilled["model"] == "m"
+    assert distilled["teacher"]["model"] == str(tmp_path / "teacher")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        copied.command = "distill"
+
+
+def test_no_report_card_function_takes_the_namespace():
+    """The objective describes itself (kdqa.objective.Objective.describe): no function here reads the Namespace."""
+    import ast
+    import pathlib
+
+    import kdqa.report_card
+
+    tree = ast.parse(pathlib.Path(kdqa.report_card.__file__).read_text(encoding="utf-8"))
+    takes_args = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                  and "args" in [a.arg for a in node.args.args + node.args.kwonlyargs]}
+    assert not takes_args, takes_args

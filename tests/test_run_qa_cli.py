@@ -170,7 +170,7 @@ def test_help_says_where_run_qa_means_something_else():
 def test_lr_schedules_follow_transformers_get_scheduler(kind):
     from transformers import get_scheduler
 
-    from kdqa.trainer import linear_schedule, lr_schedule
+    from kdqa.optimization import linear_schedule, lr_schedule
 
     def lrs(make):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -194,7 +194,7 @@ def test_lr_schedules_follow_transformers_get_scheduler(kind):
 def test_warmup_steps_and_ratio():
     from argparse import Namespace
 
-    from kdqa.trainer import warmup_steps_for
+    from kdqa.optimization import warmup_steps_for
 
     assert warmup_steps_for(Namespace(warmup_steps=0, warmup_ratio=0.25), 10) == 2  # int(), as before
     assert warmup_steps_for(Namespace(warmup_steps=7.0, warmup_ratio=0.0), 10) == 7
@@ -228,7 +228,7 @@ def test_hf_command_line_runs_and_writes_run_qa_shapes(setup, tmp_path, capsys):
 
 
 def test_train_loss_weights_each_record_by_its_steps():
-    from kdqa.reporting import train_figures
+    from kdqa.run_outputs import train_figures
 
     records = [{"step": 1, "loss": 4.0}, {"step": 2, "eval_f1": 1.0}, {"step": 4, "loss": 1.0}]
     figures = train_figures(records, runtime=2.0, samples=10, steps_run=4, samples_run=16, epoch=1.0)
@@ -395,7 +395,7 @@ def test_max_predict_samples_cuts_the_test_file(setup, tmp_path, capsys):
 
 
 def test_optim_picks_the_adamw_kernel(tmp_path):
-    from kdqa.trainer import build_optimizer
+    from kdqa.optimization import build_optimizer
 
     base = ["finetune", "--model_name_or_path", "m", "--output_dir", str(tmp_path)]
     model = torch.nn.Linear(2, 2)

@@ -266,7 +266,7 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_and_the_resume_is_
 
 
 def test_each_rank_resumes_its_own_log_window_and_an_older_checkpoint_gives_every_rank_the_mean():
-    from kdqa.trainer import log_window_state, restored_log_window
+    from kdqa.checkpoint import log_window_state, restored_log_window
 
     window = log_window_state(({"hidden": 1.25}, {"hidden": 0.5}), 1)
     assert [restored_log_window(window, rank) for rank in (0, 1)] == [{"hidden": 1.25}, {"hidden": 0.5}]

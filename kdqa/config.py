@@ -26,6 +26,7 @@ import sys
 
 import yaml
 
+from kdqa.choices import EXPORT_QUANTIZE, LOSS_IMPLS, PREDICT_QUANTIZE, RUNTIMES
 from kdqa.dev_sample import DEFAULT_EVAL_SAMPLE, EVAL_SAMPLE_HELP, EVAL_SAMPLES
 from kdqa.postprocess import Decoding
 
@@ -194,7 +195,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_train_epochs", type=float, default=3.0, help="epochs (a fraction stops mid-epoch)")
     g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; > 0 overrides --num_train_epochs")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
-    g.add_argument("--loss_impl", choices=["auto", "triton", "torch"], default="auto", help=LOSS_IMPL_HELP)
+    g.add_argument("--loss_impl", choices=LOSS_IMPLS, default="auto", help=LOSS_IMPL_HELP)
     g.add_argument("--seed", type=int, default=42, help="seed of weights init, dropout and data order")
     g.add_argument("--group_by_length", action="store_true", help="batch features of similar length together")
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the student (and online teacher)")
@@ -1046,14 +1047,14 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
                    help="SQuAD v1.1 JSON (.json/.json.gz, official or flat layout) or JSON lines of "
                         "{id, question, context}")
     g.add_argument("--max_predict_samples", type=int, default=None, help="answer only the first N questions")
-    g.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="auto",
+    g.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="auto: ONNX Runtime when the folder has model.onnx (or a .onnx file is given), else PyTorch")
-    g.add_argument("--quantize", choices=["none", "int8"], default="none",
+    g.add_argument("--quantize", choices=PREDICT_QUANTIZE, default="none",
                    help="int8: PyTorch dynamic int8 Linear layers, or the folder's model_int8.onnx in ONNX Runtime")
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("export")
-    g.add_argument("--quantize", choices=["none", "int8", "int8-dynamic"], default="none",
+    g.add_argument("--quantize", choices=EXPORT_QUANTIZE, default="none",
                    help="int8: also write model_int8.onnx, static int8 calibrated on --train_file (answers do not "
                         "depend on the batch); int8-dynamic: dynamic int8, no calibration, batch-dependent answers")
     g.add_argument("--train_file", default=None, help="SQuAD v1.1 JSON whose first questions calibrate --quantize int8")

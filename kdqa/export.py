@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .atomic_io import write_json_atomic
+from .choices import EXPORT_QUANTIZE
 from .config import CALIBRATION_HELP, DEFAULT_MAX_INT8_DROP, MIN_OPSET, check_opset
 from .features import Window
 from .inference import ONNX_FILE, ONNX_INT8_FILE, OnnxRunner
@@ -159,9 +160,6 @@ def max_logit_difference(onnx_path: str, model, inputs: dict) -> float:
     got = OnnxRunner(onnx_path, threads=1)(inputs)
     real = inputs["attention_mask"].numpy().astype(bool)
     return max(float(np.max(np.abs(g - e.numpy())[real])) for g, e in zip(got, expected))
-
-
-QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
 
 
 def optimize_for_onnxruntime(onnx_path: str, optimized_path: str) -> bool:
@@ -328,8 +326,8 @@ def export_model(model_dir: str, output_dir: str, quantize: str = "none", tolera
     nothing written) past `max_int8_drop` (config.MAX_INT8_DROP_HELP)."""
     _require_onnx()
     check_opset(opset)
-    if quantize not in QUANTIZE_CHOICES:
-        raise ExportError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    if quantize not in EXPORT_QUANTIZE:
+        raise ExportError(f"quantize must be one of {EXPORT_QUANTIZE}, got {quantize!r}")
     if quantize == "int8" and calibration is None:
         raise ExportError(CALIBRATION_HELP)
     tokenizer = load_tokenizer(model_dir)

@@ -27,7 +27,10 @@ import sys
 import yaml
 
 from kdqa.choices import EXPORT_QUANTIZE, LOSS_IMPLS, PREDICT_QUANTIZE, RUNTIMES
+from kdqa.config_error import ConfigError
 from kdqa.dev_sample import DEFAULT_EVAL_SAMPLE, EVAL_SAMPLE_HELP, EVAL_SAMPLES
+from kdqa.export_rules import (CALIBRATION_HELP, DEFAULT_CALIBRATION_QUESTIONS, DEFAULT_MAX_INT8_DROP,
+                               DEFAULT_OPSET, DEFAULT_TOLERANCE, MAX_INT8_DROP_HELP, check_opset)
 from kdqa.postprocess import Decoding
 
 
@@ -37,10 +40,6 @@ RECIPE_DEFAULTS = {
     "teacher_num_train_epochs": 2.0,
     "num_train_epochs": 3.0,
 }
-
-
-class ConfigError(ValueError):
-    """A flag or config-file value is wrong; the message names it and says what is expected."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -1064,9 +1063,9 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    help="SQuAD v1.1 JSON whose first 200 questions check the int8 model against the fp32 one "
                         "(default: --train_file's questions after the calibration ones)")
     g.add_argument("--max_int8_drop", type=float, default=DEFAULT_MAX_INT8_DROP, help=MAX_INT8_DROP_HELP)
-    g.add_argument("--tolerance", type=float, default=1e-3,
+    g.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="largest allowed |ONNX Runtime - PyTorch| difference of a start/end logit")
-    g.add_argument("--opset", type=int, default=18, help="ONNX opset version")
+    g.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
     g.add_argument("--disable_tqdm", action="store_true", help="no progress bars (loading, calibration)")
 
 
@@ -1098,21 +1097,6 @@ def validate_inference_args(args: argparse.Namespace) -> None:
         check_output_dir(args.output_dir)
 
 
-DEFAULT_CALIBRATION_QUESTIONS = 100  # static int8's calibration set (see benchmarks/RESULTS.md, int8)
-CALIBRATION_HELP = ("export --quantize int8 calibrates its activation scales on training questions: give "
-                    "--train_file FILE (SQuAD v1.1 JSON), or --quantize int8-dynamic (no calibration, but a "
-                    "question's answer then depends on the other questions of its batch)")
-
-
-DEFAULT_MAX_INT8_DROP = 5.0  # F1 points; why: MAX_INT8_DROP_HELP (the check itself: kdqa.int8)
-MAX_INT8_DROP_HELP = (
-    "F1 points: refuse the int8 model (nothing is written) when, on the held-out questions, its F1 is more "
-    "than this below the fp32 model's (with 95 %% confidence; 30 or more questions with gold answers), or "
-    "when it gives the fp32 model's answer to fewer than a fifth of them (95 %% confidence; with or without "
-    "gold answers: a collapsed model). Why 5: a sound static int8 model loses 0-2.5 F1 (issue 34's peer check on "
-    "2,000 SQuAD questions; -1.1 to -0.2 in the first command here), a loss surely over 5 is twice that, and a collapsed model loses nearly all its F1")
-
-
 def _check_calibration_flags(args: argparse.Namespace) -> None:
     """export --quantize int8 calibrates on training questions: they must be given and counted sanely."""
     if args.calibration_questions < 1:
@@ -1126,21 +1110,3 @@ def _check_calibration_flags(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{flag} {getattr(args, flag)}: no such file")
     if not args.max_int8_drop >= 0:
         raise ConfigError(f"--max_int8_drop must be >= 0 (F1 points), got {args.max_int8_drop}")
-
-
-MIN_OPSET = 18  # torch.onnx.export(dynamo=True) writes opset 18 at least; below it fails or quietly writes 18
-
-
-def check_opset(opset: int) -> None:
-    """export --opset within what the exporter writes and the installed onnx knows."""
-    if opset < MIN_OPSET:
-        raise ConfigError(f"--opset {opset}: torch's ONNX exporter writes opset {MIN_OPSET} or later; "
-                          f"give --opset {MIN_OPSET} (the default) or higher")
-    try:
-        import onnx
-    except ImportError:
-        return  # export itself says to install kdqa[onnx]
-    newest = onnx.defs.onnx_opset_version()
-    if opset > newest:
-        raise ConfigError(f"--opset {opset}: the installed onnx knows opsets up to {newest}; give --opset "
-                          f"{MIN_OPSET} to {newest} (default {MIN_OPSET})")

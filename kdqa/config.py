@@ -1101,8 +1101,6 @@ def _check_calibration_flags(args: argparse.Namespace) -> None:
     """export --quantize int8 calibrates on training questions: they must be given and counted sanely."""
     if args.calibration_questions < 1:
         raise ConfigError(f"--calibration_questions must be at least 1, got {args.calibration_questions}")
-    if args.max_seq_length <= 0 or not 0 < args.doc_stride < args.max_seq_length:
-        raise ConfigError("--max_seq_length must be positive and --doc_stride between 1 and --max_seq_length - 1")
     if args.quantize == "int8" and not args.train_file:
         raise ConfigError(CALIBRATION_HELP)
     for flag in ("train_file", "validation_file"):

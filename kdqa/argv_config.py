@@ -17,8 +17,6 @@ import argparse
 import json
 import os
 
-import yaml
-
 from kdqa.config_error import ConfigError
 from kdqa.run_qa_compat import (BoolFlag, IgnoredFlag, RefuseFlag, looks_like_run_qa, str_to_bool,
                                 unsupported_hf_flags, unsupported_message)
@@ -52,6 +50,8 @@ def add_config_flag(p: argparse.ArgumentParser) -> None:
 
 def load_config_file(path: str) -> dict:
     """Read a YAML or JSON config file into a dict of flag values."""
+    import yaml  # only where a --config file is given: not at --help
+
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path}: {'is a folder, not a file' if os.path.isdir(path) else 'file not found'}")
     try:

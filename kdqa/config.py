@@ -23,7 +23,6 @@ from kdqa import argv_config
 from kdqa.argv_config import config_tokens, load_config_file, subparsers, with_command
 from kdqa.config_error import ConfigError
 from kdqa.flags import build_parser
-from kdqa.postprocess import Decoding
 from kdqa.run_qa_compat import resolve_run_qa_flags, resolve_training_arguments_flags
 from kdqa.validation import validate_args
 
@@ -49,7 +48,9 @@ class Flags(argparse.Namespace):
         return Window.from_args(self)
 
     @property
-    def decoding(self) -> Decoding:
+    def decoding(self):
+        from kdqa.postprocess import Decoding  # postprocess imports numpy (a tenth of a second): not at --help
+
         return Decoding.from_args(self)
 
 

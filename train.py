@@ -14,7 +14,6 @@ Several GPUs: torchrun --nproc_per_node N train.py distill ...
 """
 
 import copy
-import importlib
 import logging
 import os
 import signal
@@ -22,20 +21,26 @@ import sys
 import threading
 
 
-# Sub-commands that run one function: (module, function), imported only when chosen.
-SINGLE_COMMANDS = {
-    "recipe": ("kdqa.recipe", "run_recipe"),
-    "evaluate": ("kdqa.inference", "evaluate_command"),
-    "predict": ("kdqa.inference", "predict_command"),
-    "export": ("kdqa.export", "export_command"),
-}
-
-
 def run_command(args) -> None:
-    """Run the sub-command; finetune/distill run the phases --do_train/--do_eval/--do_predict chose."""
-    if args.command in SINGLE_COMMANDS:
-        module, function = SINGLE_COMMANDS[args.command]
-        getattr(importlib.import_module(module), function)(args)
+    """Run the sub-command; finetune/distill run the phases --do_train/--do_eval/--do_predict chose.
+
+    Each command's module is imported here, when it is chosen: they import torch and transformers
+    (seconds), which `train.py --help` and a bad flag's one line never need."""
+    if args.command == "recipe":
+        from kdqa.recipe import run_recipe
+        run_recipe(args)
+        return
+    if args.command == "evaluate":
+        from kdqa.inference import evaluate_command
+        evaluate_command(args)
+        return
+    if args.command == "predict":
+        from kdqa.inference import predict_command
+        predict_command(args)
+        return
+    if args.command == "export":
+        from kdqa.export import export_command
+        export_command(args)
         return
     if args.do_train:
         from kdqa.trainer import train

@@ -41,7 +41,9 @@ import numpy as np
 import torch
 
 from .atomic_io import write_json_atomic
-from .config import CALIBRATION_HELP, DEFAULT_MAX_INT8_DROP, MIN_OPSET, check_opset
+from .choices import EXPORT_QUANTIZE
+from .export_rules import (CALIBRATION_HELP, DEFAULT_CALIBRATION_QUESTIONS, DEFAULT_MAX_INT8_DROP, DEFAULT_OPSET,
+                           DEFAULT_TOLERANCE, MIN_OPSET, check_opset)
 from .features import Window
 from .inference import ONNX_FILE, ONNX_INT8_FILE, OnnxRunner
 from .int8 import (INT8_CHECK_QUESTIONS, HeldOut, Int8DropError, Int8Score,
@@ -52,8 +54,6 @@ from .reporting import quiet_progress_bars
 from .run_dir import record_outputs, recorded_outputs
 
 logger = logging.getLogger("kdqa")
-
-DEFAULT_TOLERANCE = 1e-3  # fp32 through another runtime: differences are ~1e-6 on real models
 
 
 class ExportError(ValueError):
@@ -159,9 +159,6 @@ def max_logit_difference(onnx_path: str, model, inputs: dict) -> float:
     got = OnnxRunner(onnx_path, threads=1)(inputs)
     real = inputs["attention_mask"].numpy().astype(bool)
     return max(float(np.max(np.abs(g - e.numpy())[real])) for g, e in zip(got, expected))
-
-
-QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
 
 
 def optimize_for_onnxruntime(onnx_path: str, optimized_path: str) -> bool:
@@ -318,18 +315,18 @@ def _default_opset(onnx_path: str) -> int | None:
 
 
 def export_model(model_dir: str, output_dir: str, quantize: str = "none", tolerance: float = DEFAULT_TOLERANCE,
-                 opset: int = 18, calibration: Calibration | None = None,
+                 opset: int = DEFAULT_OPSET, calibration: Calibration | None = None,
                  max_int8_drop: float = DEFAULT_MAX_INT8_DROP) -> dict:
     """Export and check; returns {"files": [...], "max_abs_diff": float, "int8_max_abs_diff": float | None,
     "int8": Int8Score | None}.
 
     quantize "int8": static int8 calibrated on `calibration` (required); "int8-dynamic": dynamic int8.
     Either is checked on `calibration.held_out` against the fp32 model and refused (Int8DropError,
-    nothing written) past `max_int8_drop` (config.MAX_INT8_DROP_HELP)."""
+    nothing written) past `max_int8_drop` (export_rules.MAX_INT8_DROP_HELP)."""
     _require_onnx()
     check_opset(opset)
-    if quantize not in QUANTIZE_CHOICES:
-        raise ExportError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    if quantize not in EXPORT_QUANTIZE:
+        raise ExportError(f"quantize must be one of {EXPORT_QUANTIZE}, got {quantize!r}")
     if quantize == "int8" and calibration is None:
         raise ExportError(CALIBRATION_HELP)
     tokenizer = load_tokenizer(model_dir)
@@ -489,8 +486,6 @@ def export_command(args) -> dict:
 
 def _warn_unused_flags(args) -> None:
     """One line for the int8 flags that this --quantize ignores (they were silently dropped)."""
-    from .config import DEFAULT_CALIBRATION_QUESTIONS
-
     unused = [flag for flag, given in (
         ("--train_file", args.train_file and args.quantize == "none"),
         ("--validation_file", args.validation_file and args.quantize == "none"),

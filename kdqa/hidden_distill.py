@@ -26,7 +26,7 @@ HIDDEN_LOSSES = ("mse", "cosine")
 
 
 def parse_student_layers(spec: str) -> list[int]:
-    """'0,2,4' -> [0, 2, 4]: the one reader of --student_layers (kdqa.config checks it at parse time,
+    """'0,2,4' -> [0, 2, 4]: the one reader of --student_layers (kdqa.validation checks it at parse time,
     the trainer builds the student and the layer maps default from it): comma-separated, distinct,
     non-negative layer numbers."""
     parts = [part.strip() for part in str(spec).split(",")]

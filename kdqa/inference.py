@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .atomic_io import write_json_atomic
+from .choices import PREDICT_QUANTIZE, RUNTIMES
 from .data import load_squad, read_questions_file
 from .dev_sample import DEFAULT_EVAL_SAMPLE, take_sample
 from .features import QACollator, Window, prepare_eval_features
@@ -45,8 +46,6 @@ logger = logging.getLogger("kdqa")
 MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model_int8.onnx"
-RUNTIMES = ("auto", "torch", "onnxruntime")
-QUANTIZE = ("none", "int8")
 
 
 # ----------------------------------------------------------------------------- the runners
@@ -182,8 +181,8 @@ class QAPredictor:
         """
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-        if quantize not in QUANTIZE:
-            raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        if quantize not in PREDICT_QUANTIZE:
+            raise ValueError(f"quantize must be one of {PREDICT_QUANTIZE}, got {quantize!r}")
         onnx_file = _onnx_file(path, quantize) if runtime != "torch" else None
         if onnx_file is None and (runtime == "onnxruntime" or runtime == "auto" and _only_int8_export(path, quantize)):
             raise ValueError(_no_onnx_file(path, quantize, runtime))

@@ -6,7 +6,7 @@ have nothing to do with the fp32 model's. So no int8 model is kept on trust. Eac
 held-out questions (never calibration questions), and is scored against the fp32 ONNX model on
 the same questions: agreement (how often its answer is fp32's, after SQuAD's normalisation) and,
 where the questions have gold answers, the official F1 of both. The best candidate is kept only
-within `--max_int8_drop` (config.MAX_INT8_DROP_HELP says why its default is 5).
+within `--max_int8_drop` (export_rules.MAX_INT8_DROP_HELP says why its default is 5).
 
 The static schemes (`static_schemes`): the calibration method (MinMax, or Percentile 99.99, which
 clips the rare outliers that stretch a MinMax range), per-channel weight scales on and off, and on
@@ -211,7 +211,7 @@ class Int8Score:
                 f"{self.answer_f1:.1f}){gold} on {self.questions} {self.kind} questions")
 
     def past(self, max_drop: float) -> str | None:
-        """Why this score is past the bound (config.MAX_INT8_DROP_HELP: each rule at 95 % confidence), or None."""
+        """Why this score is past the bound (export_rules.MAX_INT8_DROP_HELP: each rule at 95 % confidence), or None."""
         if surely_below(round(self.agreement * self.questions / 100), self.questions):
             return f"it gives fp32's answer to fewer than {MIN_AGREEMENT:.0%} of the questions"
         if self.f1 is not None and self.questions >= MIN_QUESTIONS_FOR_F1_RULE:

@@ -36,7 +36,7 @@ from kdqa.loss import qa_distillation_loss
 from kdqa.model_adapter import Capture
 from kdqa.relation_distill import RelationDistillation, check_relation_heads
 
-if TYPE_CHECKING:  # kdqa.config reads the rules here: importing modeling (transformers) would slow every --help
+if TYPE_CHECKING:  # kdqa.validation reads the rules here: importing modeling (transformers) would slow every --help
     from kdqa.modeling import QAOutputs
 
 # What each model output is called in messages.

@@ -38,10 +38,10 @@ import torch
 
 from kdqa import objective, run_dir
 from kdqa.checkpoint import list_checkpoints
-from kdqa.config import DEFAULT_CALIBRATION_QUESTIONS
 from kdqa.data import datasets_cache_dir, hub_dataset_cached, load_squad
 from kdqa.dev_sample import EVAL_SAMPLE_WORDS, take_sample
 from kdqa.export import calibration_from_rows, export_model, missing_onnx_libraries, record_export_outputs
+from kdqa.export_rules import DEFAULT_CALIBRATION_QUESTIONS
 from kdqa.int8 import INT8_CHECK_QUESTIONS, Int8DropError, static_schemes
 from kdqa.features import Window
 from kdqa.inference import QAPredictor, write_prediction_outputs

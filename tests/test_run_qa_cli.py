@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 import train
 from kdqa import checkpoint as ckpt
-from kdqa.config import ConfigError, _subparsers, build_parser, parse_args
+from kdqa.argv_config import subparsers as _subparsers
+from kdqa.config import ConfigError, build_parser, parse_args
 from kdqa.resume_settings import check_resume_settings, run_settings
 from test_reliability import comparable_log, tiny_run_inputs
 from log_capture import root_log

@@ -1,12 +1,15 @@
 """The shape rules of ``kdqa/`` that a reader relies on: no import circle among its modules (a
 function-local import counts: it hides a circle, it does not break one), and no function over
-60 lines.  Both read the source with ``ast``; nothing is imported."""
+60 lines, no module over 750 (one job per module: the trainer is one job, as torchtune's 777-line
+recipe is, but its optimizer set-up, objective and result files live elsewhere).  They read the
+source; nothing is imported."""
 
 import ast
 import pathlib
 
 KDQA = pathlib.Path(__file__).resolve().parents[1] / "kdqa"
 MAX_FUNCTION_LINES = 60
+MAX_MODULE_LINES = 750
 
 
 def _modules():
@@ -90,3 +93,9 @@ def test_no_function_in_kdqa_over_60_lines():
                 if lines > MAX_FUNCTION_LINES:
                     too_long.append(f"{name}.{node.name} ({lines} lines)")
     assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines in kdqa/: " + ", ".join(too_long)
+
+
+def test_no_module_in_kdqa_over_750_lines():
+    too_long = {path.name: n for path in sorted(KDQA.glob("*.py"))
+                if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert not too_long, f"modules over {MAX_MODULE_LINES} lines in kdqa/: {too_long}"

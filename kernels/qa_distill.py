@@ -15,7 +15,7 @@ Two launches in all, and nothing else on the device:
 Nothing synchronises with the host.  The O(B) count per program is negligible at QA batch sizes
 (B <= a few hundred); it reads positions that every program of a side shares (cached in L2).
 Besides the two launches, only first uses allocate on the device: the per-device ticket and the
-row of ones read in place of a missing mask or ``ce_rows`` (so warm up once before capturing a
+rows of ones read in place of a missing mask or ``ce_rows`` (so warm up once before capturing a
 CUDA graph), and positions that are not int64 are converted (one launch each).  ``ce_rows`` is
 read in place as bytes: no launch; each program reads B + 1 more bytes (its side's flags, in the
 count, and its own), L2-resident like the positions.  Forward calls on one device share
@@ -478,6 +478,7 @@ _OLDER_TRITON_WARPS = {(True, 1024): 8, (False, 2048): 4}
 
 _TICKETS: dict = {}
 _NO_MASK: dict = {}
+_EVERY_ROW: dict = {}
 
 
 def _ticket(device: torch.device) -> torch.Tensor:
@@ -499,6 +500,16 @@ def _no_mask(device: torch.device, L: int) -> torch.Tensor:
         ones = _NO_MASK[device] = torch.ones(triton.next_power_of_2(L), dtype=torch.uint8,
                                              device=device)
     return ones
+
+
+def _every_row(device: torch.device) -> torch.Tensor:
+    """One byte of 1, read with stride 0 as ``ce_rows`` when none is given (CE on every row).
+    Allocated on first use per device and never replaced (unlike the growing row of ones), so a
+    CUDA graph captured after a warm-up keeps reading live memory."""
+    one = _EVERY_ROW.get(device)
+    if one is None:
+        one = _EVERY_ROW[device] = torch.ones(1, dtype=torch.uint8, device=device)
+    return one
 
 
 @dataclasses.dataclass
@@ -541,7 +552,7 @@ def plan_forward(s_start, s_end, start_positions, end_positions, t_start=None, t
         m, m_sb, m_sl = _no_mask(device, L), 0, 1
     # ce_rows likewise as bytes, in place; without it, element 0 of the row of ones for every row.
     c, c_s = (ce_rows.view(torch.uint8), ce_rows.stride(0)) if ce_rows is not None else \
-        (_no_mask(device, 1), 0)
+        (_every_row(device), 0)
     T = float(temperature)
     args = (
         s_start, s_end, t0, t1, m, c, p0, p1, grad if store_grad else out, row_terms,

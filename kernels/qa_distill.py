@@ -15,7 +15,7 @@ Two launches in all, and nothing else on the device:
 Nothing synchronises with the host.  The O(B) count per program is negligible at QA batch sizes
 (B <= a few hundred); it reads positions that every program of a side shares (cached in L2).
 Besides the two launches, only first uses allocate on the device: the per-device ticket and the
-rows of ones read in place of a missing mask or ``ce_rows`` (so warm up once before capturing a
+ones read in place of a missing mask or ``ce_rows`` (so warm up once before capturing a
 CUDA graph), and positions that are not int64 are converted (one launch each).  ``ce_rows`` is
 read in place as bytes: no launch; each program reads B + 1 more bytes (its side's flags, in the
 count, and its own), L2-resident like the positions.  Forward calls on one device share
@@ -216,7 +216,7 @@ def _qa_distill_fwd_kernel(
     t0_sb, t0_sl,  # teacher start logits [B, L] (the student's when there is no teacher)
     t1_sb, t1_sl,  # teacher end logits [B, L]
     m_sb, m_sl,  # mask [B, L] read as bytes; without a mask, (0, 1) over a row of ones
-    c_s,  # ce_rows [B] read as bytes: stride; without ce_rows, 0 over that row of ones (never
+    c_s,  # ce_rows [B] read as bytes: stride; without ce_rows, 0 over a byte of 1 (never
     # specialised, so that 0 and a real stride of 1 share one compiled variant)
     p0_s, p1_s,  # start / end positions [B] int64: stride between rows
     B, L, temperature, alpha_ce, alpha_kd, kd_row_scale, kd_grad_scale,
@@ -550,7 +550,7 @@ def plan_forward(s_start, s_end, start_positions, end_positions, t_start=None, t
         m_sb, m_sl = m.stride(0), m.stride(1)
     else:
         m, m_sb, m_sl = _no_mask(device, L), 0, 1
-    # ce_rows likewise as bytes, in place; without it, element 0 of the row of ones for every row.
+    # ce_rows likewise as bytes, in place; without it, one byte of 1 read for every row.
     c, c_s = (ce_rows.view(torch.uint8), ce_rows.stride(0)) if ce_rows is not None else \
         (_every_row(device), 0)
     T = float(temperature)

@@ -15,6 +15,11 @@ Mathematics, for start and end logits alike (B rows of L columns):
   (``batchmean``) with ``p = softmax(teacher/T)``, ``q = softmax(student/T)`` and ``0 log 0 = 0``.
   Without teacher logits ``kd`` is a zero tensor and only CE is computed.
 * ``loss = alpha_ce * ce + alpha_kd * kd``.
+* ``ce_rows`` [B] bool (transfer data, issue 32): False rows take no part in CE (as if their gold
+  positions were ignored) and keep their KD.  CE is then the mean over the rows whose flag is True
+  and whose label counts (the rules above), and ``QALoss.ce`` reports exactly that mean, the term
+  that ``alpha_ce`` weighs; with no such row CE is 0 and gives no gradient.  KD stays over all B
+  rows, ``/ B`` included.  ``ce_rows=None`` is today's loss bit for bit.
 * ``mask`` [B, L] bool: False columns take part in neither softmax of either model.  A row whose
   gold position is masked is ignored for CE; a fully masked row contributes 0 to CE and KL (and
   gets a zero gradient) but still counts in KL's ``/ B``.  ``mask=None`` is exactly the unmasked
@@ -44,7 +49,8 @@ MAX_TEMPERATURE = 1e6
 
 
 class QALoss(NamedTuple):
-    """``loss`` is differentiable w.r.t. the student logits; ``ce`` and ``kd`` are detached logs."""
+    """``loss`` is differentiable w.r.t. the student logits; ``ce`` and ``kd`` are detached logs
+    (``ce`` the mean over the rows that CE applies to, see ``ce_rows``)."""
 
     loss: Tensor
     ce: Tensor
@@ -109,8 +115,24 @@ def _check_positions(name: str, x, B: int) -> Tensor:
     return x
 
 
+def _check_ce_rows(ce_rows, B: int) -> None:
+    """``ce_rows``: None, or one bool flag per row (True where the row has a gold answer)."""
+    if ce_rows is None:
+        return
+    if not isinstance(ce_rows, Tensor):
+        raise TypeError(f"ce_rows must be a bool torch.Tensor of shape [{B}] or None, got "
+                        f"{type(ce_rows).__name__}")
+    if ce_rows.dtype != torch.bool:
+        raise TypeError(f"ce_rows must have dtype torch.bool (True where the row has a gold "
+                        f"answer), got {ce_rows.dtype}")
+    if tuple(ce_rows.shape) != (B,):
+        raise ValueError(f"ce_rows must have shape [{B}] (one flag per row), got "
+                         f"{tuple(ce_rows.shape)}")
+
+
 def _validate(student_start_logits, student_end_logits, start_positions, end_positions,
-              teacher_start_logits, teacher_end_logits, temperature, alpha_ce, alpha_kd, mask):
+              teacher_start_logits, teacher_end_logits, temperature, alpha_ce, alpha_kd, mask,
+              ce_rows=None):
     """Check every argument and return the positions squeezed to [B]; raises before any launch."""
     _check_logits("student_start_logits", student_start_logits)
     shape = tuple(student_start_logits.shape)
@@ -137,6 +159,7 @@ def _validate(student_start_logits, student_end_logits, start_positions, end_pos
         if tuple(mask.shape) != shape:
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {shape} "
                              "(the shape of student_start_logits)")
+    _check_ce_rows(ce_rows, B)
     if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite Python number > 0, got {temperature!r}")
     if temperature > MAX_TEMPERATURE:
@@ -148,7 +171,7 @@ def _validate(student_start_logits, student_end_logits, start_positions, end_pos
     device = student_start_logits.device
     named = [("student_end_logits", student_end_logits), ("start_positions", start_positions),
              ("end_positions", end_positions), ("teacher_start_logits", teacher_start_logits),
-             ("teacher_end_logits", teacher_end_logits), ("mask", mask)]
+             ("teacher_end_logits", teacher_end_logits), ("mask", mask), ("ce_rows", ce_rows)]
     for name, x in named:
         if x is not None and x.device != device:
             raise ValueError(f"{name} is on {x.device} but student_start_logits is on {device}; "
@@ -189,28 +212,30 @@ def qa_distillation_loss(student_start_logits: Tensor, student_end_logits: Tenso
                          teacher_start_logits: Optional[Tensor] = None,
                          teacher_end_logits: Optional[Tensor] = None, *,
                          temperature: float = 2.0, alpha_ce: float = 0.5, alpha_kd: float = 0.5,
-                         mask: Optional[Tensor] = None, impl: str = "auto") -> QALoss:
+                         mask: Optional[Tensor] = None, ce_rows: Optional[Tensor] = None,
+                         impl: str = "auto") -> QALoss:
     """The distillation loss of the module docstring; ``impl`` picks the Triton kernel or the
     PyTorch reference ("auto": Triton on CUDA tensors, and on the CPU under TRITON_INTERPRET=1,
     which must be set before the kernel is first used: it runs the kernel in Triton's
     interpreter, exact but slow; "triton" on a CPU tensor without it is an error).  The kernel
-    is one device launch forward and one backward.
+    is one device launch forward and one backward, with or without ``ce_rows`` (read in place).
 
+    ``ce_rows`` [B] bool: CE only on the True rows (windows with a gold answer), KD on all.
     Returns float32 scalars on the logits' device (float64 from the reference for float64
     logits).  Teacher logits never receive a gradient.  Nothing here synchronises with the host.
     """
     start_positions, end_positions = _validate(
         student_start_logits, student_end_logits, start_positions, end_positions,
-        teacher_start_logits, teacher_end_logits, temperature, alpha_ce, alpha_kd, mask)
+        teacher_start_logits, teacher_end_logits, temperature, alpha_ce, alpha_kd, mask, ce_rows)
     chosen = _choose_impl(impl, student_start_logits.device)
     if chosen == "torch":
         return _reference(student_start_logits, student_end_logits, start_positions, end_positions,
                           teacher_start_logits, teacher_end_logits, temperature, alpha_ce,
-                          alpha_kd, mask)
+                          alpha_kd, mask, ce_rows)
     loss, ce, kd = _fused_kernel()(
         student_start_logits, student_end_logits, start_positions, end_positions,
         teacher_start_logits, teacher_end_logits, mask, float(temperature), float(alpha_ce),
-        float(alpha_kd))
+        float(alpha_kd), ce_rows=ce_rows)
     return QALoss(loss, ce, kd)
 
 
@@ -219,17 +244,19 @@ def qa_distillation_loss_reference(student_start_logits: Tensor, student_end_log
                                    teacher_start_logits: Optional[Tensor] = None,
                                    teacher_end_logits: Optional[Tensor] = None, *,
                                    temperature: float = 2.0, alpha_ce: float = 0.5,
-                                   alpha_kd: float = 0.5, mask: Optional[Tensor] = None) -> QALoss:
+                                   alpha_kd: float = 0.5, mask: Optional[Tensor] = None,
+                                   ce_rows: Optional[Tensor] = None) -> QALoss:
     """Plain-PyTorch definition of the loss (autograd for the gradient), the kernel's oracle.
 
     Computes in float32 (float64 when the student logits are float64, for gradcheck).
+    ``ce_rows`` as in ``qa_distillation_loss``: a False row is an ignored row for CE only.
     """
     start_positions, end_positions = _validate(
         student_start_logits, student_end_logits, start_positions, end_positions,
-        teacher_start_logits, teacher_end_logits, temperature, alpha_ce, alpha_kd, mask)
+        teacher_start_logits, teacher_end_logits, temperature, alpha_ce, alpha_kd, mask, ce_rows)
     return _reference(student_start_logits, student_end_logits, start_positions, end_positions,
                       teacher_start_logits, teacher_end_logits, temperature, alpha_ce, alpha_kd,
-                      mask)
+                      mask, ce_rows)
 
 
 def _masked(x: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -289,7 +316,7 @@ def _small_kl_rows(s: Tensor, t: Tensor, log_q: Tensor, T: float,
 
 
 def _reference(s_start, s_end, p_start, p_end, t_start, t_end, temperature, alpha_ce, alpha_kd,
-               mask) -> QALoss:
+               mask, ce_rows=None) -> QALoss:
     cd = torch.float64 if s_start.dtype == torch.float64 else torch.float32
     B, L = s_start.shape
     T = float(temperature)
@@ -303,6 +330,8 @@ def _reference(s_start, s_end, p_start, p_end, t_start, t_end, temperature, alph
         idx = pos.clamp(0, L - 1)
         if mask is not None:
             keep = keep & mask.gather(1, idx[:, None])[:, 0]
+        if ce_rows is not None:  # (None: today's ops exactly)
+            keep = keep & ce_rows
         nll = -torch.log_softmax(s, dim=1).gather(1, idx[:, None])[:, 0]
         count = keep.sum()
         # where, not multiply: an ignored row's NaN must not leak into the mean.

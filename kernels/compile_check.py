@@ -9,8 +9,10 @@ Triton's own specialisation (the code path of a real launch) into ``triton.compi
 Variants compiled, for each target: every blocking x every student dtype x (no teacher; a teacher
 of the student's dtype; a teacher of another dtype with every input non-contiguous, the widest
 variant), and the backward kernel for each student dtype.  The forward kernel has no mask axis
-(without a mask it reads a row of ones with row stride 0, the same specialisation) and no int32/int64 axis (column offsets are
-always int64), so those are covered too.  Every dtype appears as a teacher dtype; the remaining
+(without a mask it reads a row of ones with row stride 0, the same specialisation), no ``ce_rows``
+axis (without it, the same row of ones with an unspecialised stride of 0; each forward variant is
+checked to specialise identically with a real ``ce_rows``) and no int32/int64 axis (column offsets
+are always int64), so those are covered too.  Every dtype appears as a teacher dtype; the remaining
 dtype pairs, e.g. a float16 student with a bfloat16 teacher, differ from a compiled pair only in
 the conversion instruction of the teacher's load.
 
@@ -83,8 +85,9 @@ def _logits(B, L, dtype, contiguous):
     return torch.zeros(L, B, dtype=dtype).t()  # column stride B
 
 
-def launch_of(v: Variant):
-    """(kernel, positional args, keyword args) exactly as the launcher would launch them."""
+def launch_of(v: Variant, ce_rows: bool = False):
+    """(kernel, positional args, keyword args) exactly as the launcher would launch them
+    (``ce_rows``: with a per-row CE flag tensor, as transfer data gives)."""
     import torch
     from . import qa_distill
 
@@ -100,7 +103,8 @@ def launch_of(v: Variant):
         t = [_logits(B, L, getattr(torch, v.teacher), v.contiguous) for _ in range(2)]
     mask = _logits(B, L, torch.bool, v.contiguous)
     pos = torch.zeros(B, dtype=torch.int64)
-    plan = qa_distill.plan_forward(s[0], s[1], pos, pos, t[0], t[1], mask)
+    flags = torch.ones(2 * B, dtype=torch.bool)[::1 if v.contiguous else 2][:B] if ce_rows else None
+    plan = qa_distill.plan_forward(s[0], s[1], pos, pos, t[0], t[1], mask, ce_rows=flags)
     return (qa_distill._qa_distill_fwd_kernel, plan.args,
             dict(plan.constexprs, num_warps=plan.num_warps))
 
@@ -121,6 +125,9 @@ def compile_variant(v: Variant, arch: int, num_warps=None) -> dict:
     # The JIT's own specialisation of these arguments (types, constants, alignment attributes).
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
+    if v.kernel == "fwd" and binder(*launch_of(v, ce_rows=True)[1], **kwargs)[1] != specialization:
+        raise RuntimeError(f"{v.label()}: ce_rows given and ce_rows=None specialise differently; "
+                           "the compiled variants no longer cover both")
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization,
                                                           options)
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,

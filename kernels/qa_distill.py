@@ -15,15 +15,18 @@ Two launches in all, and nothing else on the device:
 Nothing synchronises with the host.  The O(B) count per program is negligible at QA batch sizes
 (B <= a few hundred); it reads positions that every program of a side shares (cached in L2).
 Besides the two launches, only first uses allocate on the device: the per-device ticket and the
-row of ones read in place of a missing mask (so warm up once before capturing a CUDA graph), and
-positions that are not int64 are converted (one launch each).  Forward calls on one device share
+ones read in place of a missing mask or ``ce_rows`` (so warm up once before capturing a
+CUDA graph), and positions that are not int64 are converted (one launch each).  ``ce_rows`` is
+read in place as bytes: no launch; each program reads B + 1 more bytes (its side's flags, in the
+count, and its own), L2-resident like the positions.  Forward calls on one device share
 the ticket, so they must not overlap on different streams.
 
 Mathematics (see ``kdqa.loss`` for the user-facing contract), per row with valid positions V
 (inside the row and, when a mask is given, where it is True):
 
-* ``ce_row = logsumexp(s[V]) - s[y]``; rows whose label is negative, ``>= L`` or masked are
-  ignored, and ``ce = sum(ce_row) / 2 / max(count, 1)`` separately for start and end rows.
+* ``ce_row = logsumexp(s[V]) - s[y]``; rows whose label is negative, ``>= L`` or masked, and
+  rows whose ``ce_rows`` flag is False, are ignored, and ``ce = sum(ce_row) / 2 / max(count, 1)``
+  separately for start and end rows (count: the rows not ignored).
 * ``kl_row = sum_j p_j (log p_j - log q_j)`` with ``p = softmax(t[V]/T)``, ``q = softmax(s[V]/T)``
   and ``0 log 0 = 0``; ``kd = T^2 * sum(kl_row) / 2 / B``.
 * ``d loss / d s_j = alpha_ce/(2 count) (softmax(s)_j - [j = y]) + alpha_kd T/(2B) (q_j - p_j)``.
@@ -96,14 +99,16 @@ def _label_ok(y, row_mask_base, m_sl, L):
 
 
 @triton.jit
-def _kept_rows(POS, p_s, MASK, m_sb, m_sl, B, L, CHUNK: tl.constexpr):
-    """Number of rows of one side whose label counts (the CE denominator), computed on device."""
+def _kept_rows(POS, p_s, MASK, m_sb, m_sl, CE_ROWS, c_s, B, L, CHUNK: tl.constexpr):
+    """Number of rows of one side whose label counts (the CE denominator), computed on device:
+    rows that CE applies to (``CE_ROWS``, bytes) with a label inside the row and not masked."""
     count = 0
     for start in range(0, B, CHUNK):
         rows = (start + tl.arange(0, CHUNK)).to(tl.int64)
         in_batch = rows < B
         y = tl.load(POS + rows * p_s, mask=in_batch, other=-1)
-        ok = in_batch & _label_ok(y, MASK + rows * m_sb, m_sl, L)
+        ce_row = tl.load(CE_ROWS + rows * c_s, mask=in_batch, other=0) != 0
+        ok = in_batch & ce_row & _label_ok(y, MASK + rows * m_sb, m_sl, L)
         count += tl.sum(ok.to(tl.int32), axis=0)
     return count
 
@@ -203,14 +208,16 @@ def _row_outputs(s, tt, valid, cols, y, m_s, z_s, z_q, m_t, z_p, temperature, ce
     return grad, kl, dq, s1, s2, big
 
 
-@triton.jit(do_not_specialize=["store_grad"])
+@triton.jit(do_not_specialize=["store_grad", "c_s"])
 def _qa_distill_fwd_kernel(
-    S0, S1, T0, T1, MASK, P0, P1, GRAD, ROW_TERMS, TICKET, OUT,
+    S0, S1, T0, T1, MASK, CE_ROWS, P0, P1, GRAD, ROW_TERMS, TICKET, OUT,
     s0_sb, s0_sl,  # student start logits [B, L]: stride between rows, between columns
     s1_sb, s1_sl,  # student end logits [B, L]: row stride, column stride
     t0_sb, t0_sl,  # teacher start logits [B, L] (the student's when there is no teacher)
     t1_sb, t1_sl,  # teacher end logits [B, L]
     m_sb, m_sl,  # mask [B, L] read as bytes; without a mask, (0, 1) over a row of ones
+    c_s,  # ce_rows [B] read as bytes: stride; without ce_rows, 0 over a byte of 1 (never
+    # specialised, so that 0 and a real stride of 1 share one compiled variant)
     p0_s, p1_s,  # start / end positions [B] int64: stride between rows
     B, L, temperature, alpha_ce, alpha_kd, kd_row_scale, kd_grad_scale,
     store_grad,  # 0 or 1 (runtime, so that it adds no compiled variant)
@@ -230,11 +237,12 @@ def _qa_distill_fwd_kernel(
     # same types this way.
     if which == 0:
         y = tl.load(P0 + b64 * p0_s)
-        count = _kept_rows(P0, p0_s, MASK, m_sb, m_sl, B, L, CHUNK)
+        count = _kept_rows(P0, p0_s, MASK, m_sb, m_sl, CE_ROWS, c_s, B, L, CHUNK)
     else:
         y = tl.load(P1 + b64 * p1_s)
-        count = _kept_rows(P1, p1_s, MASK, m_sb, m_sl, B, L, CHUNK)
-    label_ok = _label_ok(y, m_base, m_sl, L)
+        count = _kept_rows(P1, p1_s, MASK, m_sb, m_sl, CE_ROWS, c_s, B, L, CHUNK)
+    # A row that CE does not apply to is an ignored row for CE; its KD is untouched.
+    label_ok = (tl.load(CE_ROWS + b64 * c_s) != 0) & _label_ok(y, m_base, m_sl, L)
     y = tl.where(label_ok, y, -1)
     inv_count = 1.0 / tl.maximum(count.to(tl.float32), 1.0)
 
@@ -470,6 +478,7 @@ _OLDER_TRITON_WARPS = {(True, 1024): 8, (False, 2048): 4}
 
 _TICKETS: dict = {}
 _NO_MASK: dict = {}
+_EVERY_ROW: dict = {}
 
 
 def _ticket(device: torch.device) -> torch.Tensor:
@@ -493,6 +502,16 @@ def _no_mask(device: torch.device, L: int) -> torch.Tensor:
     return ones
 
 
+def _every_row(device: torch.device) -> torch.Tensor:
+    """One byte of 1, read with stride 0 as ``ce_rows`` when none is given (CE on every row).
+    Allocated on first use per device and never replaced (unlike the growing row of ones), so a
+    CUDA graph captured after a warm-up keeps reading live memory."""
+    one = _EVERY_ROW.get(device)
+    if one is None:
+        one = _EVERY_ROW[device] = torch.ones(1, dtype=torch.uint8, device=device)
+    return one
+
+
 @dataclasses.dataclass
 class ForwardLaunch:
     """Everything the forward launch takes, decided without launching (tests compile from it)."""
@@ -510,7 +529,7 @@ class ForwardLaunch:
 
 def plan_forward(s_start, s_end, start_positions, end_positions, t_start=None, t_end=None,
                  mask=None, temperature=2.0, alpha_ce=0.5, alpha_kd=0.5, store_grad=True,
-                 block_size=None) -> ForwardLaunch:
+                 block_size=None, ce_rows=None) -> ForwardLaunch:
     """Outputs allocated (``torch.empty``: no device work) and the arguments of the one launch."""
     B, L = s_start.shape
     device = s_start.device
@@ -531,12 +550,15 @@ def plan_forward(s_start, s_end, start_positions, end_positions, t_start=None, t
         m_sb, m_sl = m.stride(0), m.stride(1)
     else:
         m, m_sb, m_sl = _no_mask(device, L), 0, 1
+    # ce_rows likewise as bytes, in place; without it, one byte of 1 read for every row.
+    c, c_s = (ce_rows.view(torch.uint8), ce_rows.stride(0)) if ce_rows is not None else \
+        (_every_row(device), 0)
     T = float(temperature)
     args = (
-        s_start, s_end, t0, t1, m, p0, p1, grad if store_grad else out, row_terms,
+        s_start, s_end, t0, t1, m, c, p0, p1, grad if store_grad else out, row_terms,
         _ticket(device), out,
         s_start.stride(0), s_start.stride(1), s_end.stride(0), s_end.stride(1),
-        t0.stride(0), t0.stride(1), t1.stride(0), t1.stride(1), m_sb, m_sl,
+        t0.stride(0), t0.stride(1), t1.stride(0), t1.stride(1), m_sb, m_sl, c_s,
         p0.stride(0), p1.stride(0),
         B, L, T, float(alpha_ce), float(alpha_kd), T * T * 0.5 / B,
         float(alpha_kd) * T * 0.5 / B, int(store_grad),
@@ -557,7 +579,7 @@ def _on_device(device: torch.device, fn):
 
 def qa_distill_forward(s_start, s_end, start_positions, end_positions, t_start=None, t_end=None,
                        mask=None, temperature=2.0, alpha_ce=0.5, alpha_kd=0.5, store_grad=True,
-                       block_size=None):
+                       block_size=None, ce_rows=None):
     """One launch for all 2B rows and the final reductions.
 
     Inputs are assumed validated (``kdqa.loss`` does that).  Returns ``(loss, ce, kd, grad)``:
@@ -565,7 +587,7 @@ def qa_distill_forward(s_start, s_end, start_positions, end_positions, t_start=N
     ``loss`` w.r.t. the student rows (None when ``store_grad`` is False).
     """
     launch = plan_forward(s_start, s_end, start_positions, end_positions, t_start, t_end, mask,
-                          temperature, alpha_ce, alpha_kd, store_grad, block_size)
+                          temperature, alpha_ce, alpha_kd, store_grad, block_size, ce_rows)
     try:
         _on_device(s_start.device, launch.run)
     except BaseException:
@@ -599,11 +621,12 @@ class QADistillFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_start, s_end, start_positions, end_positions, t_start, t_end, mask,
-                temperature, alpha_ce, alpha_kd, block_size):
+                temperature, alpha_ce, alpha_kd, block_size, ce_rows):
         store = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss, ce, kd, grad = qa_distill_forward(
             s_start, s_end, start_positions, end_positions, t_start, t_end, mask,
-            temperature, alpha_ce, alpha_kd, store_grad=store, block_size=block_size)
+            temperature, alpha_ce, alpha_kd, store_grad=store, block_size=block_size,
+            ce_rows=ce_rows)
         ctx.mark_non_differentiable(ce, kd)
         ctx.set_materialize_grads(False)  # no zero tensors for the gradients of ce and kd
         ctx.save_for_backward(grad)
@@ -618,13 +641,14 @@ class QADistillFunction(torch.autograd.Function):
             g_start, g_end = qa_distill_backward(grad, grad_loss, ctx.dtype)
             g_start = g_start if ctx.needs_input_grad[0] else None
             g_end = g_end if ctx.needs_input_grad[1] else None
-        return g_start, g_end, None, None, None, None, None, None, None, None, None
+        return g_start, g_end, None, None, None, None, None, None, None, None, None, None
 
 
 def qa_distill(s_start, s_end, start_positions, end_positions, t_start=None, t_end=None, mask=None,
-               temperature=2.0, alpha_ce=0.5, alpha_kd=0.5, block_size=None):
-    """Differentiable fused loss on validated inputs; returns ``(loss, ce, kd)`` float32 scalars."""
+               temperature=2.0, alpha_ce=0.5, alpha_kd=0.5, block_size=None, ce_rows=None):
+    """Differentiable fused loss on validated inputs; returns ``(loss, ce, kd)`` float32 scalars.
+    ``ce_rows`` ([B] bool or None): the rows CE applies to; KD applies to every row."""
     if t_start is not None:
         t_start, t_end = t_start.detach(), t_end.detach()
     return QADistillFunction.apply(s_start, s_end, start_positions, end_positions, t_start, t_end,
-                                   mask, temperature, alpha_ce, alpha_kd, block_size)
+                                   mask, temperature, alpha_ce, alpha_kd, block_size, ce_rows)

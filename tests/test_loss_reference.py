@@ -301,3 +301,93 @@ def test_temperature_bound_is_one_clear_line_at_parse_time():
     with pytest.raises(ConfigError, match=r"--temperature must be > 0 and finite, at most 1e\+06"):
         parse_args(["distill", "--teacher_model_name_or_path", "t", "--model_name_or_path", "s",
                     "--train_file", "x.json", "--output_dir", "o", "--temperature", "1e7"])
+
+
+# --- Per-row CE flags (``ce_rows``): transfer windows take KD and no CE (issue 32) ---
+
+def _by_hand(s0, s1, p0, p1, t0, t1, ce_rows, T, alpha_ce, alpha_kd):
+    """The loss written out with plain torch: cross-entropy over the flagged rows only (PyTorch
+    ignores -100), averaged over them (0 when there are none), plus T^2 KL(batchmean) over every
+    row."""
+    rows = ce_rows.nonzero()[:, 0]
+
+    def ce(s, p):
+        counted = rows[p[rows] != -100]
+        if len(counted) == 0:
+            return s.sum() * 0.0
+        return F.cross_entropy(s[counted], p[counted])
+
+    def kl(s, t):
+        return F.kl_div(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1),
+                        reduction="batchmean") * T ** 2
+
+    ce_term = (ce(s0, p0) + ce(s1, p1)) / 2
+    kd_term = (kl(s0, t0) + kl(s1, t1)) / 2
+    return alpha_ce * ce_term + alpha_kd * kd_term, ce_term, kd_term
+
+
+@pytest.mark.parametrize("flags", [[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1],
+                                   [0, 0, 0, 1, 0]])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ce_rows_against_a_loss_written_by_hand(flags, dtype):
+    B, L, T = 5, 13, 2.0
+    s0 = _logits(B, L, 90, dtype).requires_grad_()
+    s1 = _logits(B, L, 91, dtype).requires_grad_()
+    t0, t1 = _logits(B, L, 92, dtype), _logits(B, L, 93, dtype)
+    p0, p1 = torch.tensor([3, 0, 12, -100, 7]), torch.tensor([5, 2, 12, 9, -100])
+    ce_rows = torch.tensor(flags, dtype=torch.bool)
+    out = qa_distillation_loss_reference(s0, s1, p0, p1, t0, t1, temperature=T, alpha_ce=0.4,
+                                         alpha_kd=1.3, ce_rows=ce_rows)
+    hand = _by_hand(s0, s1, p0, p1, t0, t1, ce_rows, T, 0.4, 1.3)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    for got, want in zip(out, hand):
+        torch.testing.assert_close(got, want.detach(), **tol)
+    grads = torch.autograd.grad(out.loss, [s0, s1])
+    hand_grads = torch.autograd.grad(hand[0], [s0, s1], retain_graph=True)
+    for g, h in zip(grads, hand_grads):
+        torch.testing.assert_close(g, h, **tol)
+    if not any(flags):  # no CE at all: CE is 0, and the gradient is the KD term's alone
+        assert out.ce.item() == 0.0
+        kd_only = torch.autograd.grad(1.3 * hand[2], [s0, s1])
+        for g, h in zip(grads, kd_only):
+            torch.testing.assert_close(g, h, **tol)
+    # The rows without CE still have their KD: the flags never touch it.
+    plain = qa_distillation_loss_reference(s0, s1, p0, p1, t0, t1, temperature=T)
+    assert torch.equal(out.kd, plain.kd)
+
+
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_gradcheck_float64_with_ce_rows(with_teacher):
+    B, L = 4, 6
+    s0 = _logits(B, L, 100).requires_grad_()
+    s1 = _logits(B, L, 101).requires_grad_()
+    t0, t1 = (_logits(B, L, 102), _logits(B, L, 103)) if with_teacher else (None, None)
+    p0, p1 = torch.tensor([1, 5, 2, 0]), torch.tensor([-100, 4, 0, 3])
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, 4:] = False
+    ce_rows = torch.tensor([True, False, True, False])
+
+    def f(a, b):
+        return qa_distillation_loss_reference(a, b, p0, p1, t0, t1, temperature=1.7, alpha_ce=0.6,
+                                              alpha_kd=0.9, mask=mask, ce_rows=ce_rows).loss
+
+    assert torch.autograd.gradcheck(f, (s0, s1))
+
+
+@pytest.mark.parametrize("fn", [qa_distillation_loss, qa_distillation_loss_reference])
+@pytest.mark.parametrize("ce_rows, exc, words", [
+    (torch.ones(2), TypeError, r"ce_rows must have dtype torch.bool \(True where the row has a "
+                               r"gold answer\), got torch.float32"),
+    (torch.ones(2, dtype=torch.uint8), TypeError, "ce_rows must have dtype torch.bool"),
+    (torch.ones(3, dtype=torch.bool), ValueError,
+     r"ce_rows must have shape \[2\] \(one flag per row\), got \(3,\)"),
+    (torch.ones(2, 1, dtype=torch.bool), ValueError, r"ce_rows must have shape \[2\]"),
+    (torch.ones(2, 5, dtype=torch.bool), ValueError, r"ce_rows must have shape \[2\]"),
+    ([True, False], TypeError, r"ce_rows must be a bool torch.Tensor of shape \[2\] or None, "
+                               "got list"),
+    (torch.ones(2, dtype=torch.bool, device="meta"), ValueError, "ce_rows is on meta"),
+])
+def test_bad_ce_rows_is_one_line_naming_it(fn, ce_rows, exc, words):
+    with pytest.raises(exc, match=words) as info:
+        fn(*_base_args(), ce_rows=ce_rows)
+    assert "\n" not in str(info.value)

@@ -73,3 +73,13 @@ def test_counter_counts_device_work_and_not_metadata():
         (x * 2).sum()
         torch.zeros(3, device=DEVICE)
     assert c.total == 3 and c.triton == 0
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_ce_rows_cost_no_launch(stride):
+    """Per-row CE flags are read by the kernel in place (bytes of the bool tensor, any stride):
+    still one launch forward and one backward, nothing else."""
+    flags = (torch.arange(32 * stride) % 3 != 0).to(DEVICE)[::stride]
+    fwd, bwd = _count(lambda *a, **k: qa_distillation_loss(*a, impl="triton", ce_rows=flags, **k))
+    assert (fwd.triton, fwd.aten) == (1, 0), f"forward ran aten ops {dict(fwd.ops)}"
+    assert (bwd.triton, bwd.aten) == (1, 0), f"backward ran aten ops {dict(bwd.ops)}"

@@ -39,10 +39,12 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from kdqa.choices import LOSS_IMPLS
+
 __all__ = ["QALoss", "qa_distillation_loss", "qa_distillation_loss_reference",
            "triton_available", "interpreter_enabled"]
 
-IMPLS = ("auto", "triton", "torch")
+IMPLS = LOSS_IMPLS  # the --loss_impl choices, written once (kdqa.choices)
 #: Largest accepted temperature: the KD term agrees with float64 up to here (the parity suites
 #: check it), and T^2 and the series form's (logit difference / T)^2 stay far inside float32.
 MAX_TEMPERATURE = 1e6

@@ -15,8 +15,6 @@ import logging
 import os
 import re
 import shutil
-import socket
-import tempfile
 import time
 from typing import Callable, Sequence
 
@@ -28,6 +26,7 @@ from kdqa.features import FeatureRows, Window
 from kdqa.modeling import logits_over_features
 from kdqa.precision import PRECISION_NAMES
 from kdqa.atomic_io import fsync_path, write_json_atomic
+from kdqa.staging import new_staging, remove_dead_staging, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -279,8 +278,8 @@ class TeacherLogitsCache:
         dtype_name = _DTYPES[storage_dtype]
 
         os.makedirs(cache_dir, exist_ok=True)
-        _remove_dead_temp_dirs(cache_dir, key)
-        tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key}-{socket.gethostname()}-{os.getpid()}-", dir=cache_dir)
+        remove_dead_staging(cache_dir, f"{_TMP_PREFIX}{key}-")
+        tmp = new_staging(cache_dir, f"{_TMP_PREFIX}{key}-")
         try:
             _write_teacher_logits(tmp, offsets, storage_dtype, teacher, features, collate_fn,
                                   batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
@@ -390,40 +389,13 @@ def _publish(tmp: str, cache_dir: str, key: str, meta: dict) -> None:
     for name in ("offsets.npy", "start_logits.npy", "end_logits.npy"):
         fsync_path(os.path.join(tmp, name))
     write_json_atomic(os.path.join(tmp, "meta.json"), meta, indent=1, ensure_ascii=True, end="")
-    final = os.path.join(cache_dir, key)
-    if os.path.lexists(final):  # an incomplete or mismatching cache under this key
-        stale = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}stale-{key}-", dir=cache_dir)
-        os.replace(final, os.path.join(stale, "old"))
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_path(cache_dir)
+    # an incomplete or mismatching cache under this key is replaced
+    replace_folder(tmp, os.path.join(cache_dir, key), stale_prefix=f"{_TMP_PREFIX}stale-{key}-")
 
 
 def _check_key(key: str) -> None:
     if not isinstance(key, str) or not _KEY_RE.match(key):
         raise ValueError(f"cache key must be a plain folder name (letters, digits, _ . -), got {key!r}")
-
-
-def _remove_dead_temp_dirs(cache_dir: str, key: str) -> None:
-    """Delete temp folders that crashed builds of this key left on this host; live builds are kept."""
-    host = socket.gethostname()
-    pattern = re.compile(re.escape(f"{_TMP_PREFIX}{key}-{host}-") + r"(\d+)-")
-    for name in os.listdir(cache_dir):
-        match = pattern.match(name)
-        if match and not _pid_alive(int(match.group(1))):
-            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a folder of ours from an earlier, failed build in this process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ----------------------------------------------------------------------------- the training run's cache policy

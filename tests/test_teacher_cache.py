@@ -428,12 +428,16 @@ def test_teacher_cache_key_names_the_precision_the_teacher_runs_in(tmp_path):
 # ----------------------------------------------------------------------------- every rank builds its share
 
 def _rank_report(cache_dir, dist):
-    """What one rank sees building the caches (fp16, bf16), using one again and refusing a NaN teacher."""
+    """What one rank sees building the caches (fp16 from a list, bf16 from a Dataset as the trainer's),
+    using one again and refusing a NaN teacher."""
+    from datasets import Dataset
+
     teacher, features, rows = _teacher(), _features(), []
+    dataset = Dataset.from_list([{k: v for k, v in f.items() if k != "offset_mapping"} for f in features])
     collate = lambda batch: (rows.append(len(batch)), _collate(batch))[1]  # noqa: E731
     seen = {}
-    for key, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        TeacherLogitsCache.load_or_build(cache_dir, key, features, teacher, collate, dist=dist, batch_size=3,
+    for key, dtype, data in (("fp16", torch.float16, features), ("bf16", torch.bfloat16, dataset)):
+        TeacherLogitsCache.load_or_build(cache_dir, key, data, teacher, collate, dist=dist, batch_size=3,
                                          storage_dtype=dtype, progress=False)
     seen["rows_run"] = sum(rows)
     start_file = os.path.join(cache_dir, "fp16", "start_logits.npy")

@@ -5,6 +5,11 @@ or bf16, in flat memory-mapped .npy files, under a folder named by a fingerprint
 logits depend on. A changed input therefore lands in a new folder instead of silently reusing stale
 logits, and a cache is written in a temporary folder and renamed into place whole, so a crash never
 leaves a folder that `load` would accept.
+
+The logits go to disk batch by batch as the teacher computes them (memory-mapped, or appended to a
+rank's part file), so memory does not grow with the number of windows. Under torchrun every rank runs
+the teacher over its share of the batches, and rank 0 puts the shares together: the same bytes as a
+one-process build, since each batch is the one that build runs.
 """
 
 from __future__ import annotations

@@ -136,6 +136,7 @@ def main(argv=None):
     window = Window(args.max_seq_length, args.doc_stride, args.max_query_length)
     features = prepare_train_features(questions(args), tokenizer, window)
     features = features.select(range(min(args.num_windows, len(features))))
+    torch.manual_seed(0)  # the packaged teacher's QA head is drawn at random: the same one on every rank
     teacher = load_qa_model(teacher_path).eval()
     seconds, cache = timed_build(features, teacher, tokenizer.pad_token_id, args, dist, scratch)
     if dist.is_main:
@@ -154,7 +155,10 @@ def main(argv=None):
 def write_outputs(args, row: dict, teacher_desc: str) -> None:
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "bench_teacher_cache.csv"), [row], FIELDS)
-    env = {"device": device_name("cpu"), "date": utc_date(), "torch": torch.__version__, "command": command_line(),
+    command = command_line()
+    if row["ranks"] > 1:
+        command = f"torchrun --standalone --nproc_per_node {row['ranks']} " + command.removeprefix("python ")
+    env = {"device": device_name("cpu"), "date": utc_date(), "torch": torch.__version__, "command": command,
            "teacher": teacher_desc, "data": f"the first {row['windows']} windows of {os.path.basename(args.train_file)}"
            f" ({args.max_seq_length}/{args.doc_stride}/{args.max_query_length})"}
     title = "SMOKE, tiny random teacher: the timing says nothing" if args.smoke else "full"

@@ -55,8 +55,8 @@ def init_distributed(device_spec: str = "auto") -> DistState:
                     "launch with --nproc_per_node at most the number of GPUs"
                 )
             torch.cuda.set_device(device)
-        # Rank 0 alone builds the teacher cache and scores the dev set while the others wait in a
-        # barrier: NCCL's default 10-minute timeout would abort a full-SQuAD cache build.
+        # Rank 0 alone scores the dev set, and puts the teacher cache's shares together, while the
+        # others wait in a barrier: NCCL's default 10-minute timeout could abort either at scale.
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(hours=COLLECTIVE_TIMEOUT_HOURS))
     elif device.type == "cuda":

@@ -29,11 +29,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import signal
-import socket
-import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -52,6 +49,8 @@ from .interrupt import SignalsSeen, StopRequest
 from .modeling import ModelLoadError, load_qa_model, load_tokenizer, takes_token_type_ids
 from .reporting import quiet_progress_bars
 from .run_dir import record_outputs, recorded_outputs
+from .staging import move_into, new_staging
+from .staging import remove_dead_staging as remove_dead_folders
 
 logger = logging.getLogger("kdqa")
 
@@ -272,14 +271,8 @@ STAGING_PREFIX = ".export-"  # + host-pid-random: a folder whose export died (ki
 def remove_dead_staging(output_dir: str) -> None:
     """Delete staging folders that exports killed on this host left behind (their pid is gone);
     a live export's folder, and any folder of another host, is kept."""
-    from .teacher_cache import _pid_alive
-
-    pattern = re.compile(re.escape(f"{STAGING_PREFIX}{socket.gethostname()}-") + r"(\d+)-")
-    for name in os.listdir(output_dir):
-        match = pattern.match(name)
-        if match and not _pid_alive(int(match.group(1))):
-            logger.info("removing %s, left by an export that was killed", os.path.join(output_dir, name))
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    for path in remove_dead_folders(output_dir, STAGING_PREFIX):
+        logger.info("removing %s, left by an export that was killed", path)
 
 
 def _export_and_check(model, tokenizer, onnx_path: str, opset: int, check: dict, signals: SignalsSeen) -> float:
@@ -338,7 +331,7 @@ def export_model(model_dir: str, output_dir: str, quantize: str = "none", tolera
     created = not os.path.isdir(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     remove_dead_staging(output_dir)
-    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=output_dir)
+    staging = new_staging(output_dir, STAGING_PREFIX)
     kept = False
     try:
         with SignalsSeen() as signals, quiet_libraries():
@@ -423,8 +416,7 @@ def _publish(staging: str, output_dir: str, files: list[str]) -> None:
             path = os.path.join(output_dir, name)
             if os.path.isfile(path) and not os.path.islink(path):
                 os.remove(path)  # another model's card, scores or int8 model would be served beside this one
-        for name in names:
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        move_into(staging, output_dir, names, sync=False)
         write_json_atomic(os.path.join(output_dir, EXPORT_RECORD), {"names": sorted(names)}, indent=1,
                           ensure_ascii=True, end="")
     if stop.signum is not None:

@@ -26,7 +26,8 @@ import socket
 import time
 import uuid
 
-from kdqa.atomic_io import fsync_path, open_own, write_json_atomic
+from kdqa.atomic_io import open_own, write_json_atomic
+from kdqa.staging import move_into
 from kdqa.checkpoint import CheckpointError, is_our_checkpoint, list_checkpoints, remove_half_written
 from kdqa.run_identity import RUN_FILE, read_run_id, write_run_file
 
@@ -294,19 +295,10 @@ def publish_staged(output_dir: str, write, last: tuple[str, ...] = ("config.json
         shutil.rmtree(staging, ignore_errors=True)
         raise
     names = sorted(os.listdir(staging), key=lambda n: (n in last, last.index(n) if n in last else 0, n))
-    for name in names:
-        fsync_path(os.path.join(staging, name))
     record_outputs(output_dir, *names)
-    for name in names:
-        _move(os.path.join(staging, name), os.path.join(output_dir, name))
-    fsync_path(output_dir)
+    move_into(staging, output_dir, names)
     os.rmdir(staging)
     return names
-
-
-def _move(source: str, target: str) -> None:
-    """One rename of publish_staged (a link at `target` is replaced, what it points to is never touched)."""
-    os.replace(source, target)
 
 
 def prepare(output_dir: str, *, resume: bool, overwrite: bool, keep: list[str] = ()) -> str | None:

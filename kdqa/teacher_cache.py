@@ -5,6 +5,11 @@ or bf16, in flat memory-mapped .npy files, under a folder named by a fingerprint
 logits depend on. A changed input therefore lands in a new folder instead of silently reusing stale
 logits, and a cache is written in a temporary folder and renamed into place whole, so a crash never
 leaves a folder that `load` would accept.
+
+The logits go to disk batch by batch as the teacher computes them (memory-mapped, or appended to a
+rank's part file), so memory does not grow with the number of windows. Under torchrun every rank runs
+the teacher over its share of the batches, and rank 0 puts the shares together: the same bytes as a
+one-process build, since each batch is the one that build runs.
 """
 
 from __future__ import annotations
@@ -15,19 +20,19 @@ import logging
 import os
 import re
 import shutil
-import socket
-import tempfile
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from kdqa.distributed import barrier, broadcast_object
+from kdqa.distributed import DistState, all_gather_object, barrier, broadcast_object
 from kdqa.features import FeatureRows, Window
 from kdqa.modeling import logits_over_features
 from kdqa.precision import PRECISION_NAMES
 from kdqa.atomic_io import fsync_path, write_json_atomic
+from kdqa.staging import new_staging, remove_dead_staging, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +270,7 @@ class TeacherLogitsCache:
         autocast_dtype: torch.dtype | None = None,
         storage_dtype: torch.dtype = torch.float16,
         progress: bool = True,
+        dist: DistState | None = None,
     ) -> TeacherLogitsCache:
         """Run the teacher over every feature once and write cache_dir/key atomically.
 
@@ -272,32 +278,32 @@ class TeacherLogitsCache:
         padding or none) and optionally token_type_ids; feature i's logits are stored at index i.
         The teacher must already be on `device`; it is put in eval mode and its mode restored.
         Batches are formed from length-sorted features so little is computed on padding.
+        dist: under torchrun every rank calls build with the same features and runs the teacher
+        over its share of the batches; rank 0 puts the shares together (the bytes one process writes).
         """
         _check_key(key)
+        dist = dist or DistState()
         offsets = _token_offsets(features, storage_dtype, batch_size)
-        n, total = len(offsets) - 1, int(offsets[-1])
-        dtype_name = _DTYPES[storage_dtype]
-
-        os.makedirs(cache_dir, exist_ok=True)
-        _remove_dead_temp_dirs(cache_dir, key)
-        tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key}-{socket.gethostname()}-{os.getpid()}-", dir=cache_dir)
+        _same_features_on_every_rank(offsets, dist)
+        tmp = _new_build_folder(cache_dir, key, dist)
+        run = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
+                   progress=progress and dist.is_main)
         try:
-            _write_teacher_logits(tmp, offsets, storage_dtype, teacher, features, collate_fn,
-                                  batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
-                                  progress=progress)
-            meta = {
-                "key": key,
-                "format_version": FORMAT_VERSION,
-                "dtype": dtype_name,
-                "num_features": n,
-                "total_tokens": total,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "teacher": type(teacher).__name__,
-            }
-            _publish(tmp, cache_dir, key, meta)
+            if dist.enabled:
+                _write_sharded(tmp, offsets, storage_dtype, teacher, features, collate_fn, dist, **run)
+            else:
+                _write_teacher_logits(tmp, offsets, storage_dtype, teacher, features, collate_fn, **run)
+            if dist.is_main:
+                _publish(tmp, cache_dir, key, _meta(key, offsets, storage_dtype, teacher))
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
+        barrier(dist)
+        return cls._load_written(cache_dir, key)
+
+    @classmethod
+    def _load_written(cls, cache_dir: str, key: str) -> TeacherLogitsCache:
         cache = cls.load(cache_dir, key)
         if cache is None:
             raise RuntimeError(f"the teacher logits cache just written to {os.path.join(cache_dir, key)} "
@@ -312,21 +318,28 @@ class TeacherLogitsCache:
         features,
         teacher: torch.nn.Module,
         collate_fn: Callable[[list[dict]], dict],
+        *,
+        dist: DistState | None = None,
         **build_kwargs,
     ) -> TeacherLogitsCache:
-        """The cache for this key, built first when there is none or it does not fit the features."""
+        """The cache for this key, built first when there is none or it does not fit the features.
+        Under torchrun every rank calls it: rank 0 looks, and all ranks build or all load."""
+        dist = dist or DistState()
         path = os.path.join(cache_dir, key)
-        cache, reason = cls._open(cache_dir, key)
+        cache, reason = cls._open(cache_dir, key) if dist.is_main else (None, None)
         if cache is not None and len(cache) != len(features):
             cache, reason = None, f"it holds {len(cache)} features, the data has {len(features)}"
-        if cache is not None:
-            logger.info(
-                "teacher logits cache: using %s (%d features, %d tokens, %s)",
-                path, len(cache), cache.total_tokens, cache.dtype,
-            )
-            return cache
-        logger.info("teacher logits cache: building %s (%s)", path, reason)
-        return cls.build(cache_dir, key, features, teacher, collate_fn, **build_kwargs)
+        reason = broadcast_object(None if cache is not None else reason, dist)
+        if reason is None:
+            if dist.is_main:
+                logger.info(
+                    "teacher logits cache: using %s (%d features, %d tokens, %s)",
+                    path, len(cache), cache.total_tokens, cache.dtype,
+                )
+            return cache if dist.is_main else cls._load_written(cache_dir, key)
+        if dist.is_main:
+            logger.info("teacher logits cache: building %s (%s)", path, reason)
+        return cls.build(cache_dir, key, features, teacher, collate_fn, dist=dist, **build_kwargs)
 
 
 def _token_offsets(features, storage_dtype: torch.dtype, batch_size: int) -> np.ndarray:
@@ -348,19 +361,57 @@ def _token_offsets(features, storage_dtype: torch.dtype, batch_size: int) -> np.
     return offsets
 
 
-def _write_teacher_logits(tmp: str, offsets: np.ndarray, storage_dtype: torch.dtype, teacher, features,
-                          collate_fn, **run_kwargs) -> None:
-    """Run the teacher over the features and write offsets.npy and the two flat logit arrays into
-    tmp; a non-finite teacher logit is a TeacherCacheError (nothing published)."""
-    dtype_name = _DTYPES[storage_dtype]
-    total = int(offsets[-1])
+def _meta(key: str, offsets: np.ndarray, storage_dtype: torch.dtype, teacher) -> dict:
+    return {
+        "key": key,
+        "format_version": FORMAT_VERSION,
+        "dtype": _DTYPES[storage_dtype],
+        "num_features": len(offsets) - 1,
+        "total_tokens": int(offsets[-1]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "teacher": type(teacher).__name__,
+    }
+
+
+def _new_build_folder(cache_dir: str, key: str, dist: DistState) -> str:
+    """Rank 0's fresh temp folder for this build (named after its host and pid), known to every rank;
+    those that dead builds of this key left on this host are removed first."""
+    tmp = None
+    if dist.is_main:
+        os.makedirs(cache_dir, exist_ok=True)
+        remove_dead_staging(cache_dir, f"{_TMP_PREFIX}{key}-")
+        tmp = new_staging(cache_dir, f"{_TMP_PREFIX}{key}-")
+    return broadcast_object(tmp, dist)
+
+
+def _new_flat_arrays(tmp: str, offsets: np.ndarray, storage_dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """offsets.npy written, and the two flat logit arrays created as memory maps (nothing in memory)."""
     np.save(os.path.join(tmp, "offsets.npy"), offsets, allow_pickle=False)
-    flat = {
+    return {
         name: np.lib.format.open_memmap(
-            os.path.join(tmp, f"{name}.npy"), mode="w+", dtype=_NUMPY_STORAGE[dtype_name], shape=(total,)
+            os.path.join(tmp, f"{name}.npy"), mode="w+", dtype=_NUMPY_STORAGE[_DTYPES[storage_dtype]],
+            shape=(int(offsets[-1]),)
         )
         for name in ("start_logits", "end_logits")
     }
+
+
+def _close_checked(flat: dict[str, np.ndarray], offsets: np.ndarray, storage_dtype: torch.dtype) -> str | None:
+    """The flat arrays flushed to their files, or, where the teacher wrote NaN/inf, why not."""
+    dtype_name = _DTYPES[storage_dtype]
+    bad = _first_non_finite(list(flat.values()), dtype_name)
+    if bad is not None:
+        return _non_finite_teacher_message(bad, offsets, dtype_name)
+    for arr in flat.values():
+        arr.flush()
+    return None
+
+
+def _write_teacher_logits(tmp: str, offsets: np.ndarray, storage_dtype: torch.dtype, teacher, features,
+                          collate_fn, **run_kwargs) -> None:
+    """Run the teacher over the features and write offsets.npy and the two flat logit arrays into
+    tmp, each batch as it comes; a non-finite teacher logit is a TeacherCacheError (nothing published)."""
+    flat = _new_flat_arrays(tmp, offsets, storage_dtype)
 
     def store(indices, batch_lengths, start_logits, end_logits):
         for name, values in (("start_logits", start_logits), ("end_logits", end_logits)):
@@ -369,12 +420,109 @@ def _write_teacher_logits(tmp: str, offsets: np.ndarray, storage_dtype: torch.dt
                 flat[name][offsets[i] : offsets[i + 1]] = stored[row, :length]
 
     logits_over_features(teacher, features, collate_fn, store, desc="teacher logits", **run_kwargs)
-    bad = _first_non_finite(list(flat.values()), dtype_name)
-    if bad is not None:
-        raise TeacherCacheError(_non_finite_teacher_message(bad, offsets, dtype_name))
-    for arr in flat.values():
-        arr.flush()
+    failure = _close_checked(flat, offsets, storage_dtype)
     del flat
+    if failure is not None:
+        raise TeacherCacheError(failure)
+
+
+# ----------------------------------------------------------------------------- a build by every rank
+
+def _same_features_on_every_rank(offsets: np.ndarray, dist: DistState) -> None:
+    """Each rank runs the teacher over its share of its own features: they must be rank 0's."""
+    if not dist.enabled:
+        return
+    digests = all_gather_object(hashlib.sha256(offsets.tobytes()).hexdigest(), dist)
+    if len(set(digests)) > 1:
+        raise ValueError("teacher logits cache: the ranks hold different training features (their token counts "
+                         "differ), so their shares of the cache would not fit together: give every rank the same "
+                         "training data, tokenizer and window")
+
+
+def _shard(lengths: np.ndarray, batch_size: int, dist: DistState) -> np.ndarray:
+    """This rank's features, in order: every world_size-th of the batches one process runs (features by
+    length, longest first, as logits_over_features cuts them). Each batch is then the very batch of a
+    one-process build, padding included, so each logit is bit for bit that build's."""
+    order = np.argsort(-lengths, kind="stable")
+    starts = range(dist.rank * batch_size, len(order), dist.world_size * batch_size)
+    return np.concatenate([order[s: s + batch_size] for s in starts] or [np.zeros(0, dtype=np.int64)])
+
+
+def _subset(features, indices: np.ndarray):
+    """The features at `indices`, in that order, not copied (a Dataset gets an indices mapping)."""
+    if hasattr(features, "select") and hasattr(features, "column_names"):
+        return features.select(indices)
+    if isinstance(features, dict):  # a dict of columns
+        return {name: [column[int(i)] for i in indices] for name, column in features.items()}
+    return [features[int(i)] for i in indices]
+
+
+def _part_path(tmp: str, rank: int, name: str) -> str:
+    return os.path.join(tmp, f"part-{rank}.{name}")
+
+
+def _write_part(tmp: str, offsets: np.ndarray, storage_dtype: torch.dtype, teacher, features, collate_fn,
+                dist: DistState, **run_kwargs) -> None:
+    """This rank's share (_shard) through the teacher, appended as computed to part-<rank>.index
+    (feature numbers), .start and .end (their real tokens' logits): files of its own, so ranks on
+    several hosts never write one page of a shared file."""
+    mine = _shard(np.diff(offsets), run_kwargs["batch_size"], dist)
+    files = {name: open(_part_path(tmp, dist.rank, name), "wb") for name in ("index", "start", "end")}
+
+    def store(indices, batch_lengths, start_logits, end_logits):
+        files["index"].write(mine[indices].astype(np.int64).tobytes())
+        real = np.arange(start_logits.shape[1]) < batch_lengths[:, None]  # row by row, real tokens only
+        for name, values in (("start", start_logits), ("end", end_logits)):
+            files[name].write(_to_storage(values.float(), storage_dtype)[real].tobytes())
+
+    try:
+        if mine.size:
+            logits_over_features(teacher, _subset(features, mine), collate_fn, store, desc="teacher logits",
+                                 **run_kwargs)
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for f in files.values():
+            f.close()
+
+
+def _add_part(tmp: str, rank: int, flat: dict[str, np.ndarray], offsets: np.ndarray, chunk: int = 4096) -> int:
+    """Copy rank's part files into the flat arrays at its features' places, `chunk` features at a time
+    (memory stays bounded), then delete them; returns how many features they held."""
+    index = np.fromfile(_part_path(tmp, rank, "index"), dtype=np.int64)
+    with open(_part_path(tmp, rank, "start"), "rb") as start, open(_part_path(tmp, rank, "end"), "rb") as end:
+        for lo in range(0, index.size, chunk):
+            features = index[lo: lo + chunk]
+            lengths = offsets[features + 1] - offsets[features]
+            places = np.repeat(offsets[features] - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
+            for f, name in ((start, "start_logits"), (end, "end_logits")):
+                values = np.frombuffer(f.read(places.size * flat[name].itemsize), dtype=flat[name].dtype)
+                if values.size != places.size:
+                    raise RuntimeError(f"teacher logits cache: rank {rank}'s {name} part in {tmp} is cut short")
+                flat[name][places] = values
+    for name in ("index", "start", "end"):
+        os.remove(_part_path(tmp, rank, name))
+    return int(index.size)
+
+
+def _write_sharded(tmp: str, offsets: np.ndarray, storage_dtype: torch.dtype, teacher, features, collate_fn,
+                   dist: DistState, **run_kwargs) -> None:
+    """Every rank its share into its part files, then rank 0 the flat arrays from all parts; a
+    non-finite teacher logit is a TeacherCacheError on every rank (nothing published)."""
+    _write_part(tmp, offsets, storage_dtype, teacher, features, collate_fn, dist, **run_kwargs)
+    barrier(dist)
+    failure = None
+    if dist.is_main:
+        flat = _new_flat_arrays(tmp, offsets, storage_dtype)
+        added = sum(_add_part(tmp, rank, flat, offsets) for rank in range(dist.world_size))
+        if added != len(offsets) - 1:
+            raise RuntimeError(f"teacher logits cache: the ranks' parts hold {added} features, not {len(offsets) - 1}")
+        failure = _close_checked(flat, offsets, storage_dtype)
+        del flat
+    failure = broadcast_object(failure, dist)
+    if failure is not None:
+        raise TeacherCacheError(failure)
 
 
 def _to_storage(values: torch.Tensor, storage_dtype: torch.dtype) -> np.ndarray:
@@ -390,13 +538,8 @@ def _publish(tmp: str, cache_dir: str, key: str, meta: dict) -> None:
     for name in ("offsets.npy", "start_logits.npy", "end_logits.npy"):
         fsync_path(os.path.join(tmp, name))
     write_json_atomic(os.path.join(tmp, "meta.json"), meta, indent=1, ensure_ascii=True, end="")
-    final = os.path.join(cache_dir, key)
-    if os.path.lexists(final):  # an incomplete or mismatching cache under this key
-        stale = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}stale-{key}-", dir=cache_dir)
-        os.replace(final, os.path.join(stale, "old"))
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_path(cache_dir)
+    # an incomplete or mismatching cache under this key is replaced
+    replace_folder(tmp, os.path.join(cache_dir, key), stale_prefix=f"{_TMP_PREFIX}stale-{key}-")
 
 
 def _check_key(key: str) -> None:
@@ -404,38 +547,27 @@ def _check_key(key: str) -> None:
         raise ValueError(f"cache key must be a plain folder name (letters, digits, _ . -), got {key!r}")
 
 
-def _remove_dead_temp_dirs(cache_dir: str, key: str) -> None:
-    """Delete temp folders that crashed builds of this key left on this host; live builds are kept."""
-    host = socket.gethostname()
-    pattern = re.compile(re.escape(f"{_TMP_PREFIX}{key}-{host}-") + r"(\d+)-")
-    for name in os.listdir(cache_dir):
-        match = pattern.match(name)
-        if match and not _pid_alive(int(match.group(1))):
-            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a folder of ours from an earlier, failed build in this process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # ----------------------------------------------------------------------------- the training run's cache policy
 
-def teacher_cache_key(args, teacher, tokenizer, num_features: int, autocast_dtype) -> str:
+@dataclass(frozen=True)
+class CacheSettings:
+    """What the training run's cache takes from the command line, as values read once by the caller."""
+
+    cache_dir: str                      # --teacher_logits_cache
+    window: Window                      # the windows the features were cut with
+    data_files: tuple[str, ...] = ()    # the training data's files, hashed by content
+    dataset_fingerprint: str | None = None  # stands in for data_files when the data came from the hub
+    batch_size: int = 64                # sequences per teacher forward
+    progress: bool = True               # a progress bar on the main process
+
+
+def teacher_cache_key(settings: CacheSettings, teacher, tokenizer, num_features: int, autocast_dtype) -> str:
     """The cache folder's name: a fingerprint of the data, tokenizer, teacher, windows and the
     precision the teacher runs in (so fp32 and fp16/bf16 logits never share a folder)."""
-    data_files = [args.train_file] if args.train_file else None
-    return fingerprint(data_files=data_files,
-                       dataset_fingerprint=None if data_files else f"{args.dataset_name}:{args.max_train_samples}",
-                       tokenizer=tokenizer, teacher=teacher, window=args.window, num_features=num_features, storage_dtype=cache_storage_dtype(autocast_dtype),
-                       autocast_dtype=autocast_dtype)
+    data_files = list(settings.data_files) or None
+    return fingerprint(data_files=data_files, dataset_fingerprint=None if data_files else settings.dataset_fingerprint,
+                       tokenizer=tokenizer, teacher=teacher, window=settings.window, num_features=num_features,
+                       storage_dtype=cache_storage_dtype(autocast_dtype), autocast_dtype=autocast_dtype)
 
 
 def cache_storage_dtype(autocast_dtype) -> torch.dtype:
@@ -443,16 +575,13 @@ def cache_storage_dtype(autocast_dtype) -> torch.dtype:
     return torch.bfloat16 if autocast_dtype == torch.bfloat16 else torch.float16
 
 
-def teacher_logits_from_cache(args, teacher, tokenizer, train_features, collator, dist, autocast_dtype):
-    """Compute the teacher's logits once (rank 0), then every rank memory-maps them."""
-    key = broadcast_object(teacher_cache_key(args, teacher, tokenizer, len(train_features), autocast_dtype), dist)
-    if dist.is_main:
-        TeacherLogitsCache.load_or_build(args.teacher_logits_cache, key, train_features, teacher.to(dist.device),
-                                         collator, batch_size=args.per_device_eval_batch_size, device=dist.device,
-                                         autocast_dtype=autocast_dtype, storage_dtype=cache_storage_dtype(autocast_dtype),
-                                         progress=not args.disable_tqdm)
-    barrier(dist)
-    cache = TeacherLogitsCache.load(args.teacher_logits_cache, key)
-    if cache is None:
-        raise RuntimeError(f"teacher logits cache {args.teacher_logits_cache}/{key} could not be read after building")
-    return cache
+def teacher_logits_from_cache(settings: CacheSettings, teacher, tokenizer, train_features, collator, dist,
+                              autocast_dtype) -> TeacherLogitsCache:
+    """The teacher's logits of the training features, computed once (each rank its share of them),
+    then memory-mapped by every rank."""
+    key = broadcast_object(teacher_cache_key(settings, teacher, tokenizer, len(train_features), autocast_dtype), dist)
+    return TeacherLogitsCache.load_or_build(settings.cache_dir, key, train_features, teacher.to(dist.device), collator,
+                                            dist=dist, batch_size=settings.batch_size, device=dist.device,
+                                            autocast_dtype=autocast_dtype,
+                                            storage_dtype=cache_storage_dtype(autocast_dtype),
+                                            progress=settings.progress)

@@ -54,7 +54,7 @@ from kdqa.reporting import MetricsLog, peak_memory_mb, quiet_progress_bars
 from kdqa.run_outputs import write_run_outputs
 from kdqa.resume_settings import check_resume_settings, run_settings
 from kdqa.samplers import TrainBatchSampler
-from kdqa.teacher_cache import teacher_logits_from_cache
+from kdqa.teacher_cache import CacheSettings, teacher_logits_from_cache
 from kdqa.tensorboard_log import check_log_dir, open_tensorboard, reports_to_tensorboard
 
 logger = logging.getLogger("kdqa")
@@ -295,7 +295,11 @@ def set_up(args, dist: DistState) -> Run:
     student.to(dist.device)
     train_collator = collator
     if teacher is not None and args.teacher_logits_cache:
-        cache = teacher_logits_from_cache(args, teacher, tokenizer, train_features, collator, dist, autocast_dtype)
+        settings = CacheSettings(cache_dir=args.teacher_logits_cache, window=args.window,
+                                 data_files=(args.train_file,) if args.train_file else (),
+                                 dataset_fingerprint=f"{args.dataset_name}:{args.max_train_samples}",
+                                 batch_size=args.per_device_eval_batch_size, progress=not args.disable_tqdm)
+        cache = teacher_logits_from_cache(settings, teacher, tokenizer, train_features, collator, dist, autocast_dtype)
         train_collator = QACollator(tokenizer.pad_token_id, pad_to_multiple_of=8, teacher_logits=cache,
                                     pad_to_length=pad_to_length)
         teacher = None  # distillation now runs no teacher at all

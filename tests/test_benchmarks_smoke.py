@@ -133,7 +133,16 @@ def load_script(script: str):
     return module
 
 
-@pytest.mark.parametrize("script", ["bench_loss.py", "bench_train.py", "bench_inference.py"])
+def test_bench_teacher_cache_smoke(tmp_path):
+    run_smoke("bench_teacher_cache.py", tmp_path)
+    rows = read_csv(tmp_path / "bench_teacher_cache.csv", ["windows", "tokens", "seconds", "windows_per_s", "ranks"])
+    assert len(rows) == 1 and int(rows[0]["windows"]) == 40 and int(rows[0]["ranks"]) == 1
+    assert float(rows[0]["windows_per_s"]) > 0 and int(rows[0]["tokens"]) >= 40
+    text = assert_markdown_table(tmp_path / "bench_teacher_cache.md", 1)
+    assert "SMOKE" in text and "command: `python benchmarks/bench_teacher_cache.py --smoke" in text
+
+
+@pytest.mark.parametrize("script", ["bench_loss.py", "bench_train.py", "bench_inference.py", "bench_teacher_cache.py"])
 def test_help_documents_the_flags(script, capsys):
     module = load_script(script)
     with pytest.raises(SystemExit) as exit_info:

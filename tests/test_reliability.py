@@ -239,7 +239,7 @@ def test_a_kill_in_the_final_save_never_leaves_a_model_without_its_tokenizer(set
     """The final model folder is staged and moved into place with config.json last: a kill between the
     model's and the tokenizer's save_pretrained, or before config.json's move, leaves no folder that
     loads as a model with a missing tokenizer; resuming writes the complete one."""
-    import kdqa.run_dir
+    import kdqa.staging
     from kdqa.modeling import load_tokenizer
 
     extra = ("--eval_strategy", "epoch")
@@ -252,7 +252,7 @@ def test_a_kill_in_the_final_save_never_leaves_a_model_without_its_tokenizer(set
         return lambda source, target: (kill(real) if target.endswith("config.json") else real)(source, target)
 
     points = {"between model and tokenizer": (type(load_tokenizer(setup["student"])), "save_pretrained", kill),
-              "before config.json moves": (kdqa.run_dir, "_move", kill_before_config)}
+              "before config.json moves": (kdqa.staging, "_move", kill_before_config)}
     for where, (owner, attr, make) in points.items():
         out = tmp_path / where.replace(" ", "-")
         monkeypatch.setattr(owner, attr, make(getattr(owner, attr)))

@@ -1,9 +1,12 @@
 """Teacher-logits cache: equal to the online teacher, keyed by what the logits depend on, crash-safe."""
 
+import glob
 import json
 import os
 import pickle
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,8 +16,8 @@ from transformers import BertConfig, BertForQuestionAnswering
 from kdqa.features import Window
 from kdqa.modeling import forward_qa
 from kdqa.config import parse_args
-from kdqa.teacher_cache import (TeacherCacheError, TeacherLogitsCache, cache_storage_dtype, fingerprint,
-                                teacher_cache_key)
+from kdqa.teacher_cache import (CacheSettings, TeacherCacheError, TeacherLogitsCache, cache_storage_dtype,
+                                fingerprint, teacher_cache_key)
 from tiny_models import make_model_folder, make_name_task, tiny_bert_config, write_squad
 
 N_FEATURES = 37
@@ -244,6 +247,25 @@ def test_build_restores_training_mode_and_accepts_a_dataset(tmp_path, features):
     assert torch.equal(cache.lookup(list(range(N_FEATURES)), 64)[0], reference.lookup(list(range(N_FEATURES)), 64)[0])
 
 
+def test_each_batch_is_on_disk_before_the_next_runs(tmp_path, teacher, features):
+    """Memory stays bounded for any number of windows: each batch's logits go straight into the
+    memory-mapped file of the cache being built; no list of all logits waits for the end."""
+    snapshots = []
+
+    def collate(rows):
+        building = glob.glob(str(tmp_path / ".tmp-k-*" / "start_logits.npy"))
+        if building:
+            snapshots.append(np.array(np.load(building[0], mmap_mode="r")))
+        return _collate(rows)
+
+    cache = TeacherLogitsCache.build(str(tmp_path), "k", features, teacher, collate, batch_size=4, progress=False)
+    final = np.load(os.path.join(cache.path, "start_logits.npy"))
+    lengths = np.diff(np.load(os.path.join(cache.path, "offsets.npy")))
+    last_batch = np.sort(lengths)[:N_FEATURES % 4 or 4].sum()  # the shortest features run last
+    assert len(snapshots) == -(-N_FEATURES // 4) and not snapshots[0].any()
+    assert (snapshots[-1] == final).sum() == final.size - last_batch
+
+
 def test_bad_keys_rejected(tmp_path):
     for key in ("", "../x", "a/b", ".hidden"):
         with pytest.raises(ValueError, match="cache key"):
@@ -396,7 +418,94 @@ def test_teacher_cache_key_names_the_precision_the_teacher_runs_in(tmp_path):
                        "--train_file", train_file, "--output_dir", str(tmp_path / "o")])
     teacher, tokenizer = load_qa_model(model_dir), load_tokenizer(model_dir)
     assert cache_storage_dtype(None) == cache_storage_dtype(torch.float16)
-    keys = {dtype: teacher_cache_key(args, teacher, tokenizer, 100, dtype)
+    settings = CacheSettings(cache_dir=str(tmp_path / "cache"), window=args.window, data_files=(args.train_file,))
+    keys = {dtype: teacher_cache_key(settings, teacher, tokenizer, 100, dtype)
             for dtype in (None, torch.float16, torch.bfloat16)}
     assert len(set(keys.values())) == 3, keys
-    assert teacher_cache_key(args, teacher, tokenizer, 100, None) == keys[None]
+    assert teacher_cache_key(settings, teacher, tokenizer, 100, None) == keys[None]
+
+
+# ----------------------------------------------------------------------------- every rank builds its share
+
+def _rank_report(cache_dir, dist):
+    """What one rank sees building the caches (fp16 from a list, bf16 from a Dataset as the trainer's),
+    using one again and refusing a NaN teacher."""
+    from datasets import Dataset
+
+    teacher, features, rows = _teacher(), _features(), []
+    dataset = Dataset.from_list([{k: v for k, v in f.items() if k != "offset_mapping"} for f in features])
+    collate = lambda batch: (rows.append(len(batch)), _collate(batch))[1]  # noqa: E731
+    seen = {}
+    for key, dtype, data in (("fp16", torch.float16, features), ("bf16", torch.bfloat16, dataset)):
+        TeacherLogitsCache.load_or_build(cache_dir, key, data, teacher, collate, dist=dist, batch_size=3,
+                                         storage_dtype=dtype, progress=False)
+    seen["rows_run"] = sum(rows)
+    start_file = os.path.join(cache_dir, "fp16", "start_logits.npy")
+    written = os.stat(start_file).st_mtime_ns
+    again = TeacherLogitsCache.load_or_build(cache_dir, "fp16", features, teacher, collate, dist=dist, batch_size=3)
+    seen["reused"] = sum(rows) == seen["rows_run"] and os.stat(start_file).st_mtime_ns == written
+    seen["lookup"] = again.lookup(range(len(features)), 64)[0].sum().item()
+    with torch.no_grad():
+        teacher.qa_outputs.bias[0] = float("nan")
+    try:
+        TeacherLogitsCache.load_or_build(cache_dir, "nan", features, teacher, collate, dist=dist, batch_size=3)
+        seen["nan"] = "built"
+    except TeacherCacheError as err:
+        seen["nan"] = str(err)
+    return seen
+
+
+RANK_WORKER = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+from kdqa.distributed import cleanup, init_distributed
+from test_teacher_cache import _rank_report
+
+dist = init_distributed("cpu")
+report = _rank_report(sys.argv[1], dist)
+with open(os.path.join(sys.argv[2], f"rank{{dist.rank}}.json"), "w") as f:
+    json.dump(report, f)
+cleanup(dist)
+"""
+
+
+def _two_ranks(tmp_path):
+    """The caches built by torchrun's 2 gloo processes (1 thread each), and each rank's report."""
+    script = tmp_path / "worker.py"
+    script.write_text(RANK_WORKER.format(tests=os.path.dirname(os.path.abspath(__file__))))
+    cache_dir, report_dir = tmp_path / "two-ranks", tmp_path / "reports"
+    report_dir.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(cache_dir), str(report_dir)], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", KDQA_TRACEBACK="1"), timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return cache_dir, [json.loads((report_dir / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_build_the_one_process_cache_bit_for_bit(tmp_path):
+    """torchrun with 2 CPU processes: each runs the teacher over its share of the batches only, and the
+    cache they put together is byte for byte the one a single process writes (fp16 and bf16); a second
+    call reuses it on every rank, and a NaN teacher is refused on every rank, leaving nothing behind."""
+    from kdqa.distributed import DistState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same arithmetic
+    try:
+        single = tmp_path / "one-process"
+        alone = _rank_report(str(single), DistState())
+    finally:
+        torch.set_num_threads(threads)
+    shared, ranks = _two_ranks(tmp_path)
+    assert alone["rows_run"] == 2 * N_FEATURES
+    assert 0 < ranks[0]["rows_run"] < 2 * N_FEATURES and sum(r["rows_run"] for r in ranks) == 2 * N_FEATURES
+    for key in ("fp16", "bf16"):
+        for name in ("offsets.npy", "start_logits.npy", "end_logits.npy"):
+            assert (single / key / name).read_bytes() == (shared / key / name).read_bytes(), (key, name)
+        meta = [json.loads((folder / key / "meta.json").read_text()) for folder in (single, shared)]
+        assert [dict(m, created=None) for m in meta[0:1]] == [dict(m, created=None) for m in meta[1:]]
+    for report in [alone, *ranks]:
+        assert report["reused"] and report["lookup"] == alone["lookup"]
+        assert report["nan"].startswith("teacher logits cache: the teacher produced non-finite logits"), report
+    assert ranks[0]["nan"] == ranks[1]["nan"] == alone["nan"]
+    assert sorted(os.listdir(shared)) == sorted(os.listdir(single)) == ["bf16", "fp16"]

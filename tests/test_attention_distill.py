@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
 from kdqa.objective import AttentionDistillation, masked_attention_kl
+from term_runs import distill_argv, error_of
 from tiny_models import make_model_folder, make_name_task, tiny_bert_config, write_squad
 
 
@@ -107,14 +107,6 @@ def setup(tmp_path_factory):
     }
 
 
-def distill_argv(setup, out, *extra):
-    return ["distill", "--train_file", setup["train"], "--validation_file", setup["dev"], "--output_dir", str(out),
-            "--teacher_model_name_or_path", setup["teacher"], "--max_seq_length", "48", "--doc_stride", "16",
-            "--loss_impl", "torch", "--disable_tqdm", "--per_device_train_batch_size", "4", "--max_steps", "3",
-            "--save_steps", "3", "--logging_steps", "1", "--eval_strategy", "no", "--learning_rate", "1e-3",
-            *map(str, extra)]
-
-
 def test_alpha_attention_zero_is_todays_distillation_bit_for_bit(setup, tmp_path):
     from kdqa.config import parse_args
     from kdqa.trainer import train as train_run
@@ -174,13 +166,6 @@ def test_resume_with_the_attention_term_is_bit_exact(setup, tmp_path):
     assert all(torch.equal(full[k], cut[k]) for k in full)
     with open(tmp_path / "full" / "metrics.jsonl") as f, open(tmp_path / "cut" / "metrics.jsonl") as g:
         assert [json.loads(line) for line in f][-1]["attention"] == [json.loads(line) for line in g][-1]["attention"]
-
-
-def error_of(argv, capsys):
-    code = train.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code != 0 and len(err) == 1 and "Traceback" not in err[0]
-    return err[0]
 
 
 def test_errors_are_one_clear_line(setup, tmp_path, capsys):

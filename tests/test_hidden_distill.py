@@ -120,7 +120,7 @@ import os  # noqa: E402
 
 from safetensors.torch import load_file  # noqa: E402
 
-import train  # noqa: E402
+from term_runs import distill_argv, error_of  # noqa: E402
 from tiny_models import make_model_folder, make_name_task, tiny_bert_config, write_squad  # noqa: E402
 
 
@@ -135,14 +135,6 @@ def setup(tmp_path_factory):
         "narrow": make_model_folder(str(root / "narrow"), tiny_bert_config(layers=1, dropout=0.0, hidden_size=16,
                                                                            intermediate_size=32), seed=1),
     }
-
-
-def distill_argv(setup, out, *extra):
-    return ["distill", "--train_file", setup["train"], "--validation_file", setup["dev"], "--output_dir", str(out),
-            "--teacher_model_name_or_path", setup["teacher"], "--max_seq_length", "48", "--doc_stride", "16",
-            "--loss_impl", "torch", "--disable_tqdm", "--per_device_train_batch_size", "4", "--max_steps", "3",
-            "--save_steps", "3", "--logging_steps", "1", "--eval_strategy", "no", "--learning_rate", "1e-3",
-            *map(str, extra)]
 
 
 def test_alpha_hidden_zero_is_todays_distillation_bit_for_bit(setup, tmp_path):
@@ -200,13 +192,6 @@ def test_resume_with_the_hidden_term_is_bit_exact(setup, tmp_path):
     trainer.train(parse_args(distill_argv(setup, tmp_path / "cut", *extra, "--resume_from_checkpoint", "latest")))
     full, cut = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("full", "cut"))
     assert all(torch.equal(full[k], cut[k]) for k in full)
-
-
-def error_of(argv, capsys):
-    code = train.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code != 0 and len(err) == 1 and "Traceback" not in err[0]
-    return err[0]
 
 
 def test_the_cache_and_a_bad_map_are_one_clear_line(setup, tmp_path, capsys):

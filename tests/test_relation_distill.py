@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
 from kdqa.model_adapter import Capture
 from kdqa.modeling import forward_qa, load_qa_model
 from kdqa.relation_distill import RelationDistillation, relation_kl
+from term_runs import distill_argv, error_of
 from tiny_models import make_model_folder, make_name_task, tiny_bert_config, write_squad
 
 
@@ -119,14 +119,6 @@ def test_the_module_reads_the_queries_keys_and_values_its_hooks_recorded(setup):
         RelationDistillation([(0, 0)], student, teacher)
 
 
-def distill_argv(setup, out, *extra):
-    return ["distill", "--train_file", setup["train"], "--validation_file", setup["dev"], "--output_dir", str(out),
-            "--teacher_model_name_or_path", setup["teacher"], "--max_seq_length", "48", "--doc_stride", "16",
-            "--loss_impl", "torch", "--disable_tqdm", "--per_device_train_batch_size", "4", "--max_steps", "3",
-            "--save_steps", "3", "--logging_steps", "1", "--eval_strategy", "no", "--learning_rate", "1e-3",
-            *map(str, extra)]
-
-
 def test_alpha_relation_zero_is_todays_distillation_bit_for_bit(setup, tmp_path):
     from kdqa.config import parse_args
     from kdqa.trainer import train as train_run
@@ -163,13 +155,6 @@ def test_a_narrow_student_learns_the_relations_and_resumes_bit_exact(setup, tmp_
     assert all(r["relation"] > 0 for r in full_log if "loss" in r)
     report = json.loads((tmp_path / "full" / "report.json").read_text())
     assert report["objective"]["formula"] == "0.5·CE + 0.5·T²·KL + 2·relation"
-
-
-def error_of(argv, capsys):
-    code = train.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code != 0 and len(err) == 1 and "Traceback" not in err[0]
-    return err[0]
 
 
 def test_errors_are_one_clear_line(setup, tmp_path, capsys):

@@ -5,12 +5,20 @@ switched on before any kernel module is imported, which is why it is set here.
 """
 import os
 import pathlib
+import signal
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The signal tests play a user pressing Ctrl-C in a terminal. A test runner started in the background
+# (`nohup ... &`, `cmd &` in a script) inherits SIGINT ignored, and so would every process it starts,
+# which then never sees Ctrl-C: give the run a terminal's default (its children start with SIGINT
+# at the default action, and Python turns that into KeyboardInterrupt).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SQUAD_DIR = REPO_ROOT.parent / "shared" / "data" / "squad"

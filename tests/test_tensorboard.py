@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 
@@ -91,6 +92,10 @@ def test_a_killed_and_resumed_run_appends_without_duplicating_steps(setup, tmp_p
     _, before = scalars(out / "runs")
     assert [s for s, _ in before["train/loss"]][-1] == 5  # an orphan record beyond checkpoint-4
     monkeypatch.setattr(kdqa.reporting.MetricsLog, "write", real)
+    # Event files are named by the second, then by a per-process writer counter: two writers of one
+    # process within one second can sort in the wrong order ("...9" after "...10") and the reader
+    # then drops the earlier run's steps. A resumed run is a new process, a second later at least.
+    time.sleep(1.1)
     assert train.main(argv(setup, out, "--resume_from_checkpoint", "latest")) == 0
     _, got = scalars(out / "runs")
     expected = expected_scalars(out)
